@@ -1,0 +1,54 @@
+"""What every dataset builder shares: recording episodes and reporting their quality."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+# act(obs, env, rng) -> action in the env's action space (before clipping).
+Controller = Callable[[object, gym.Env, np.random.Generator], np.ndarray]
+
+
+def record_episode(env: gym.Env, act: Controller, seed: int) -> dict:
+    """Run one episode and return it in ``write_dataset``'s episode format.
+
+    ``env`` is an unflattened task env (``make_env(task, flatten=False)``), so the
+    dataset records observations as the env gives them (dicts for goal envs).
+    Actions are clipped to the action space before they are stepped and stored.
+    """
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    low, high = env.action_space.low, env.action_space.high
+    episode = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+    success = [bool(info.get("success", False))]
+    while True:
+        action = np.clip(np.asarray(act(obs, env, rng), np.float32), low, high)
+        obs, reward, terminated, truncated, info = env.step(action)
+        episode["observations"].append(obs)
+        episode["actions"].append(action)
+        episode["rewards"].append(float(reward))
+        episode["terminations"].append(bool(terminated))
+        episode["truncations"].append(bool(truncated))
+        success.append(bool(info["success"]))
+        if terminated or truncated:
+            break
+    episode["infos"] = {"success": success}
+    return episode
+
+
+def episode_succeeded(episode: dict) -> bool:
+    """An episode succeeds if the task reported success at its last step (or at a success-terminal step)."""
+    return bool(episode["infos"]["success"][-1])
+
+
+def quality_summary(episodes: list[dict]) -> dict:
+    returns = np.array([sum(ep["rewards"]) for ep in episodes])
+    return {
+        "episodes": len(episodes),
+        "steps": int(sum(len(ep["actions"]) for ep in episodes)),
+        "success_rate": float(np.mean([episode_succeeded(ep) for ep in episodes])),
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+    }
