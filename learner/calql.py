@@ -1,0 +1,202 @@
+"""Cal-QL (and CQL, the same code with calibration off) on a SAC backbone.
+
+One pure update step ``batch -> metrics``: every loss is computed from the
+pre-update parameters (as in the official JAX code, where each loss gets its
+own gradient), one backward pass, one fused optimiser step, one lerp of the
+targets. Metrics stay tensors; nothing forces a host-device sync.
+
+Losses (official JaxCQL/conservative_sac.py, Cal-QL = ``calibrate_policy_q``):
+  policy:  alpha * log pi(a|s) - min_i Q_i(s, a),  a ~ pi(.|s)
+  critic:  (Q_i(s,a) - y)^2 + w * clip(T * logsumexp([q_rand, q_pi_next, q_pi_cur] / T) - Q_i(s,a))
+  Cal-QL:  q_pi_cur, q_pi_next <- max(q, mc_return(s)); q_rand is never clipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .buffer import Batch
+from .config import CalQLConfig, NetworkConfig
+from .networks import CriticEnsemble, ObservationNormalizer, TanhGaussianPolicy
+
+
+def calibrate_policy_q(q_policy: torch.Tensor, mc_return: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Cal-QL change: policy-action Q-values (E, B, n) raised to the MC return (B,).
+
+    Returns the clipped values and the bound rate (fraction that were below the bound).
+    """
+    bound = mc_return[None, :, None]
+    return torch.maximum(q_policy, bound), (q_policy < bound).float().mean()
+
+
+def cql_logsumexp_term(
+    q_data: torch.Tensor,
+    q_rand: torch.Tensor,
+    q_pi_cur: torch.Tensor,
+    q_pi_next: torch.Tensor,
+    log_pi_cur: torch.Tensor,
+    log_pi_next: torch.Tensor,
+    action_dim: int,
+    cfg: CalQLConfig,
+) -> torch.Tensor:
+    """Per-critic CQL gap E_B[clip(T * logsumexp(q_ood / T) - Q(s, a_data))], shape (E,)."""
+    if cfg.cql_importance_sample:
+        random_log_density = action_dim * math.log(0.5)
+        q_ood = torch.cat(
+            [q_rand - random_log_density, q_pi_next - log_pi_next, q_pi_cur - log_pi_cur], dim=-1
+        )
+    else:
+        q_ood = torch.cat([q_rand, q_data.unsqueeze(-1), q_pi_next, q_pi_cur], dim=-1)
+    ood = torch.logsumexp(q_ood / cfg.cql_temp, dim=-1) * cfg.cql_temp
+    return (ood - q_data).clamp(cfg.cql_clip_diff_min, cfg.cql_clip_diff_max).mean(dim=-1)
+
+
+class CalQLAgent(nn.Module):
+    """Policy, critics, target critics, temperatures and their optimiser."""
+
+    def __init__(self, obs_dim: int, action_dim: int, cfg: CalQLConfig, net: NetworkConfig, device="cpu"):
+        super().__init__()
+        self.cfg, self.net_cfg = cfg, net
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.normalizer = ObservationNormalizer(obs_dim)
+        self.policy = TanhGaussianPolicy(
+            obs_dim, action_dim, net.policy_hidden, net.orthogonal_init, net.log_std_multiplier, net.log_std_offset
+        )
+        self.critic = CriticEnsemble(obs_dim, action_dim, net.critic_hidden, net.num_critics, net.orthogonal_init)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.log_alpha_prime = nn.Parameter(torch.zeros(()))
+        self.target_entropy = cfg.target_entropy if cfg.target_entropy is not None else -float(action_dim)
+        self.to(device)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": list(self.policy.parameters()), "lr": cfg.policy_lr},
+                {"params": list(self.critic.parameters()), "lr": cfg.critic_lr},
+                {"params": [self.log_alpha], "lr": cfg.alpha_lr},
+                {"params": [self.log_alpha_prime], "lr": cfg.alpha_prime_lr},
+            ],
+            **_fast_adam_kwargs(torch.device(device)),
+        )
+        self._step_fn = self._update
+        if cfg.compile:
+            self._step_fn = torch.compile(self._update, mode=cfg.compile_mode)
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_alpha.device
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step on every component; returns detached metric tensors."""
+        return self._step_fn(batch)
+
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum of all losses (each reaching only its own parameters) and the metrics."""
+        cfg, n, E = self.cfg, self.cfg.cql_n_actions, self.critic.num_critics
+        obs, next_obs = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
+        B = obs.shape[0]
+
+        # Policy and temperature.
+        new_action, log_pi = self.policy(obs)
+        alpha = (self.log_alpha.exp() * cfg.alpha_multiplier) if cfg.auto_entropy else torch.tensor(
+            cfg.alpha_multiplier, device=obs.device
+        )
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean() if cfg.auto_entropy else 0.0
+        q_new = self.critic(obs, new_action, detach_params=True).min(dim=0).values
+        policy_loss = (alpha.detach() * log_pi - q_new).mean()
+
+        # Actions the critic loss needs, sampled in one policy call without gradients:
+        # n at s (CQL), n at s' (CQL) and n at s' for the target backup.
+        with torch.no_grad():
+            obs_rep = obs.repeat_interleave(n, dim=0)
+            next_rep = next_obs.repeat_interleave(n, dim=0)
+            n_target = n if cfg.cql_max_target_backup else 1
+            target_obs = next_obs.repeat_interleave(n_target, dim=0)
+            sampled, sampled_log_pi = self.policy(torch.cat([obs_rep, next_rep, target_obs]))
+            pi_cur, pi_next, pi_target = sampled.split([B * n, B * n, B * n_target])
+            log_pi_cur, log_pi_next, log_pi_target = sampled_log_pi.split([B * n, B * n, B * n_target])
+
+            target_q = self.target_critic(target_obs, pi_target).min(dim=0).values.view(B, n_target)
+            log_pi_target = log_pi_target.view(B, n_target)
+            if cfg.cql_max_target_backup:
+                best = target_q.argmax(dim=-1, keepdim=True)
+                target_q, log_pi_target = target_q.gather(-1, best), log_pi_target.gather(-1, best)
+            target_q = target_q.squeeze(-1)
+            if cfg.backup_entropy:
+                target_q = target_q - alpha * log_pi_target.squeeze(-1)
+            td_target = batch.reward + (1.0 - batch.done) * cfg.discount * target_q
+            random_action = torch.empty_like(pi_cur).uniform_(-1.0, 1.0)
+
+        # All critic inputs at s in one ensemble call: data, random, pi(s), pi(s').
+        q_all = self.critic(
+            torch.cat([obs, obs_rep, obs_rep, obs_rep]),
+            torch.cat([batch.action, random_action, pi_cur, pi_next]),
+        )
+        q_data, q_rand, q_pi_cur, q_pi_next = q_all.split([B, B * n, B * n, B * n], dim=1)
+        q_rand, q_pi_cur, q_pi_next = (q.view(E, B, n) for q in (q_rand, q_pi_cur, q_pi_next))
+        td_loss = (q_data - td_target).square().mean(dim=-1)  # (E,)
+
+        bound_rate = torch.zeros((), device=obs.device)
+        if cfg.calibrated:
+            q_pi_cur, bound_rate = calibrate_policy_q(q_pi_cur, batch.mc_return)
+            q_pi_next, _ = calibrate_policy_q(q_pi_next, batch.mc_return)
+        cql_gap = cql_logsumexp_term(
+            q_data, q_rand, q_pi_cur, q_pi_next, log_pi_cur.view(1, B, n), log_pi_next.view(1, B, n),
+            self.action_dim, cfg,
+        )
+        if cfg.cql_lagrange:
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
+            cql_loss = alpha_prime.detach() * cfg.cql_alpha * (cql_gap - cfg.cql_target_action_gap)
+            alpha_prime_loss = -(alpha_prime * cfg.cql_alpha * (cql_gap.detach() - cfg.cql_target_action_gap)).mean()
+        else:
+            alpha_prime = torch.full((), cfg.cql_alpha, device=obs.device)
+            cql_loss = cfg.cql_alpha * cql_gap
+            alpha_prime_loss = 0.0
+        critic_loss = (td_loss + cql_loss).sum()
+
+        total = policy_loss + critic_loss + alpha_loss + alpha_prime_loss
+        metrics = {
+            "policy_loss": policy_loss,
+            "critic_loss": critic_loss,
+            "td_loss": td_loss.mean(),
+            "cql_gap": cql_gap.mean(),
+            "alpha": alpha,
+            "alpha_prime": alpha_prime,
+            "entropy": -log_pi.mean(),
+            "q_data": q_data.mean(),
+            "mc_return": batch.mc_return.mean(),
+            "q_pi": q_pi_cur.mean(),
+            "bound_rate": bound_rate,
+        }
+        return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+
+    def _update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        total, metrics = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.grad_clip is not None:
+            metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                list(self.target_critic.parameters()), list(self.critic.parameters()), self.cfg.tau
+            )
+        return metrics
+
+    def training_state(self) -> dict:
+        """Everything a resume needs from the agent (weights, targets, temperatures, optimiser)."""
+        return {"agent": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.load_state_dict(state["agent"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _fast_adam_kwargs(device: torch.device) -> dict:
+    """Fused Adam where torch supports it (one kernel for all parameters), else foreach."""
+    if device.type in ("cuda", "cpu"):
+        return {"fused": True}
+    return {"foreach": True}

@@ -1,0 +1,90 @@
+"""Checkpoints that resume exactly: networks, optimiser, temperatures, RNG, counters, config.
+
+Written atomically (temp file + rename), read with ``torch.load(weights_only=True)``:
+a checkpoint holds tensors, numbers, strings and lists only, never pickled objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calql import CalQLAgent
+from .config import CalQLConfig, NetworkConfig
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclasses.dataclass
+class AgentSpec:
+    """What an agent was built for: enough to rebuild it (and its ONNX export) from a checkpoint."""
+
+    task: str
+    obs_dim: int
+    action_dim: int
+    action_low: list[float]
+    action_high: list[float]
+    algo: dict
+    net: dict
+
+    def build_agent(self, device="cpu") -> CalQLAgent:
+        algo = CalQLConfig(**{**self.algo, "compile": False})
+        return CalQLAgent(self.obs_dim, self.action_dim, algo, NetworkConfig(**self.net), device)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, agent: CalQLAgent, spec: AgentSpec, step: int, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": 1,
+        "step": step,
+        "spec": dataclasses.asdict(spec),
+        "rng": _rng_state(),
+        **agent.training_state(),
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (give a checkpoint file or a run folder holding {CHECKPOINT_NAME})")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu", restore_rng: bool = False) -> tuple[CalQLAgent, AgentSpec, dict]:
+    """Agent (weights, targets, optimiser) + its spec + the raw payload (step, extra)."""
+    payload = torch.load(resolve_checkpoint(path), map_location=device, weights_only=True)
+    spec = AgentSpec(**payload["spec"])
+    agent = spec.build_agent(device)
+    agent.load_training_state(payload)
+    if restore_rng:
+        _set_rng_state(payload["rng"])
+    return agent, spec, payload
+
+
+def action_bounds(spec: AgentSpec) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)

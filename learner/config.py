@@ -1,0 +1,103 @@
+"""Typed configuration schemas (Hydra structured configs): a typo or a wrong type fails at start-up.
+
+Defaults are the official Cal-QL settings (AntMaze column of ANCHORS.md) unless
+a field says otherwise; the `small` and `paper-*` presets in configs/ override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+
+@dataclasses.dataclass
+class NetworkConfig:
+    policy_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    """Hidden widths of the policy MLP."""
+    critic_hidden: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
+    """Hidden widths of each Q MLP."""
+    num_critics: int = 2
+    orthogonal_init: bool = True
+    log_std_multiplier: float = 1.0
+    """Initial value of the policy's trainable log-std multiplier."""
+    log_std_offset: float = -1.0
+    """Initial value of the policy's trainable log-std offset."""
+    normalize_observations: bool = False
+    """Standardise observations with the offline data's mean/std (baked into the ONNX policy)."""
+
+
+@dataclasses.dataclass
+class CalQLConfig:
+    calibrated: bool = True
+    """Cal-QL: raise policy-action Q-values in the CQL term to the MC return. False = plain CQL."""
+    discount: float = 0.99
+    policy_lr: float = 1e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 1e-4
+    """Learning rate of the entropy temperature (the official code uses the policy lr)."""
+    alpha_prime_lr: float = 3e-4
+    """Learning rate of the CQL Lagrange multiplier (the official code uses the Q lr)."""
+    tau: float = 5e-3
+    """Target network soft-update rate."""
+    reward_scale: float = 1.0
+    reward_bias: float = 0.0
+    auto_entropy: bool = True
+    """Tune the SAC temperature to reach target_entropy; off = fixed alpha_multiplier."""
+    target_entropy: float | None = None
+    """None = -action_dim."""
+    alpha_multiplier: float = 1.0
+    backup_entropy: bool = False
+    """Subtract alpha * log pi(a'|s') in the TD target."""
+    cql_n_actions: int = 10
+    cql_importance_sample: bool = True
+    cql_lagrange: bool = False
+    """Tune the CQL weight with a Lagrange multiplier towards cql_target_action_gap."""
+    cql_target_action_gap: float = 0.8
+    cql_alpha: float = 5.0
+    """CQL weight (min_q_weight): fixed weight, or the multiplier's scale with Lagrange."""
+    cql_temp: float = 1.0
+    cql_max_target_backup: bool = True
+    """Backup the max over cql_n_actions next actions of min-Q (the official default)."""
+    cql_clip_diff_min: float = -1e30
+    cql_clip_diff_max: float = 1e30
+    grad_clip: float | None = None
+    """Max gradient norm of the critic (None = no clipping; the official code does not clip)."""
+    compile: bool = False
+    """torch.compile the update step (CUDA graphs on GPU with compile_mode=reduce-overhead)."""
+    compile_mode: str = "default"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every: int = 5000
+    """Evaluate every N updates (0 = only at the end)."""
+    episodes: int = 10
+    seed: int = 10_000
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    task: str = "pointmaze-umaze"
+    """o2o task name (see `o2o-dataset tasks`)."""
+    dataset: str = "o2o/pointmaze-umaze/mixed-v0"
+    """Minari dataset id (under MINARI_DATASETS_PATH) or a dataset folder path."""
+    build_missing_dataset: bool = True
+    """Build an o2o dataset id (o2o/<task>/<quality>-v0) locally if it is not there."""
+    build_episodes: int = 300
+    steps: int = 20_000
+    """Gradient updates."""
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    """auto = cuda when available, else cpu."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    log_every: int = 500
+    checkpoint_every: int = 5000
+    resume: str | None = None
+    """A checkpoint file, or a run folder holding checkpoint.pt, to continue from."""
+    out_dir: str = "runs/pretrain"
+    progress: bool = True
+    algo: CalQLConfig = field(default_factory=CalQLConfig)
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
