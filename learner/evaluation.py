@@ -1,0 +1,37 @@
+"""Deterministic evaluation episodes of the current policy in the task's env."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from o2o.envs import TaskSpec, make_env
+
+from .calql import CalQLAgent
+
+
+@torch.no_grad()
+def evaluate(agent: CalQLAgent, task: TaskSpec, episodes: int, seed: int, low: np.ndarray, high: np.ndarray) -> dict:
+    """Mean return, success rate, episode length and normalised score over ``episodes`` runs."""
+    env = make_env(task)
+    returns, successes, lengths = [], [], []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, steps, done, info = 0.0, 0, False, {}
+        while not done:
+            obs_t = torch.as_tensor(obs, device=agent.device).unsqueeze(0)
+            action = agent.policy.deterministic(agent.normalizer(obs_t))[0].cpu().numpy()
+            action = low + (action + 1.0) * 0.5 * (high - low)
+            obs, reward, terminated, truncated, info = env.step(action)
+            total, steps, done = total + reward, steps + 1, terminated or truncated
+        returns.append(total)
+        successes.append(bool(info.get("success", False)))
+        lengths.append(steps)
+    env.close()
+    mean_return, success_rate = float(np.mean(returns)), float(np.mean(successes))
+    return {
+        "return": mean_return,
+        "success": success_rate,
+        "length": float(np.mean(lengths)),
+        "normalized_score": task.normalized_score(mean_return, success_rate),
+    }

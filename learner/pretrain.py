@@ -1,0 +1,155 @@
+"""`o2o-pretrain`: offline Cal-QL pretraining on a Minari dataset (Hydra entry point).
+
+    o2o-pretrain                                   # pointmaze-umaze, preset small, builds its dataset
+    o2o-pretrain task=pusher steps=5000            # another task
+    o2o-pretrain task=fetch-push preset=paper      # the official settings of the task's domain
+    o2o-pretrain resume=runs/pretrain/pusher/...   # continue a run from its checkpoint
+
+Writes into the run folder: metrics.jsonl, tb/ (TensorBoard), checkpoint.pt,
+policy.onnx, config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from o2o.datasets.builders import build_dataset, parse_dataset_id
+from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions, open_dataset
+from o2o.envs import TaskSpec, get_task, make_env
+
+from .buffer import TransitionBuffer
+from .calql import CalQLAgent
+from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, save_checkpoint
+from .config import PretrainConfig
+from .evaluation import evaluate
+from .export_onnx import export_policy
+from .metrics import MetricsLogger, RunningMean
+
+log = logging.getLogger("o2o.pretrain")
+
+ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but torch sees no CUDA device; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def load_offline_data(cfg: PretrainConfig, task: TaskSpec) -> Transitions:
+    """The configured dataset as transitions; o2o's own ids are built on first use."""
+    built = parse_dataset_id(cfg.dataset)
+    if built and cfg.build_missing_dataset:
+        try:
+            open_dataset(cfg.dataset)
+        except DatasetError:
+            log.info("dataset %s not found: building it (%d episodes)", cfg.dataset, cfg.build_episodes)
+            _, summary = build_dataset(*built, n_episodes=cfg.build_episodes, progress=cfg.progress)
+            log.info("built %s: %s", cfg.dataset, summary)
+    if built and built[0] != task.name:
+        raise DatasetError(f"dataset {cfg.dataset} was built for task {built[0]}, not {task.name}")
+    return load_transitions(
+        cfg.dataset, task, gamma=cfg.algo.discount, reward_scale=cfg.algo.reward_scale, reward_bias=cfg.algo.reward_bias
+    )
+
+
+def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions, device) -> tuple[CalQLAgent, AgentSpec]:
+    env = make_env(task)
+    low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
+    env.close()
+    spec = AgentSpec(
+        task=task.name,
+        obs_dim=data.obs_dim,
+        action_dim=data.action_dim,
+        action_low=low.tolist(),
+        action_high=high.tolist(),
+        algo=dataclasses.asdict(cfg.algo),
+        net=dataclasses.asdict(cfg.net),
+    )
+    agent = CalQLAgent(data.obs_dim, data.action_dim, cfg.algo, cfg.net, device)
+    if cfg.net.normalize_observations:
+        agent.normalizer.set_statistics(data.obs.mean(0), data.obs.std(0))
+    return agent, spec
+
+
+def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
+    """The whole offline phase; returns the last evaluation."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    task = get_task(cfg.task)
+    data = load_offline_data(cfg, task)
+    log.info("%s: %d transitions, obs %d, action %d, device %s", cfg.dataset, len(data), data.obs_dim, data.action_dim, device)
+
+    agent, spec = make_agent(cfg, task, data, device)
+    start = 0
+    if cfg.resume:
+        resumed, _, payload = load_checkpoint(cfg.resume, device, restore_rng=True)
+        agent.load_training_state(resumed.training_state())
+        start = payload["step"]
+        log.info("resumed from %s at step %d", cfg.resume, start)
+    low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+    buffer = TransitionBuffer.from_transitions(data, low, high, device)
+    logger = MetricsLogger(run_dir)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, step)
+        export_policy(agent, spec, run_dir / "policy.onnx", step=step)
+
+    running, last_eval = RunningMean(), {}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="pretrain")
+    for step in bar:
+        running.add(agent.update(buffer.sample(cfg.batch_size)))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            shown = logger.log(done, "train", running.pop())
+            bar.set_postfix(q=f"{shown['train/q_data']:.2f}", mc=f"{shown['train/mc_return']:.2f}",
+                            bound=f"{shown['train/bound_rate']:.2f}", eval=last_eval.get("normalized_score", "-"))
+        if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.steps:
+            last_eval = evaluate(agent, task, cfg.eval.episodes, cfg.eval.seed, low, high)
+            logger.log(done, "eval", last_eval)
+            tqdm.write(f"step {done}: eval return {last_eval['return']:.2f}, success {last_eval['success']:.0%}, "
+                       f"score {last_eval['normalized_score']:.1f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            checkpoint(done)
+    if start >= cfg.steps:
+        log.info("checkpoint is already at step %d >= steps=%d: nothing to do", start, cfg.steps)
+        checkpoint(start)
+    logger.close()
+    return last_eval
+
+
+@hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="pretrain")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    cfg: PretrainConfig = OmegaConf.to_object(dict_cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        pretrain(cfg, run_dir)
+    except (DatasetError, KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        log.error("%s", message)
+        sys.exit(2)
+    print(f"run folder: {run_dir}\n  checkpoint: {run_dir / CHECKPOINT_NAME}\n  policy:     {run_dir / 'policy.onnx'}")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
