@@ -174,15 +174,17 @@ def _check_spec(agent: CalQLAgent, spec: AgentSpec) -> None:
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporters' warnings (deprecations, skipped torchvision ops); the parity check is the guard."""
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        torch_onnx_log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _to_onnx(module: OnnxPolicy, obs_dim: int, action_dim: int, exporter: Exporter):

@@ -142,7 +142,7 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
         pretrain(cfg, run_dir)
     except (DatasetError, KeyError, ValueError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        log.error("%s", message)
+        print(f"o2o-pretrain: error: {message}", file=sys.stderr)
         sys.exit(2)
     print(f"run folder: {run_dir}\n  checkpoint: {run_dir / CHECKPOINT_NAME}\n  policy:     {run_dir / 'policy.onnx'}")
 
