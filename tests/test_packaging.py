@@ -1,0 +1,47 @@
+"""o2o installs under one namespace: no top-level `datasets`, `envs`, `actor` or `learner`."""
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_holds_only_the_o2o_namespace(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("o2o-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level == {"o2o", next(t for t in top_level if t.endswith(".dist-info"))}
+    for package in ("envs", "datasets", "learner", "actor", "configs"):
+        assert f"o2o/{package}/__init__.py" in names
+    assert "o2o/configs/pretrain.yaml" in names
+
+
+def test_hugging_face_datasets_is_not_shadowed(tmp_path):
+    # A stand-in for Hugging Face's `datasets`, installed beside o2o.
+    fake = tmp_path / "datasets"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("IS_HUGGING_FACE = True\n")
+    code = textwrap.dedent(
+        """
+        import o2o.datasets, o2o.envs
+        import datasets
+        assert getattr(datasets, "IS_HUGGING_FACE", False), datasets.__file__
+        import importlib.util
+        for name in ("envs", "learner", "actor"):
+            assert importlib.util.find_spec(name) is None, name
+        print("ok")
+        """
+    )
+    # Run from tmp_path so the repository folders are not on sys.path via the working directory.
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert result.stdout.strip() == "ok", result.stderr
