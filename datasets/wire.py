@@ -1,0 +1,524 @@
+"""The actor <-> learner wire format (version 1): msgpack header + raw array frames.
+
+No pickle: a message is a ZeroMQ multipart message whose frame 0 is a msgpack
+map ``{"v": 1, "type": ..., ...}`` and whose other frames are raw bytes
+(C-contiguous little-endian arrays for ``chunk``, the ONNX file for ``policy``).
+
+Messages (-> is the direction):
+
+``chunk``   actor -> learner. Transitions of one actor. Header: ``actor_id`` (str),
+            ``seq`` (int, per actor, starts at 0, +1 per chunk), ``policy_version``
+            (int, -1 = no learner policy yet, e.g. scripted/random warm-up),
+            ``episode_id`` (int), ``step`` (episode step of row 0), ``n`` (rows),
+            ``eval`` (bool) and ``arrays``: ``[[name, dtype, shape], ...]`` describing
+            the 7 frames that follow, in this order: obs (n, obs_dim) <f4,
+            action (n, action_dim) <f4, reward (n,) <f4 (the raw env reward),
+            next_obs (n, obs_dim) <f4, terminated (n,) |u1, truncated (n,) |u1,
+            success (n,) |u1. A chunk may span episodes: the rows after a
+            terminated/truncated row belong to episode ``episode_id + 1``, from step 0.
+``ack``     learner -> actor. ``actor_id``, ``seq``: cumulative, every chunk of this
+            actor with a seq <= ``seq`` is committed to the replay store (or was
+            rejected); drop them from the spool. ``policy_version``: the newest published.
+``reject``  learner -> actor. ``actor_id``, ``seq`` (-1 if the header was unreadable),
+            ``reason`` (a stable code, see ``REASONS``), ``message``. The chunk will
+            never be accepted: drop it from the spool and count it.
+``resend``  learner -> actor. ``actor_id``, ``seq``: the learner dropped a chunk that
+            arrived before the chunks preceding it (e.g. queued messages delivered
+            after a learner restart); resend every spooled chunk from ``seq`` on.
+``hello``   actor -> learner, at connect (and to ask for the current policy again).
+            ``actor_id``, ``task``, ``obs_dim``, ``action_dim``, ``next_seq`` (the
+            oldest seq the actor still holds or will send next: seqs below it that
+            the learner lacks are declared lost), ``policy_version`` (held, -1 = none).
+``welcome`` learner -> actor, answer to ``hello``. ``actor_id``, ``seq`` (the actor's
+            highest committed seq, -1 = none: continue after it, resend what is
+            spooled above it), ``policy_version`` (newest published, -1 = none).
+``policy``  learner -> actors. ``version``, ``sha256`` (hex), ``size`` + one frame
+            holding the ONNX bytes.
+
+Every decoder checks every field and raises ``WireError(reason, message)`` with a
+stable reason code, so receivers can count rejections by reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ACTOR_ID_LEN = 128
+MAX_POLICY_BYTES = 512 * 1024 * 1024
+
+# Stable rejection reason codes.
+BAD_HEADER = "bad_header"  # frame 0 is not a msgpack map, or a key is missing or mistyped
+BAD_VERSION = "bad_version"
+BAD_TYPE = "bad_type"  # unknown message type, or a type this receiver does not accept
+BAD_FRAMES = "bad_frames"  # wrong number of frames
+BAD_DTYPE = "bad_dtype"
+BAD_SHAPE = "bad_shape"
+BAD_LENGTH = "bad_length"  # frame byte length does not match dtype x shape
+NON_FINITE = "non_finite"
+BAD_VALUE = "bad_value"  # e.g. a flag that is neither 0 nor 1
+TOO_LARGE = "too_large"
+BAD_CHECKSUM = "bad_checksum"
+BAD_SPEC = "bad_spec"  # hello for another task / other dimensions
+REASONS = frozenset(
+    {
+        BAD_HEADER,
+        BAD_VERSION,
+        BAD_TYPE,
+        BAD_FRAMES,
+        BAD_DTYPE,
+        BAD_SHAPE,
+        BAD_LENGTH,
+        NON_FINITE,
+        BAD_VALUE,
+        TOO_LARGE,
+        BAD_CHECKSUM,
+        BAD_SPEC,
+    }
+)
+
+# A frame as sent or received: bytes, a memoryview (zero-copy send) or a zmq.Frame.
+Frame = Any
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format.
+
+    ``reason`` is one of ``REASONS``. For a chunk whose header named its sender
+    before the failure, ``actor_id`` and ``seq`` say which chunk it was.
+    """
+
+    def __init__(self, reason: str, message: str, actor_id: str | None = None, seq: int | None = None):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.actor_id = actor_id
+        self.seq = seq
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpec:
+    """What a receiver accepts: the task's dimensions and size limits."""
+
+    obs_dim: int
+    action_dim: int
+    max_rows: int = 16384
+
+    def __post_init__(self) -> None:
+        for name in ("obs_dim", "action_dim", "max_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ChunkSpec.{name} must be a positive int, got {value!r}")
+
+    def array_specs(self, n: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of the frames of an n-row chunk, in frame order."""
+        return [
+            ("obs", "<f4", (n, self.obs_dim)),
+            ("action", "<f4", (n, self.action_dim)),
+            ("reward", "<f4", (n,)),
+            ("next_obs", "<f4", (n, self.obs_dim)),
+            ("terminated", "|u1", (n,)),
+            ("truncated", "|u1", (n,)),
+            ("success", "|u1", (n,)),
+        ]
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame a valid chunk holds (for ZeroMQ's MAXMSGSIZE guard)."""
+        return max(MAX_HEADER_BYTES, self.max_rows * max(self.obs_dim, self.action_dim) * 4)
+
+
+ARRAY_NAMES = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
+FLOAT_ARRAYS = ("obs", "action", "reward", "next_obs")
+FLAG_ARRAYS = ("terminated", "truncated", "success")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TransitionChunk:
+    """``n`` consecutive transitions of one actor (see the module docstring for the fields).
+
+    Decoded chunks hold read-only arrays that view the received frames (no copy).
+    """
+
+    actor_id: str
+    seq: int
+    policy_version: int
+    episode_id: int
+    step: int
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    next_obs: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    success: np.ndarray
+    eval: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.reward)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ack:
+    actor_id: str
+    seq: int
+    policy_version: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    actor_id: str
+    seq: int
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Resend:
+    actor_id: str
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    actor_id: str
+    task: str
+    obs_dim: int
+    action_dim: int
+    next_seq: int
+    policy_version: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome:
+    actor_id: str
+    seq: int
+    policy_version: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    version: int
+    sha256: str
+    onnx: bytes | memoryview
+
+    @property
+    def size(self) -> int:
+        return len(self.onnx)
+
+
+Message = Union[TransitionChunk, Ack, Reject, Resend, Hello, Welcome, Policy]
+
+
+# ---------------------------------------------------------------- header helpers
+
+
+def _pack(header: dict) -> bytes:
+    return msgpack.packb({"v": WIRE_VERSION, **header}, use_bin_type=True)
+
+
+def _buffer(frame: Frame) -> memoryview:
+    """A flat byte view of a frame without copying (zmq.Frame exposes ``.buffer``)."""
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+
+
+def decode_header(frame: Frame) -> dict:
+    """Frame 0 of any message: a msgpack map with a supported ``v`` and a known ``type``."""
+    raw = _buffer(frame)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(TOO_LARGE, f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as err:  # msgpack raises several unrelated types on garbage
+        raise WireError(BAD_HEADER, f"frame 0 is not msgpack ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict):
+        raise WireError(BAD_HEADER, f"frame 0 must be a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version is None:
+        raise WireError(BAD_HEADER, "header has no 'v' (wire version)")
+    if version != WIRE_VERSION or isinstance(version, bool):
+        raise WireError(BAD_VERSION, f"wire version {version!r}; this side speaks version {WIRE_VERSION}")
+    kind = header.get("type")
+    if not isinstance(kind, str) or kind not in _DECODERS:
+        raise WireError(BAD_TYPE, f"unknown message type {kind!r}; known: {sorted(_DECODERS)}")
+    return header
+
+
+def _int(header: dict, key: str, lo: int = 0, hi: int = 2**62) -> int:
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(BAD_HEADER, f"header field {key!r} must be an int, got {value!r}")
+    if not lo <= value <= hi:
+        raise WireError(BAD_HEADER, f"header field {key!r}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _str(header: dict, key: str, max_len: int = MAX_ACTOR_ID_LEN) -> str:
+    value = header.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise WireError(BAD_HEADER, f"header field {key!r} must be a non-empty str of <= {max_len} chars, got {value!r}")
+    return value
+
+
+def _bool(header: dict, key: str) -> bool:
+    value = header.get(key)
+    if not isinstance(value, bool):
+        raise WireError(BAD_HEADER, f"header field {key!r} must be a bool, got {value!r}")
+    return value
+
+
+def _frame_count(frames: Sequence[Frame], expected: int, kind: str) -> None:
+    if len(frames) != expected:
+        raise WireError(BAD_FRAMES, f"a {kind} message has {expected} frames, got {len(frames)}")
+
+
+def _header_of(frames: Sequence[Frame], header: dict | None, kind: str) -> dict:
+    if not frames:
+        raise WireError(BAD_FRAMES, "empty message")
+    header = decode_header(frames[0]) if header is None else header
+    if header["type"] != kind:
+        raise WireError(BAD_TYPE, f"expected a {kind!r} message, got {header['type']!r}")
+    return header
+
+
+# ---------------------------------------------------------------- chunk
+
+
+def _wire_array(values: np.ndarray, dtype: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if dtype == "|u1" and arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def encode_chunk(chunk: TransitionChunk) -> list[bytes | memoryview]:
+    """Frames of a chunk; array frames are views of the chunk's arrays when they are
+    already C-contiguous little-endian of the wire dtype (no copy)."""
+    n = chunk.n
+    arrays = []
+    descr = []
+    for name, dtype in zip(ARRAY_NAMES, ("<f4",) * 4 + ("|u1",) * 3):
+        arr = _wire_array(getattr(chunk, name), dtype)
+        if len(arr) != n:
+            raise ValueError(f"chunk array {name} has {len(arr)} rows, reward has {n}")
+        arrays.append(arr)
+        descr.append([name, dtype, list(arr.shape)])
+    header = _pack(
+        {
+            "type": "chunk",
+            "actor_id": chunk.actor_id,
+            "seq": chunk.seq,
+            "policy_version": chunk.policy_version,
+            "episode_id": chunk.episode_id,
+            "step": chunk.step,
+            "n": n,
+            "eval": bool(chunk.eval),
+            "arrays": descr,
+        }
+    )
+    return [header, *(memoryview(arr.reshape(-1)).cast("B") for arr in arrays)]
+
+
+def decode_chunk(frames: Sequence[Frame], spec: ChunkSpec, header: dict | None = None) -> TransitionChunk:
+    """Validate and decode a chunk against ``spec``; arrays view the frames (no copy).
+
+    ``header`` may be passed when frame 0 was already decoded (by ``decode_header``).
+    """
+    header = _header_of(frames, header, "chunk")
+    actor_id = _str(header, "actor_id")
+    seq = _int(header, "seq")
+    try:
+        return _decode_chunk_body(frames, spec, header, actor_id, seq)
+    except WireError as err:
+        err.actor_id, err.seq = actor_id, seq
+        raise
+
+
+def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq: int) -> TransitionChunk:
+    policy_version = _int(header, "policy_version", lo=-1)
+    episode_id = _int(header, "episode_id")
+    step = _int(header, "step")
+    is_eval = _bool(header, "eval")
+    n = _int(header, "n", lo=1)
+    if n > spec.max_rows:
+        raise WireError(TOO_LARGE, f"chunk of {n} rows exceeds the limit of {spec.max_rows} rows")
+    _frame_count(frames, 1 + len(ARRAY_NAMES), "chunk")
+    descr = header.get("arrays")
+    if not isinstance(descr, list) or len(descr) != len(ARRAY_NAMES):
+        raise WireError(BAD_HEADER, f"header field 'arrays' must list {len(ARRAY_NAMES)} [name, dtype, shape] entries")
+    arrays: dict[str, np.ndarray] = {}
+    for frame, entry, (name, dtype, shape) in zip(frames[1:], descr, spec.array_specs(n)):
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[0] == name):
+            raise WireError(BAD_HEADER, f"arrays entry {entry!r} should describe {name!r} as [name, dtype, shape]")
+        if entry[1] != dtype:
+            raise WireError(BAD_DTYPE, f"{name} has dtype {entry[1]!r}, expected {dtype!r}")
+        if not isinstance(entry[2], list) or tuple(entry[2]) != shape:
+            raise WireError(BAD_SHAPE, f"{name} has shape {entry[2]!r}, expected {list(shape)} (obs_dim="
+                            f"{spec.obs_dim}, action_dim={spec.action_dim}, n={n})")
+        buf = _buffer(frame)
+        expected = math.prod(shape) * np.dtype(dtype).itemsize
+        if len(buf) != expected:
+            raise WireError(BAD_LENGTH, f"{name} frame has {len(buf)} bytes, {dtype} x {list(shape)} needs {expected}")
+        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    for name in FLOAT_ARRAYS:
+        finite = np.isfinite(arrays[name])
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.reshape(n, -1).all(axis=1))[0])
+            raise WireError(NON_FINITE, f"{name} holds NaN or inf (first at row {row})")
+    for name in FLAG_ARRAYS:
+        if (arrays[name] > 1).any():
+            raise WireError(BAD_VALUE, f"{name} flags must be 0 or 1")
+    return TransitionChunk(
+        actor_id=actor_id,
+        seq=seq,
+        policy_version=policy_version,
+        episode_id=episode_id,
+        step=step,
+        eval=is_eval,
+        **arrays,
+    )
+
+
+# ---------------------------------------------------------------- control messages
+
+
+def encode_ack(msg: Ack) -> list[bytes]:
+    return [_pack({"type": "ack", "actor_id": msg.actor_id, "seq": msg.seq, "policy_version": msg.policy_version})]
+
+
+def decode_ack(frames: Sequence[Frame], header: dict | None = None) -> Ack:
+    header = _header_of(frames, header, "ack")
+    _frame_count(frames, 1, "ack")
+    return Ack(_str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1))
+
+
+def encode_reject(msg: Reject) -> list[bytes]:
+    header = {"type": "reject", "actor_id": msg.actor_id, "seq": msg.seq, "reason": msg.reason, "message": msg.message}
+    return [_pack(header)]
+
+
+def decode_reject(frames: Sequence[Frame], header: dict | None = None) -> Reject:
+    header = _header_of(frames, header, "reject")
+    _frame_count(frames, 1, "reject")
+    return Reject(
+        _str(header, "actor_id"), _int(header, "seq", lo=-1), _str(header, "reason"), _str(header, "message", 4096)
+    )
+
+
+def encode_resend(msg: Resend) -> list[bytes]:
+    return [_pack({"type": "resend", "actor_id": msg.actor_id, "seq": msg.seq})]
+
+
+def decode_resend(frames: Sequence[Frame], header: dict | None = None) -> Resend:
+    header = _header_of(frames, header, "resend")
+    _frame_count(frames, 1, "resend")
+    return Resend(_str(header, "actor_id"), _int(header, "seq"))
+
+
+def encode_hello(msg: Hello) -> list[bytes]:
+    return [_pack({"type": "hello", **dataclasses.asdict(msg)})]
+
+
+def decode_hello(frames: Sequence[Frame], header: dict | None = None) -> Hello:
+    header = _header_of(frames, header, "hello")
+    _frame_count(frames, 1, "hello")
+    return Hello(
+        actor_id=_str(header, "actor_id"),
+        task=_str(header, "task"),
+        obs_dim=_int(header, "obs_dim", lo=1),
+        action_dim=_int(header, "action_dim", lo=1),
+        next_seq=_int(header, "next_seq"),
+        policy_version=_int(header, "policy_version", lo=-1),
+    )
+
+
+def encode_welcome(msg: Welcome) -> list[bytes]:
+    return [_pack({"type": "welcome", **dataclasses.asdict(msg)})]
+
+
+def decode_welcome(frames: Sequence[Frame], header: dict | None = None) -> Welcome:
+    header = _header_of(frames, header, "welcome")
+    _frame_count(frames, 1, "welcome")
+    return Welcome(_str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1))
+
+
+def make_policy(version: int, onnx: bytes) -> Policy:
+    """A policy message for ONNX bytes (computes the checksum)."""
+    return Policy(version=version, sha256=hashlib.sha256(onnx).hexdigest(), onnx=onnx)
+
+
+def encode_policy(msg: Policy) -> list[bytes | memoryview]:
+    header = {"type": "policy", "version": msg.version, "sha256": msg.sha256, "size": len(msg.onnx)}
+    return [_pack(header), msg.onnx]
+
+
+def decode_policy(
+    frames: Sequence[Frame], header: dict | None = None, max_bytes: int = MAX_POLICY_BYTES
+) -> Policy:
+    """Decode a policy and check its size and sha256 (the ONNX bytes are copied out)."""
+    header = _header_of(frames, header, "policy")
+    _frame_count(frames, 2, "policy")
+    version = _int(header, "version")
+    sha = _str(header, "sha256", 64)
+    size = _int(header, "size", lo=1)
+    if size > max_bytes:
+        raise WireError(TOO_LARGE, f"policy of {size} bytes exceeds the limit of {max_bytes}")
+    onnx = bytes(_buffer(frames[1]))
+    if len(onnx) != size:
+        raise WireError(BAD_LENGTH, f"policy frame has {len(onnx)} bytes, header says {size}")
+    if hashlib.sha256(onnx).hexdigest() != sha:
+        raise WireError(BAD_CHECKSUM, f"policy version {version}: sha256 does not match the bytes")
+    return Policy(version=version, sha256=sha, onnx=onnx)
+
+
+# ---------------------------------------------------------------- generic entry points
+
+_ENCODERS = {
+    TransitionChunk: encode_chunk,
+    Ack: encode_ack,
+    Reject: encode_reject,
+    Resend: encode_resend,
+    Hello: encode_hello,
+    Welcome: encode_welcome,
+    Policy: encode_policy,
+}
+_DECODERS = {
+    "chunk": None,  # needs a ChunkSpec, see decode()
+    "ack": decode_ack,
+    "reject": decode_reject,
+    "resend": decode_resend,
+    "hello": decode_hello,
+    "welcome": decode_welcome,
+    "policy": decode_policy,
+}
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Frames of any message, ready for ``socket.send_multipart``."""
+    try:
+        encoder = _ENCODERS[type(msg)]
+    except KeyError:
+        raise TypeError(f"cannot encode {type(msg).__name__}: not a wire message") from None
+    return encoder(msg)
+
+
+def decode(frames: Sequence[Frame], spec: ChunkSpec | None = None) -> Message:
+    """Decode any message (``spec`` is required to accept chunks)."""
+    if not frames:
+        raise WireError(BAD_FRAMES, "empty message")
+    header = decode_header(frames[0])
+    if header["type"] == "chunk":
+        if spec is None:
+            raise WireError(BAD_TYPE, "this receiver does not accept chunks")
+        return decode_chunk(frames, spec, header)
+    return _DECODERS[header["type"]](frames, header)
