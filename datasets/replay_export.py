@@ -1,0 +1,93 @@
+"""Export a replay store's episodes as a real Minari dataset (``minari_io.write_dataset``).
+
+Episodes are rebuilt from rows: an episode's rows are the rows between its
+``start_row`` and ``end_row`` with its actor and episode id (other actors' rows
+interleave). Only episodes that ended (terminated or truncated) with no missing
+step are exported: abandoned or gapped episodes cannot be written as Minari
+episodes (observations must chain). Rewards are the raw env rewards, so
+``minari_io.load_transitions`` applies the reward scale and recomputes the same
+MC returns the store holds. Observations are the flat float32 vectors the
+actors sent, with the flattened env's Box observation space.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    import minari
+
+    from .replay_store import ReplayStore
+
+ROW_FIELDS = ["obs", "action", "reward", "next_obs", "terminated", "truncated", "success", "actor", "episode_id"]
+
+
+def store_episodes(store: "ReplayStore", include_eval: bool = False) -> list[dict]:
+    """The store's complete episodes in ``write_dataset``'s episode format, in end order."""
+    table = store.episodes()
+    keep = table["ended"] & table["contiguous"]
+    if not include_eval:
+        keep &= ~table["eval"]
+    rows = store.read(0, len(store), ROW_FIELDS)
+    episodes = []
+    for i in np.flatnonzero(keep):
+        lo, hi = int(table["start_row"][i]), int(table["end_row"][i]) + 1
+        mask = (rows["actor"][lo:hi] == table["actor"][i]) & (rows["episode_id"][lo:hi] == table["episode_id"][i])
+        idx = np.flatnonzero(mask) + lo
+        if len(idx) != table["length"][i]:
+            raise RuntimeError(f"episode {i} of {store.path}: found {len(idx)} rows, the table says {table['length'][i]}")
+        episodes.append(
+            {
+                "observations": np.concatenate([rows["obs"][idx], rows["next_obs"][idx[-1:]]]),
+                "actions": rows["action"][idx],
+                "rewards": rows["reward"][idx],
+                "terminations": rows["terminated"][idx],
+                "truncations": rows["truncated"][idx],
+                # Minari infos hold T+1 entries (reset + steps); the reset step reports no success.
+                "infos": {"success": np.concatenate([[False], rows["success"][idx]])},
+            }
+        )
+    return episodes
+
+
+def export_minari(
+    store: "ReplayStore",
+    dataset_id: str,
+    task: str | None,
+    include_eval: bool = False,
+    env: "gym.Env | None" = None,
+    algorithm_name: str = "o2o online fine-tuning",
+    description: str | None = None,
+) -> "minari.MinariDataset":
+    """Write the store's complete episodes (eval episodes only if asked) as Minari ``dataset_id``."""
+    from o2o.envs import get_task, make_env
+
+    from .minari_io import write_dataset
+
+    if task is None:
+        raise ValueError(f"{store.path} records no task: pass the task name to export it")
+    spec = get_task(task)
+    env = env if env is not None else make_env(spec)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if (obs_dim, action_dim) != (store.config.obs_dim, store.config.action_dim):
+        raise ValueError(
+            f"task {task} has obs_dim={obs_dim}, action_dim={action_dim}; the store at {store.path} "
+            f"holds {store.config.obs_dim} and {store.config.action_dim}"
+        )
+    episodes = store_episodes(store, include_eval)
+    if not episodes:
+        raise ValueError(f"{store.path} holds no complete episode to export (include_eval={include_eval})")
+    scored_by_return = spec.score == "return"
+    return write_dataset(
+        dataset_id,
+        env,
+        episodes,
+        algorithm_name=algorithm_name,
+        description=description
+        or f"Online transitions of task {task} collected by o2o actors ({len(episodes)} complete episodes).",
+        ref_min_score=spec.ref_min_return if scored_by_return else None,
+        ref_max_score=spec.ref_max_return if scored_by_return else None,
+    )

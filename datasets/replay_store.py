@@ -1,0 +1,633 @@
+"""The online replay store: actors' transitions in Zarr, exactly once, crash-safe.
+
+Layout of a store folder::
+
+    zarr.json        root group; attrs["o2o_replay"] = static metadata (dims, gamma, ...)
+    data/<column>    one row per transition, append-only (see ROW_COLUMNS)
+    episodes/<col>   one row per closed episode (see EPISODE_COLUMNS)
+    commit.json      the commit record: trusted row / episode counts, actor table,
+                     per-actor last committed seq and open episode
+    writer.lock      flock held by the one writer
+
+Commit protocol (crash safety). ``commit()`` first writes the data: whole Zarr
+chunks, each renamed into place by zarr's LocalStore, and rows already
+committed keep their values in every rewritten chunk. Only then does it write
+``commit.json`` to a temporary file and ``os.replace`` it over the old one.
+Readers (and a reopening writer) trust nothing but ``commit.json``: rows and
+episodes at or past its counts are ignored and later overwritten. A process
+killed at any instant therefore leaves the previous or the new commit, both
+complete. (This protects against process crashes; nothing is fsync'ed, so an OS
+crash or power loss may lose recent commits.)
+
+Exactly-once: chunks carry ``(actor_id, seq)``; ``append`` skips a chunk whose
+seq is not above the actor's last accepted one (a duplicate: it must still be
+acked) and refuses a chunk that leaves a gap (``SeqGapError``: the sender must
+resend the missing ones first). The committed seq of each actor is saved in the
+same atomic record as the row count.
+
+Rewards and MC returns: the ``reward`` column holds the RAW env reward, as the
+actor observed it, so the store does not depend on training choices. The
+``mc_return`` column is the Cal-QL Monte-Carlo return-to-go computed exactly
+like ``minari_io.load_transitions``: rewards scaled to
+``float32(reward * reward_scale + reward_bias)``, then
+``mc_return.trajectory_return_to_go`` with the store's ``gamma`` and the scaled
+failure reward (sparse tasks). It is filled when an episode's terminated or
+truncated row arrives, for every row of that episode (rows of different actors
+interleave). Rows of episodes still open, abandoned (the actor moved on to
+another episode without ending this one) or with missing steps (a rejected or
+lost chunk) keep ``mc_return = NaN``: filter them with ``np.isfinite``. Note
+that rewards used for training must be scaled the same way: the store gives
+raw rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import zarr
+
+from .mc_return import trajectory_return_to_go
+from .wire import TransitionChunk
+from .zarr_table import DEFAULT_COMPRESSOR, AppendTable, ColumnSpec, run_concurrently
+
+FORMAT = "o2o-replay"
+FORMAT_VERSION = 1
+COMMIT_FILE = "commit.json"
+LOCK_FILE = "writer.lock"
+EPISODE_CHUNK_ROWS = 4096
+TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def row_columns(obs_dim: int, action_dim: int) -> dict[str, ColumnSpec]:
+    return {
+        "obs": ColumnSpec("float32", (obs_dim,)),
+        "action": ColumnSpec("float32", (action_dim,)),
+        "reward": ColumnSpec("float32"),  # raw env reward
+        "next_obs": ColumnSpec("float32", (obs_dim,)),
+        "terminated": ColumnSpec("bool", (), False),
+        "truncated": ColumnSpec("bool", (), False),
+        "success": ColumnSpec("bool", (), False),
+        "mc_return": ColumnSpec("float32", (), math.nan),  # NaN until the episode ends
+        "actor": ColumnSpec("int32", (), -1),  # code into ReplayStore.actor_ids
+        "policy_version": ColumnSpec("int32", (), -1),
+        "episode_id": ColumnSpec("int64", (), -1),
+        "step": ColumnSpec("int32", (), -1),  # step of the row within its episode
+        "eval": ColumnSpec("bool", (), False),
+    }
+
+
+EPISODE_COLUMNS: dict[str, ColumnSpec] = {
+    "actor": ColumnSpec("int32", (), -1),
+    "episode_id": ColumnSpec("int64", (), -1),
+    "policy_version_start": ColumnSpec("int32", (), -1),
+    "policy_version_end": ColumnSpec("int32", (), -1),
+    "start_row": ColumnSpec("int64", (), -1),  # first row; rows of other actors may lie in between
+    "end_row": ColumnSpec("int64", (), -1),  # last row
+    "length": ColumnSpec("int32", (), 0),  # rows stored
+    "return": ColumnSpec("float64", (), 0.0),  # sum of raw rewards
+    "success": ColumnSpec("bool", (), False),  # success flag of the last row
+    "eval": ColumnSpec("bool", (), False),
+    "ended": ColumnSpec("bool", (), False),  # False: abandoned without a terminated/truncated row
+    "terminated": ColumnSpec("bool", (), False),
+    "contiguous": ColumnSpec("bool", (), False),  # steps 0..length-1, none missing
+}
+
+
+class StoreError(RuntimeError):
+    """A replay store that cannot be opened or written as asked."""
+
+
+class SeqGapError(ValueError):
+    """A chunk arrived before earlier chunks of its actor: resend from ``expected``."""
+
+    def __init__(self, actor_id: str, expected: int, got: int):
+        super().__init__(f"actor {actor_id!r}: chunk seq {got} arrived, but seq {expected} is missing")
+        self.actor_id = actor_id
+        self.expected = expected
+        self.got = got
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Static metadata of a store (saved in the root group's attributes)."""
+
+    obs_dim: int
+    action_dim: int
+    gamma: float = 0.99
+    reward_scale: float = 1.0
+    reward_bias: float = 0.0
+    failure_reward: float | None = None
+    """RAW failure reward of a sparse task (its ``reward_neg``), or None for dense tasks."""
+    task: str | None = None
+    chunk_rows: int = 0
+    """Rows per Zarr chunk; 0 picks ~2 MiB obs chunks."""
+
+    @property
+    def scaled_failure_reward(self) -> float | None:
+        if self.failure_reward is None:
+            return None
+        return self.failure_reward * self.reward_scale + self.reward_bias
+
+    def scale_rewards(self, raw: np.ndarray) -> np.ndarray:
+        # The same float32 arithmetic as minari_io.load_transitions, so MC returns match bit for bit.
+        return (np.asarray(raw, np.float32) * self.reward_scale + self.reward_bias).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitEvent:
+    """What one commit made durable (given to ``IngestServer``'s ``on_commit``)."""
+
+    start: int
+    stop: int
+    """New rows [start, stop)."""
+    rows: dict[str, np.ndarray]
+    """Columns of rows [start, stop), as in ``read``."""
+    mc_rows: np.ndarray
+    """Rows (maybe < start) whose ``mc_return`` this commit filled in ..."""
+    mc_return: np.ndarray
+    """... and those values (already included in ``rows`` for rows >= start)."""
+    episodes: dict[str, np.ndarray]
+    """Episodes closed in this commit (``EPISODE_COLUMNS``)."""
+
+
+@dataclasses.dataclass
+class _Episode:
+    """An open episode of one actor: where its rows are and their raw rewards."""
+
+    episode_id: int
+    start_row: int
+    next_step: int
+    policy_version_start: int
+    policy_version_end: int
+    eval: bool
+    contiguous: bool
+    success: bool = False
+    ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        fields = ("episode_id", "start_row", "next_step", "policy_version_start", "policy_version_end")
+        state = {k: getattr(self, k) for k in fields}
+        return {**state, "eval": self.eval, "contiguous": self.contiguous, "success": self.success}
+
+    @classmethod
+    def from_json(cls, state: dict) -> "_Episode":
+        return cls(**state)
+
+    def rows(self) -> np.ndarray:
+        return np.concatenate([np.arange(a, b) for a, b in self.ranges]) if self.ranges else np.zeros(0, np.int64)
+
+
+@dataclasses.dataclass
+class _Actor:
+    code: int
+    committed_seq: int = -1
+    seq: int = -1  # highest accepted or skipped seq (staged)
+    episode: _Episode | None = None
+
+
+class ReplayStore:
+    """Append-only Zarr replay store shared by a writer (the learner) and readers.
+
+    Create with ``ReplayStore.create``, open with ``ReplayStore.open(path, "r" | "a")``.
+    Writer API: ``append`` (stage a chunk) and ``commit`` (make staged rows durable).
+    Reader API: ``len``, ``read``, ``episodes``, ``committed_seq``, ``refresh``.
+    """
+
+    def __init__(self, path: Path, config: StoreConfig, mode: Literal["r", "a"], lock_fd: int | None):
+        self.path = path
+        self.config = config
+        self.mode = mode
+        self._lock_fd = lock_fd
+        self._group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        self._actors: dict[str, _Actor] = {}
+        self._actor_ids: list[str] = []
+        self.commits = 0
+        self.duplicates = 0
+        self.last_commit: CommitEvent | None = None
+        record = self._read_record()
+        self._rows = AppendTable(
+            self._group["data"], row_columns(config.obs_dim, config.action_dim), config.chunk_rows,
+            record["rows"], writable=mode == "a",
+        )  # fmt: skip
+        self._episodes = AppendTable(
+            self._group["episodes"], EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, record["episodes"], writable=mode == "a"
+        )
+        self._load_record(record)
+        self._mc_filled: list[tuple[np.ndarray, np.ndarray]] = []
+        self._dirty = False
+        if mode == "a":
+            self._rebuild_open_episodes()
+
+    # ------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        obs_dim: int,
+        action_dim: int,
+        *,
+        gamma: float = 0.99,
+        reward_scale: float = 1.0,
+        reward_bias: float = 0.0,
+        failure_reward: float | None = None,
+        task: str | None = None,
+        chunk_rows: int = 0,
+        compressor=DEFAULT_COMPRESSOR,
+        overwrite: bool = False,
+    ) -> "ReplayStore":
+        """A new, empty store opened for appending.
+
+        ``failure_reward`` is the RAW failure reward of a sparse task (``TaskSpec.reward_neg``),
+        None for dense tasks; see the module docstring for the reward convention.
+        """
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise StoreError(f"{path} exists; open it with ReplayStore.open(path, 'a') or pass overwrite=True")
+            shutil.rmtree(path)
+        if chunk_rows <= 0:
+            chunk_rows = 2 ** round(math.log2(TARGET_CHUNK_BYTES / (4 * obs_dim)))
+            chunk_rows = min(max(chunk_rows, 1024), 262144)
+        config = StoreConfig(
+            obs_dim, action_dim, float(gamma), float(reward_scale), float(reward_bias),
+            None if failure_reward is None else float(failure_reward), task, chunk_rows,
+        )  # fmt: skip
+        path.mkdir(parents=True)
+        lock_fd = _lock(path)
+        group = zarr.open_group(str(path), mode="a")  # "w" would wipe the lock file
+        group.attrs["o2o_replay"] = {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(config)}
+        AppendTable.create(group.create_group("data"), row_columns(obs_dim, action_dim), chunk_rows, compressor)
+        AppendTable.create(group.create_group("episodes"), EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, compressor)
+        # The commit record comes last: a store without one never opens.
+        _write_json(path / COMMIT_FILE, {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []})
+        return cls(path, config, "a", lock_fd)
+
+    @classmethod
+    def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
+        """A store with the dimensions and failure reward of an o2o task (makes the env once)."""
+        from o2o.envs import get_task, make_env
+
+        spec = get_task(task)
+        env = make_env(spec)
+        obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        env.close()
+        failure = spec.reward_neg if spec.reward == "sparse" else None
+        return cls.create(path, obs_dim, action_dim, failure_reward=failure, task=spec.name, **kwargs)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: Literal["r", "a"] = "r") -> "ReplayStore":
+        """Open a store: ``"r"`` to read (any number of processes, also while it is written),
+        ``"a"`` to keep appending (one writer; open episodes are rebuilt from the rows)."""
+        path = Path(path)
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if not (path / COMMIT_FILE).exists():
+            raise StoreError(f"{path} is not an o2o replay store (no {COMMIT_FILE}; was its creation interrupted?)")
+        attrs = zarr.open_group(str(path), mode="r").attrs.get("o2o_replay")
+        if not attrs or attrs.get("format") != FORMAT:
+            raise StoreError(f"{path} is not an o2o replay store (no o2o_replay attributes)")
+        if attrs["version"] != FORMAT_VERSION:
+            raise StoreError(f"{path} has store format version {attrs['version']}; this code reads {FORMAT_VERSION}")
+        config = StoreConfig(**{f.name: attrs[f.name] for f in dataclasses.fields(StoreConfig)})
+        lock_fd = _lock(path) if mode == "a" else None
+        return cls(path, config, mode, lock_fd)
+
+    def close(self, commit: bool = True) -> None:
+        """Commit what is staged (unless ``commit=False``) and release the writer lock."""
+        if self.mode == "a" and commit:
+            self.commit()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "ReplayStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(commit=exc[0] is None)
+
+    # ------------------------------------------------------------ commit record
+
+    def _read_record(self) -> dict:
+        with open(self.path / COMMIT_FILE) as f:
+            return json.load(f)
+
+    def _load_record(self, record: dict) -> None:
+        self.commits = record["commit"]
+        self._actor_ids = [a["id"] for a in record["actors"]]
+        self._actors = {}
+        for code, state in enumerate(record["actors"]):
+            episode = _Episode.from_json(state["episode"]) if state["episode"] else None
+            self._actors[state["id"]] = _Actor(code, state["seq"], state["seq"], episode)
+
+    def refresh(self) -> int:
+        """Readers: pick up the writer's latest commit; returns the committed row count."""
+        if self.mode != "r":
+            return len(self)
+        record = self._read_record()
+        self._rows.length = self._rows.end = record["rows"]
+        self._episodes.length = self._episodes.end = record["episodes"]
+        self._load_record(record)
+        return len(self)
+
+    # ------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        """Committed rows (the only rows anyone may trust)."""
+        return self._rows.length
+
+    @property
+    def num_episodes(self) -> int:
+        return self._episodes.length
+
+    @property
+    def staged_rows(self) -> int:
+        return self._rows.staged
+
+    @property
+    def uncommitted(self) -> bool:
+        """True when ``commit`` has something to write (rows, skipped seqs, repairs)."""
+        return self._dirty
+
+    @property
+    def actor_ids(self) -> list[str]:
+        """Actor id of each code of the ``actor`` columns (includes staged actors)."""
+        return list(self._actor_ids)
+
+    def committed_seq(self, actor_id: str) -> int:
+        """Highest committed seq of an actor, -1 if none."""
+        actor = self._actors.get(actor_id)
+        return actor.committed_seq if actor else -1
+
+    def expected_seq(self, actor_id: str) -> int:
+        """The seq ``append`` accepts next from this actor."""
+        actor = self._actors.get(actor_id)
+        return actor.seq + 1 if actor else 0
+
+    def read(self, start: int = 0, stop: int | None = None, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Committed rows [start, stop) as a dict of arrays (``ROW_COLUMNS`` names)."""
+        n = len(self)
+        stop = n if stop is None else min(stop, n)
+        return self._rows.read(max(0, start), stop, columns)
+
+    def episodes(self, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The committed episodes table (``EPISODE_COLUMNS``)."""
+        return self._episodes.read(0, self._episodes.length, columns)
+
+    # ------------------------------------------------------------ writing
+
+    def _actor(self, actor_id: str) -> _Actor:
+        actor = self._actors.get(actor_id)
+        if actor is None:
+            actor = self._actors[actor_id] = _Actor(code=len(self._actor_ids))
+            self._actor_ids.append(actor_id)
+        return actor
+
+    def _check_writable(self) -> None:
+        if self.mode != "a" or self._lock_fd is None:
+            raise StoreError(f"{self.path} is open read-only (or closed); open it with mode='a' to write")
+
+    def append(self, chunk: TransitionChunk) -> bool:
+        """Stage a validated chunk. False: a duplicate (seq already accepted), skipped.
+
+        Raises ``SeqGapError`` if earlier seqs of this actor are missing.
+        """
+        self._check_writable()
+        actor = self._actor(chunk.actor_id)
+        if chunk.seq <= actor.seq:
+            self.duplicates += 1
+            return False
+        if chunk.seq != actor.seq + 1:
+            raise SeqGapError(chunk.actor_id, actor.seq + 1, chunk.seq)
+        if chunk.obs.shape[1:] != (self.config.obs_dim,) or chunk.action.shape[1:] != (self.config.action_dim,):
+            raise ValueError(
+                f"chunk of obs {chunk.obs.shape}/action {chunk.action.shape}; the store holds "
+                f"obs_dim={self.config.obs_dim}, action_dim={self.config.action_dim}"
+            )
+        n = chunk.n
+        done = (np.asarray(chunk.terminated) != 0) | (np.asarray(chunk.truncated) != 0)
+        # Rows after a terminated/truncated row start the next episode at step 0.
+        segment = np.zeros(n, np.int64)
+        segment[1:] = np.cumsum(done[:-1])
+        seg_starts = np.concatenate([[0], np.flatnonzero(done[:-1]) + 1])
+        step = np.arange(n) - seg_starts[segment] + np.where(segment == 0, chunk.step, 0)
+        start = self._rows.stage(
+            {
+                "obs": chunk.obs,
+                "action": chunk.action,
+                "reward": chunk.reward,
+                "next_obs": chunk.next_obs,
+                "terminated": chunk.terminated,
+                "truncated": chunk.truncated,
+                "success": chunk.success,
+                "mc_return": math.nan,
+                "actor": actor.code,
+                "policy_version": chunk.policy_version,
+                "episode_id": chunk.episode_id + segment,
+                "step": step,
+                "eval": chunk.eval,
+            },
+            n,
+        )
+        seg_ends = np.concatenate([seg_starts[1:], [n]])
+        for k, (a, b) in enumerate(zip(seg_starts.tolist(), seg_ends.tolist())):
+            last = b - 1
+            self._track(
+                actor,
+                chunk,
+                episode_id=chunk.episode_id + k,
+                step=int(step[a]),
+                rows=(start + a, start + b),
+                rewards=np.array(chunk.reward[a:b], np.float32),
+                ended=bool(done[last]),
+                terminated=bool(chunk.terminated[last]),
+                success=bool(chunk.success[last]),
+            )
+        actor.seq = chunk.seq
+        self._dirty = True
+        return True
+
+    def skip(self, actor_id: str, seq: int) -> None:
+        """Consume an actor's seqs up to ``seq`` without rows (a rejected or lost chunk),
+        so that its later chunks are accepted; committed with the next commit."""
+        self._check_writable()
+        actor = self._actor(actor_id)
+        if seq > actor.seq:
+            actor.seq = seq
+            self._dirty = True
+
+    def _track(self, actor: _Actor, chunk: TransitionChunk, *, episode_id: int, step: int,
+               rows: tuple[int, int], rewards: np.ndarray, ended: bool, terminated: bool, success: bool) -> None:  # fmt: skip
+        episode = actor.episode
+        restarted = step == 0 and episode is not None and episode.next_step > 0  # e.g. an actor restart
+        if episode is not None and (episode.episode_id != episode_id or restarted):
+            self._close_episode(actor, ended=False, terminated=False)
+            episode = None
+        if episode is None:
+            episode = actor.episode = _Episode(
+                episode_id=episode_id,
+                start_row=rows[0],
+                next_step=step,
+                policy_version_start=chunk.policy_version,
+                policy_version_end=chunk.policy_version,
+                eval=chunk.eval,
+                contiguous=step == 0,
+            )
+        elif step != episode.next_step:
+            episode.contiguous = False  # steps are missing: no MC return for this episode
+        episode.ranges.append(rows)
+        episode.rewards.append(rewards)
+        episode.next_step = step + len(rewards)
+        episode.policy_version_end = chunk.policy_version
+        episode.success = success
+        if ended:
+            self._close_episode(actor, ended=True, terminated=terminated)
+
+    def _close_episode(self, actor: _Actor, ended: bool, terminated: bool) -> None:
+        episode = actor.episode
+        actor.episode = None
+        rows = episode.rows()
+        raw = np.concatenate(episode.rewards) if episode.rewards else np.zeros(0, np.float32)
+        if ended and episode.contiguous:
+            terminals = np.zeros(len(raw), np.float32)
+            terminals[-1] = float(terminated)
+            mc = trajectory_return_to_go(
+                self.config.scale_rewards(raw), terminals, self.config.gamma, self.config.scaled_failure_reward
+            )
+            self._rows.patch("mc_return", rows, mc)
+            self._mc_filled.append((rows, mc))
+        self._episodes.stage(
+            {
+                "actor": actor.code,
+                "episode_id": episode.episode_id,
+                "policy_version_start": episode.policy_version_start,
+                "policy_version_end": episode.policy_version_end,
+                "start_row": episode.start_row,
+                "end_row": int(rows[-1]) if len(rows) else episode.start_row,
+                "length": len(rows),
+                "return": float(raw.astype(np.float64).sum()),
+                "success": episode.success,
+                "eval": episode.eval,
+                "ended": ended,
+                "terminated": terminated,
+                "contiguous": episode.contiguous,
+            },
+            1,
+        )
+
+    def commit(self, collect: bool = False) -> int:
+        """Make everything staged durable; returns the committed row count.
+
+        With ``collect=True``, ``last_commit`` describes what this commit added.
+        """
+        self._check_writable()
+        if not self._dirty:
+            if collect:
+                self.last_commit = self._event(len(self), len(self), self._episodes.length)
+            return len(self)
+        old_rows, old_episodes = len(self), self._episodes.length
+        event = self._event(old_rows, self._rows.end, old_episodes) if collect else None
+        run_concurrently(self._rows.write_ops() + self._episodes.write_ops())
+        self._rows.flushed()
+        self._episodes.flushed()
+        # The data is in place: now the record that makes it trusted.
+        self.commits += 1
+        _write_json(self.path / COMMIT_FILE, self._record())
+        for actor in self._actors.values():
+            actor.committed_seq = actor.seq
+        self._mc_filled.clear()
+        self._dirty = False
+        self.last_commit = event
+        return len(self)
+
+    def _event(self, start: int, stop: int, old_episodes: int) -> CommitEvent:
+        if self._mc_filled:
+            mc_rows = np.concatenate([r for r, _ in self._mc_filled])
+            mc_values = np.concatenate([v for _, v in self._mc_filled])
+        else:
+            mc_rows, mc_values = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return CommitEvent(
+            start=start,
+            stop=stop,
+            rows=self._rows.rows_in_memory(start, stop),
+            mc_rows=mc_rows,
+            mc_return=mc_values,
+            episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end),
+        )
+
+    def _record(self) -> dict:
+        actors = [
+            {
+                "id": actor_id,
+                "seq": self._actors[actor_id].seq,
+                "episode": self._actors[actor_id].episode.to_json() if self._actors[actor_id].episode else None,
+            }
+            for actor_id in self._actor_ids
+        ]
+        return {
+            "format": FORMAT,
+            "commit": self.commits,
+            "rows": len(self),
+            "episodes": self._episodes.length,
+            "actors": actors,
+        }
+
+    def _rebuild_open_episodes(self) -> None:
+        """After a reopen: find the committed rows of each open episode, and clear any
+        MC return an interrupted commit wrote for them (their end was never committed)."""
+        open_actors = [a for a in self._actors.values() if a.episode is not None]
+        if not open_actors:
+            return
+        first = min(a.episode.start_row for a in open_actors)
+        cols = self.read(first, len(self), ["actor", "episode_id", "reward", "mc_return"])
+        stale = False
+        for actor in open_actors:
+            episode = actor.episode
+            mask = (cols["actor"] == actor.code) & (cols["episode_id"] == episode.episode_id)
+            mask[: episode.start_row - first] = False
+            rows = np.flatnonzero(mask) + first
+            bounds = np.flatnonzero(np.diff(rows) != 1) + 1
+            episode.ranges = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, bounds) if len(r)]
+            episode.rewards = [cols["reward"][mask].astype(np.float32)]
+            if np.isfinite(cols["mc_return"][mask]).any():
+                self._rows.patch("mc_return", rows, np.full(len(rows), np.nan, np.float32))
+                stale = True
+        if stale:
+            self._dirty = True
+            self.commit()
+
+    # ------------------------------------------------------------ export
+
+    def export_minari(self, dataset_id: str, task: str | None = None, include_eval: bool = False, **kwargs):
+        """Write the committed, complete episodes as a Minari dataset; see ``replay_export``."""
+        from .replay_export import export_minari
+
+        return export_minari(self, dataset_id, task or self.config.task, include_eval=include_eval, **kwargs)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{path} is open for writing by another process (one writer at a time)") from None
+    return fd
+
+
+def _write_json(path: Path, record: dict) -> None:
+    # Temp file + rename: readers see the old or the new record, never a torn one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, separators=(",", ":"))
+    os.replace(tmp, path)

@@ -1,0 +1,210 @@
+"""Append-only columns of equal length in a Zarr group, written in whole chunks.
+
+Why this exists rather than ``array.append``: a naive append resizes every
+array and read-modify-writes the last chunk on every call (~114k rows/s for one
+array here). This table stages appended rows in memory, keeps the rows of the
+last, partly filled chunk in memory too, and at ``flush`` writes every touched
+chunk whole (rows past the end hold the fill value), for all columns
+concurrently; arrays grow by large steps, so resizes are rare.
+
+Crash safety relies on two facts: zarr's LocalStore writes each chunk and each
+``zarr.json`` to a temporary file and renames it into place (so a chunk on disk
+is always a complete old or new version), and a rewritten chunk holds the same
+values as before for every row that was already flushed. The table itself keeps
+no length on disk: its owner records the flushed length (see ``ReplayStore``),
+and rows at or past that length are never trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
+
+# Measured in benchmarks/ingest.py: lz4 + byte shuffle writes fastest here, and
+# zstd-1 gave no better ratio on float observations.
+DEFAULT_COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSpec:
+    dtype: str
+    shape: tuple[int, ...] = ()  # trailing shape of one row
+    fill: float | int | bool = 0
+
+
+class AppendTable:
+    """Columns of one Zarr group sharing a row count; one writer appends at the end.
+
+    ``length`` is the number of flushed rows; ``end`` counts staged rows too.
+    """
+
+    def __init__(self, group: zarr.Group, specs: dict[str, ColumnSpec], chunk_rows: int, length: int, writable: bool):
+        self.group = group
+        self.specs = specs
+        self.chunk_rows = chunk_rows
+        self.length = length
+        self.end = length
+        self.writable = writable
+        self.arrays: dict[str, zarr.Array] = {name: group[name] for name in specs}
+        # In-memory rows [base, end): the flushed rows of the last partial chunk, then staged rows.
+        self.base = (length // chunk_rows) * chunk_rows
+        self._buf: dict[str, np.ndarray] = {}
+        self._patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        if writable:
+            self._buf = {name: self._alloc(name, 2 * chunk_rows) for name in specs}
+            if length > self.base:
+                for name, arr in self.arrays.items():
+                    self._buf[name][: length - self.base] = arr[self.base : length]
+
+    @classmethod
+    def create(
+        cls,
+        group: zarr.Group,
+        specs: dict[str, ColumnSpec],
+        chunk_rows: int,
+        compressor=DEFAULT_COMPRESSOR,
+    ) -> "AppendTable":
+        for name, spec in specs.items():
+            group.create_array(
+                name,
+                shape=(0, *spec.shape),
+                chunks=(chunk_rows, *spec.shape),
+                dtype=spec.dtype,
+                fill_value=spec.fill,
+                compressors=[compressor] if compressor is not None else None,
+            )
+        return cls(group, specs, chunk_rows, length=0, writable=True)
+
+    def _alloc(self, name: str, rows: int) -> np.ndarray:
+        spec = self.specs[name]
+        return np.full((rows, *spec.shape), spec.fill, dtype=spec.dtype)
+
+    @property
+    def staged(self) -> int:
+        return self.end - self.length
+
+    # ------------------------------------------------------------ writing
+
+    def stage(self, values: dict[str, np.ndarray | float | int | bool], n: int) -> int:
+        """Stage ``n`` rows (arrays of n rows or scalars broadcast); returns the first row index."""
+        start = self.end
+        lo, hi = start - self.base, start - self.base + n
+        if hi > len(next(iter(self._buf.values()))):
+            self._grow(hi)
+        for name, buf in self._buf.items():
+            buf[lo:hi] = values[name]
+        self.end += n
+        return start
+
+    def _grow(self, rows: int) -> None:
+        capacity = max(rows, 2 * len(next(iter(self._buf.values()))))
+        for name, buf in self._buf.items():
+            new = self._alloc(name, capacity)
+            new[: len(buf)] = buf
+            self._buf[name] = new
+
+    def patch(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite ``name`` at (unique, ascending) ``rows`` < end; flushed at the next flush."""
+        if len(rows) == 0:
+            return
+        split = int(np.searchsorted(rows, self.base))
+        if split < len(rows):
+            self._buf[name][rows[split:] - self.base] = values[split:]
+        if split > 0:
+            self._patches.setdefault(name, []).append((rows[:split], values[:split]))
+
+    def rows_in_memory(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Copies of rows [start, stop) from memory (start >= base)."""
+        return {name: buf[start - self.base : stop - self.base].copy() for name, buf in self._buf.items()}
+
+    def write_ops(self) -> list:
+        """Coroutines writing every touched chunk whole; call ``flushed()`` after they ran."""
+        if self.end == self.length and not self._patches:
+            return []
+        stop = -(-self.end // self.chunk_rows) * self.chunk_rows
+        self._ensure_capacity(stop)
+        ops = []
+        if self.end > self.base:
+            for name, buf in self._buf.items():
+                # Rows past the end must hold the fill value in the chunk image we write.
+                spec = self.specs[name]
+                buf[self.end - self.base : stop - self.base] = spec.fill
+                ops.append(self.arrays[name]._async_array.setitem(slice(self.base, stop), buf[: stop - self.base]))
+        for name, patches in self._patches.items():
+            rows = np.concatenate([r for r, _ in patches])
+            values = np.concatenate([v for _, v in patches])
+            order = np.argsort(rows, kind="stable")  # one op per chunk: concurrent ops must not share one
+            rows, values = rows[order], values[order]
+            chunk_of = rows // self.chunk_rows
+            bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+            for part_rows, part_values in zip(np.split(rows, bounds), np.split(values, bounds)):
+                ops.append(self._patch_chunk(self.arrays[name], part_rows, part_values))
+        return ops
+
+    async def _patch_chunk(self, arr: zarr.Array, rows: np.ndarray, values: np.ndarray) -> None:
+        # Read-modify-write of one whole older chunk (rows sorted, all in that chunk).
+        start = int(rows[0]) // self.chunk_rows * self.chunk_rows
+        region = slice(start, start + self.chunk_rows)
+        data = await arr._async_array.getitem(region)
+        data[rows - start] = values
+        await arr._async_array.setitem(region, data)
+
+    def flushed(self) -> None:
+        """Mark staged rows as flushed and keep only the last partial chunk in memory."""
+        self._patches.clear()
+        self.length = self.end
+        new_base = (self.end // self.chunk_rows) * self.chunk_rows
+        if new_base > self.base:
+            keep = self.end - new_base
+            for buf in self._buf.values():
+                buf[:keep] = buf[new_base - self.base : self.end - self.base]
+            self.base = new_base
+
+    def flush(self) -> None:
+        run_concurrently(self.write_ops())
+        self.flushed()
+
+    def _ensure_capacity(self, rows: int) -> None:
+        capacity = next(iter(self.arrays.values())).shape[0]
+        if rows <= capacity:
+            return
+        # Grow by >= 50% and >= 8 chunks so resizes (a zarr.json rewrite per column) stay rare.
+        grown = max(rows, capacity + capacity // 2, capacity + 8 * self.chunk_rows)
+        grown = -(-grown // self.chunk_rows) * self.chunk_rows
+        for name, arr in self.arrays.items():
+            arr.resize((grown, *self.specs[name].shape))
+
+    # ------------------------------------------------------------ reading
+
+    def read(self, start: int, stop: int, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) from disk (the caller bounds stop by the trusted length)."""
+        names = list(self.specs) if columns is None else columns
+        unknown = set(names) - set(self.specs)
+        if unknown:
+            raise KeyError(f"unknown columns {sorted(unknown)}; known: {list(self.specs)}")
+        if stop <= start:
+            return {name: self._alloc(name, 0) for name in names}
+        out = {}
+        for name in names:
+            arr = self.arrays[name]
+            if arr.shape[0] < stop:
+                # Another process grew the array since we opened it: re-read its metadata.
+                arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r")
+            out[name] = arr[start:stop]
+        return out
+
+
+def run_concurrently(ops: list) -> None:
+    """Run zarr write coroutines together (codecs run in zarr's thread pool, off the GIL)."""
+    if ops:
+
+        async def gather():
+            await asyncio.gather(*ops)
+
+        sync(gather())
+

@@ -1,0 +1,206 @@
+"""The Zarr replay store: exactly-once appends, MC returns, reopen, crash safety, concurrent readers, export."""
+
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from o2o.datasets import wire
+from o2o.datasets.mc_return import trajectory_return_to_go
+from o2o.datasets.replay_store import ReplayStore, SeqGapError, StoreError
+from replay_peers import ACT_DIM, OBS_DIM, expected_rows, make_chunk, read_while_written, write_forever
+
+SPAWN = mp.get_context("spawn")  # children start clean: no inherited zarr loop or ZeroMQ context
+
+
+def new_store(tmp_path, **kwargs) -> ReplayStore:
+    return ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM, chunk_rows=64, **kwargs)
+
+
+def rows_of(store: ReplayStore, actor_id: str) -> dict[str, np.ndarray]:
+    rows = store.read()
+    mine = rows["actor"] == store.actor_ids.index(actor_id)
+    return {name: values[mine] for name, values in rows.items()}
+
+
+def check_mc_returns(store: ReplayStore) -> int:
+    """Every complete episode's rows hold the official MC return; every other row NaN."""
+    cfg = store.config
+    rows, episodes = store.read(), store.episodes()
+    filled = np.zeros(len(store), bool)
+    for i in np.flatnonzero(episodes["ended"] & episodes["contiguous"]):
+        lo, hi = episodes["start_row"][i], episodes["end_row"][i] + 1
+        idx = lo + np.flatnonzero(
+            (rows["actor"][lo:hi] == episodes["actor"][i]) & (rows["episode_id"][lo:hi] == episodes["episode_id"][i])
+        )
+        assert len(idx) == episodes["length"][i] and rows["step"][idx].tolist() == list(range(len(idx)))
+        want = trajectory_return_to_go(
+            cfg.scale_rewards(rows["reward"][idx]), rows["terminated"][idx], cfg.gamma, cfg.scaled_failure_reward
+        )
+        np.testing.assert_array_equal(rows["mc_return"][idx], want)
+        filled[idx] = True
+    assert np.isnan(rows["mc_return"][~filled]).all()
+    return int(filled.sum())
+
+
+def test_append_commit_read(tmp_path):
+    store = new_store(tmp_path)
+    for seq in range(5):
+        for actor in ("a", "b"):
+            assert store.append(make_chunk(actor, seq))
+    assert len(store) == 0 and store.staged_rows == 400  # staged rows are not committed yet
+    assert store.commit() == 400
+    assert store.committed_seq("a") == 4 and store.committed_seq("nobody") == -1
+    for actor in ("a", "b"):
+        got, want = rows_of(store, actor), expected_rows(actor, 5)
+        for name in wire.ARRAY_NAMES:
+            np.testing.assert_array_equal(got[name], want[name].astype(got[name].dtype))
+    assert store.read(390, 1000)["obs"].shape == (10, OBS_DIM)
+
+
+def test_duplicates_are_skipped_and_gaps_refused(tmp_path):
+    store = new_store(tmp_path)
+    for seq in range(3):
+        store.append(make_chunk("a", seq))
+    store.commit()
+    assert not store.append(make_chunk("a", 1))  # committed duplicate
+    store.append(make_chunk("a", 3))
+    assert not store.append(make_chunk("a", 3))  # staged duplicate
+    with pytest.raises(SeqGapError) as gap:
+        store.append(make_chunk("a", 5))
+    assert gap.value.expected == 4
+    assert store.commit() == 160 and store.duplicates == 2
+    np.testing.assert_array_equal(rows_of(store, "a")["obs"], expected_rows("a", 4)["obs"])
+
+
+def test_mc_returns_fill_on_episode_end_for_interleaved_actors(tmp_path):
+    # Sparse convention: scaled reward = 2 r - 1, failure reward 0 (raw) -> -1 (scaled).
+    store = new_store(tmp_path, gamma=0.9, reward_scale=2.0, reward_bias=-1.0, failure_reward=0.0)
+    all_fail = make_chunk("c", 0, rows=25)
+    all_fail = wire.TransitionChunk(**{**all_fail.__dict__, "reward": np.zeros(25, np.float32)})
+    store.append(all_fail)
+    for seq in range(3):  # 40-row chunks, 25-step episodes: episodes span chunks and commits
+        store.append(make_chunk("a", seq))
+        store.append(make_chunk("b", seq))
+        store.commit()
+    # a: episodes 0-3 ended (rows 0..99), episode 4 open (rows 100..119); same for b.
+    assert check_mc_returns(store) == 2 * 100 + 25
+    np.testing.assert_allclose(rows_of(store, "c")["mc_return"], -1.0 / (1 - 0.9))
+    assert np.isnan(rows_of(store, "a")["mc_return"][100:]).all()
+    episodes = store.episodes()
+    assert len(episodes["actor"]) == 9 and episodes["ended"].all()
+    assert episodes["terminated"].sum() == 5  # even episodes terminate (2 + 2 for a, b, plus c's)
+
+
+def test_episode_with_a_missing_chunk_gets_no_mc_return(tmp_path):
+    store = new_store(tmp_path)
+    store.append(make_chunk("a", 0, rows=10, episode_len=30))
+    store.skip("a", 1)  # chunk 1 was rejected: steps 10..19 are missing
+    store.append(make_chunk("a", 2, rows=10, episode_len=30))
+    store.commit()
+    episodes = store.episodes()
+    assert episodes["ended"].tolist() == [True] and episodes["contiguous"].tolist() == [False]
+    assert np.isnan(store.read()["mc_return"]).all() and store.committed_seq("a") == 2
+
+
+def test_reopen_keeps_appending_and_finishes_open_episodes(tmp_path):
+    store = new_store(tmp_path)
+    store.append(make_chunk("a", 0))
+    store.append(make_chunk("b", 0))
+    store.close()
+    with pytest.raises(StoreError):
+        ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM)
+    store = ReplayStore.open(tmp_path / "replay", "a")
+    with pytest.raises(StoreError, match="another process"):
+        ReplayStore.open(tmp_path / "replay", "a")  # one writer at a time
+    assert len(store) == 80 and store.expected_seq("a") == 1
+    for seq in range(1, 4):
+        store.append(make_chunk("a", seq))
+    store.close()
+    store = ReplayStore.open(tmp_path / "replay", "r")
+    np.testing.assert_array_equal(rows_of(store, "a")["reward"], expected_rows("a", 4)["reward"])
+    assert check_mc_returns(store) == 150 + 25  # a: 6 episodes of 25 ended; b: 1
+
+
+def _check_store_matches_sent(path) -> int:
+    store = ReplayStore.open(path, "r")
+    rows = store.read()
+    for code, actor_id in enumerate(store.actor_ids):
+        n_chunks = store.committed_seq(actor_id) + 1
+        mine = rows["actor"] == code
+        want = expected_rows(actor_id, n_chunks)
+        for name in wire.ARRAY_NAMES:  # every committed chunk exactly once, in order, nothing else
+            np.testing.assert_array_equal(rows[name][mine], want[name].astype(rows[name].dtype))
+    assert (rows["actor"] >= 0).all()
+    return len(store)
+
+
+def test_sigkill_at_random_moments_never_loses_committed_rows(tmp_path):
+    path = tmp_path / "replay"
+    new_store(tmp_path, failure_reward=0.0).close()
+    rng = np.random.default_rng(0)
+    lengths = []
+    for round_ in range(6):
+        writer = SPAWN.Process(target=write_forever, args=(str(path), ["a", "b", "c"], round_))
+        writer.start()
+        # Wait for the writer's first commits, then kill it at a random instant.
+        while len(ReplayStore.open(path, "r")) <= (lengths[-1] if lengths else 0):
+            writer.join(0.02)
+            assert writer.exitcode is None, "the writer died on its own"
+        writer.join(rng.uniform(0.0, 0.3))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        lengths.append(_check_store_matches_sent(path))
+    assert lengths == sorted(lengths)
+    # A writer reopening after the crashes clears MC returns of episodes whose end was never committed.
+    ReplayStore.open(path, "a").close()
+    assert check_mc_returns(ReplayStore.open(path, "r")) > 0
+
+
+def test_concurrent_reader_sees_a_growing_intact_prefix(tmp_path):
+    path = tmp_path / "replay"
+    new_store(tmp_path).close()
+    writer = SPAWN.Process(target=write_forever, args=(str(path), ["a", "b"], 0))
+    out = SPAWN.Queue()
+    reader = SPAWN.Process(target=read_while_written, args=(str(path), 40, out))
+    writer.start()
+    reader.start()
+    report = out.get(timeout=60)
+    reader.join()
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join()
+    sizes = [n for n, _ in report]
+    assert all(ok for _, ok in report)
+    assert sizes == sorted(sizes) and len(set(sizes)) > 1
+
+
+def test_export_minari_round_trips_through_load_transitions(tmp_path):
+    import minari
+
+    from o2o.datasets.minari_io import load_transitions
+    from o2o.envs import get_task
+
+    task = get_task("pointmaze-umaze")
+    store = ReplayStore.create_for_task(tmp_path / "replay", task.name, gamma=0.95, reward_scale=3.0, reward_bias=-1.0)
+    dims = {"obs_dim": store.config.obs_dim, "act_dim": store.config.action_dim}
+    for seq in range(4):
+        store.append(make_chunk("a", seq, **dims))
+        store.append(make_chunk("b", seq, **dims))
+    chunk = make_chunk("evaluator", 0, rows=25, **dims)
+    store.append(wire.TransitionChunk(**{**chunk.__dict__, "eval": True}))
+    store.commit()
+
+    dataset = store.export_minari("o2o/test/replay-v0")
+    loaded = minari.load_dataset("o2o/test/replay-v0")
+    assert loaded.total_episodes == dataset.total_episodes == 12  # 6 complete episodes each; eval excluded
+    data = load_transitions("o2o/test/replay-v0", task, gamma=0.95, reward_scale=3.0, reward_bias=-1.0)
+    rows = store.read()
+    exported = np.isfinite(rows["mc_return"]) & ~rows["eval"]
+    # Episodes are exported in the order they ended; compare as sets of rows keyed by obs.
+    order_store = np.lexsort(rows["obs"][exported].T)
+    order_loaded = np.lexsort(data.obs.T)
+    np.testing.assert_array_equal(data.obs[order_loaded], rows["obs"][exported][order_store])
+    np.testing.assert_array_equal(data.mc_return[order_loaded], rows["mc_return"][exported][order_store])
+    assert len(store.export_minari("o2o/test/replay-eval-v0", include_eval=True).episode_indices) == 13
