@@ -170,14 +170,15 @@ class AppendTable:
         self.flushed()
 
     def _ensure_capacity(self, rows: int) -> None:
-        capacity = next(iter(self.arrays.values())).shape[0]
-        if rows <= capacity:
-            return
-        # Grow by >= 50% and >= 8 chunks so resizes (a zarr.json rewrite per column) stay rare.
-        grown = max(rows, capacity + capacity // 2, capacity + 8 * self.chunk_rows)
-        grown = -(-grown // self.chunk_rows) * self.chunk_rows
+        # Every array is checked: a crash in the middle of a resize leaves them of different lengths.
+        capacity = max(arr.shape[0] for arr in self.arrays.values())
+        if rows > capacity:
+            # Grow by >= 50% and >= 8 chunks so resizes (a zarr.json rewrite per column) stay rare.
+            capacity = max(rows, capacity + capacity // 2, capacity + 8 * self.chunk_rows)
+            capacity = -(-capacity // self.chunk_rows) * self.chunk_rows
         for name, arr in self.arrays.items():
-            arr.resize((grown, *self.specs[name].shape))
+            if arr.shape[0] < capacity:
+                arr.resize((capacity, *self.specs[name].shape))
 
     # ------------------------------------------------------------ reading
 

@@ -150,6 +150,7 @@ def test_sigkill_at_random_moments_never_loses_committed_rows(tmp_path):
             writer.join(0.02)
             assert writer.exitcode is None, "the writer died on its own"
         writer.join(rng.uniform(0.0, 0.3))
+        assert writer.exitcode is None, "the writer died on its own (its traceback is above)"
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
         lengths.append(_check_store_matches_sent(path))
