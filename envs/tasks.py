@@ -96,7 +96,7 @@ TASKS: dict[str, TaskSpec] = {
             success_key="success",
             score="return",
             ref_min_return=-150.0,
-            ref_max_return=-25.0,
+            ref_max_return=-40.0,
             datasets=_datasets("pusher", "expert", "medium", "mixed"),
             description="7-DoF arm pushes a puck to a goal, dense reward; success = puck within 5 cm of goal.",
         ),

@@ -101,3 +101,35 @@ class PretrainConfig:
     algo: CalQLConfig = field(default_factory=CalQLConfig)
     net: NetworkConfig = field(default_factory=NetworkConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclasses.dataclass
+class OnlineConfig(PretrainConfig):
+    """Online fine-tuning: every pretraining field (task, dataset, algo, net...) plus these."""
+
+    pretrained: str | None = None
+    """Checkpoint (or run folder) to start from; None = pretrain first for `steps` updates."""
+    resume: str | None = None
+    """An online run folder to continue after a crash or stop (its store is the source of truth)."""
+    endpoint: str = "tcp://127.0.0.1:5555"
+    """Where actors connect (ZeroMQ ROUTER). Use tcp://0.0.0.0:5555 to accept remote actors."""
+    store: str | None = None
+    """Zarr replay store folder; None = <run folder>/replay."""
+    online_updates: int = 20_000
+    """Stop after this many online updates (0 = run until interrupted)."""
+    utd: float = 1.0
+    """Updates per trainable online transition (update-to-data ratio)."""
+    offline_ratio: float = 0.5
+    """Fraction of each batch drawn from the offline data (Cal-QL: 0.5; Kitchen 0.25)."""
+    warmup_rows: int = 1000
+    """Online rows to collect before the first online update."""
+    max_updates_ahead: int = 1000
+    """Samples-per-insert tolerance: updates allowed beyond utd x rows before the learner waits for data."""
+    publish_every: int = 1000
+    """Publish a new ONNX policy to the actors every N updates."""
+    buffer_capacity: int = 1_000_000
+    """Online rows kept in the sampling buffer (FIFO past this)."""
+    train_on_eval: bool = False
+    """Also train on actors' deterministic evaluation episodes."""
+    stats_every_s: float = 5.0
+    """Log actor statistics (steps/s, policy lag, last contact) this often."""
