@@ -1,0 +1,182 @@
+"""`o2o-launch`: a learner and N simulated actors on this machine, on loopback.
+
+    o2o-launch                                  # pointmaze-umaze: pretrain, then 2 actors fine-tune online
+    o2o-launch task=pusher actors=3 online_updates=5000
+    o2o-launch pretrained=runs/pretrain/pusher/<time> task=pusher
+    o2o-launch learner_overrides='[algo.cql_alpha=1.0]' actor_overrides='[policy.noise_scale=0.5]'
+
+Each process is the real command (`o2o-learner`, `o2o-actor`) started as a
+subprocess; their logs go to <run>/learner.log and <run>/actor-<i>.log. A
+progress line shows updates, committed rows, returns and the policy version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import field
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    task: str = "pointmaze-umaze"
+    dataset: str = "o2o/pointmaze-umaze/mixed-v0"
+    """Offline dataset (set by the task group)."""
+    build_missing_dataset: bool = True
+    actors: int = 2
+    """Simulated actor processes."""
+    pretrained: str | None = None
+    """Start from this checkpoint / run folder; None = pretrain for pretrain_steps first."""
+    pretrain_steps: int = 3000
+    online_updates: int = 3000
+    port: int = 0
+    """Learner port on 127.0.0.1 (0 = a free one)."""
+    seed: int = 0
+    out_dir: str = "runs/launch"
+    learner_overrides: list[str] = field(default_factory=list)
+    """Extra `key=value` overrides for o2o-learner (e.g. algo.cql_alpha=1.0)."""
+    actor_overrides: list[str] = field(default_factory=list)
+    """Extra `key=value` overrides for every o2o-actor (e.g. policy.noise_scale=0.5)."""
+    refresh_s: float = 2.0
+    """Progress refresh period."""
+
+
+ConfigStore.instance().store(name="launch_schema", node=LaunchConfig)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def learner_command(cfg: LaunchConfig, run_dir: Path, endpoint: str) -> list[str]:
+    start = [f"pretrained={cfg.pretrained}"] if cfg.pretrained else [f"steps={cfg.pretrain_steps}"]
+    return [
+        sys.executable, "-m", "o2o.learner.online",
+        f"task={cfg.task}", f"dataset={cfg.dataset}", f"build_missing_dataset={cfg.build_missing_dataset}",
+        *start, f"online_updates={cfg.online_updates}", f"endpoint={endpoint}", f"seed={cfg.seed}",
+        "progress=false", f"hydra.run.dir={run_dir}", *cfg.learner_overrides,
+    ]  # fmt: skip
+
+
+def actor_command(cfg: LaunchConfig, run_dir: Path, endpoint: str, index: int) -> list[str]:
+    return [
+        sys.executable, "-m", "o2o.actor.main",
+        f"task={cfg.task}", f"learner={endpoint}", f"actor_id=actor-{index}", f"seed={cfg.seed * 1000 + index}",
+        f"spool.dir={run_dir / 'spool'}", "log_every_s=10", *cfg.actor_overrides,
+    ]  # fmt: skip
+
+
+class Progress:
+    """Reads the learner's metrics.jsonl as it grows and summarises it."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        self.updates, self.rows, self.version = 0, 0, 0
+        self.returns: list[float] = []
+        self.successes: list[float] = []
+        self.eval_success: float | None = None
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            lines = f.readlines()
+            self.offset = f.tell()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if "train/online_rows" in record:
+                self.updates, self.rows = record["step"], int(record["train/committed_rows"])
+            if "online/return" in record:
+                self.returns = (self.returns + [record["online/return"]])[-20:]
+                self.successes = (self.successes + [record["online/success"]])[-20:]
+                self.version = max(self.version, int(record["online/policy_version_end"]))
+            if "eval/success" in record and "eval/eval" in record:
+                self.eval_success = record["eval/success"]
+
+    def postfix(self) -> dict:
+        mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
+        return {"rows": self.rows, "episodes_return": mean(self.returns), "success": mean(self.successes),
+                "policy": self.version}  # fmt: skip
+
+
+def launch(cfg: LaunchConfig, run_dir: Path) -> int:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    endpoint = f"tcp://127.0.0.1:{cfg.port or free_port()}"
+    print(f"o2o-launch: run folder {run_dir}, learner on {endpoint}, {cfg.actors} actors")
+    logs = []
+
+    def start(cmd: list[str], name: str) -> subprocess.Popen:
+        log = open(run_dir / f"{name}.log", "w")
+        logs.append(log)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    learner = start(learner_command(cfg, run_dir, endpoint), "learner")
+    actors = [start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}") for i in range(cfg.actors)]
+    progress = Progress(run_dir / "metrics.jsonl")
+    bar = tqdm(total=cfg.online_updates, desc="online updates")
+    try:
+        while learner.poll() is None:
+            time.sleep(cfg.refresh_s)
+            progress.poll()
+            bar.n = progress.updates
+            bar.set_postfix(progress.postfix())
+            for i, actor in enumerate(actors):
+                if actor.poll() is not None:
+                    tqdm.write(f"actor-{i} exited with {actor.returncode}: restarting it (see actor-{i}.log)")
+                    actors[i] = start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}")
+    except KeyboardInterrupt:
+        tqdm.write("interrupted: stopping the learner (it checkpoints) and the actors")
+        learner.send_signal(signal.SIGINT)
+    finally:
+        learner.wait()
+        for actor in actors:
+            actor.send_signal(signal.SIGINT)
+        for actor in actors:
+            try:
+                actor.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                actor.kill()
+        progress.poll()
+        bar.n = progress.updates
+        bar.close()
+        for log in logs:
+            log.close()
+    if learner.returncode != 0:
+        print(f"o2o-launch: the learner failed (exit {learner.returncode}); see {run_dir / 'learner.log'}", file=sys.stderr)
+        print((run_dir / "learner.log").read_text()[-2000:], file=sys.stderr)
+        return learner.returncode
+    print(f"done: {progress.updates} online updates, {progress.rows} transitions in {run_dir / 'replay'}, "
+          f"policy version {progress.version}\n  policy:     {run_dir / 'policy.onnx'}\n  checkpoint: {run_dir / 'checkpoint.pt'}")
+    return 0
+
+
+@hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="launch")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    cfg: LaunchConfig = OmegaConf.to_object(dict_cfg)
+    sys.exit(launch(cfg, Path(HydraConfig.get().runtime.output_dir)))
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
