@@ -100,14 +100,20 @@ class SpoolSender:
         self.rejected: list[wire.Reject] = []
         self.acks = 0
         self.resends = 0
+        self.policy: wire.Policy | None = None
 
-    def hello(self) -> wire.Welcome:
+    def hello(self, obs_dim: int = OBS_DIM) -> wire.Welcome | wire.Reject:
+        """Say hello until the learner answers (a hello sent to a learner that died is lost)."""
         next_seq = min(self.spool, default=self.acked + 1)
-        self.sock.send_multipart(wire.encode(wire.Hello(self.actor_id, self.task, OBS_DIM, ACT_DIM, next_seq)))
+        hello = wire.encode(wire.Hello(self.actor_id, self.task, obs_dim, ACT_DIM, next_seq))
         while True:
-            msg = self.receive(timeout_ms=30_000)
+            self.sock.send_multipart(hello)
+            msg = self.receive(timeout_ms=1000)
+            while msg is not None and not isinstance(msg, (wire.Welcome, wire.Reject)):
+                msg = self.receive(timeout_ms=1000)
             if isinstance(msg, wire.Welcome):
                 self._acked_up_to(msg.seq)
+            if msg is not None:
                 return msg
 
     def send(self, chunk: wire.TransitionChunk) -> None:
@@ -137,6 +143,8 @@ class SpoolSender:
         elif isinstance(msg, wire.Reject):
             self.rejected.append(msg)
             self.spool.pop(msg.seq, None)
+        elif isinstance(msg, wire.Policy):
+            self.policy = msg
         return msg
 
     def close(self) -> None:

@@ -15,6 +15,15 @@ from replay_peers import ACT_DIM, OBS_DIM, expected_rows, make_chunk, read_while
 SPAWN = mp.get_context("spawn")  # children start clean: no inherited zarr loop or ZeroMQ context
 
 
+@pytest.fixture(autouse=True)
+def reap_children():
+    """A failed test must not leave writer processes behind."""
+    yield
+    for child in mp.active_children():
+        child.kill()
+        child.join()
+
+
 def new_store(tmp_path, **kwargs) -> ReplayStore:
     return ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM, chunk_rows=64, **kwargs)
 
@@ -143,7 +152,7 @@ def test_sigkill_at_random_moments_never_loses_committed_rows(tmp_path):
     rng = np.random.default_rng(0)
     lengths = []
     for round_ in range(6):
-        writer = SPAWN.Process(target=write_forever, args=(str(path), ["a", "b", "c"], round_))
+        writer = SPAWN.Process(target=write_forever, args=(str(path), ["a", "b", "c"], round_), daemon=True)
         writer.start()
         # Wait for the writer's first commits, then kill it at a random instant.
         while len(ReplayStore.open(path, "r")) <= (lengths[-1] if lengths else 0):
@@ -163,9 +172,9 @@ def test_sigkill_at_random_moments_never_loses_committed_rows(tmp_path):
 def test_concurrent_reader_sees_a_growing_intact_prefix(tmp_path):
     path = tmp_path / "replay"
     new_store(tmp_path).close()
-    writer = SPAWN.Process(target=write_forever, args=(str(path), ["a", "b"], 0))
+    writer = SPAWN.Process(target=write_forever, args=(str(path), ["a", "b"], 0), daemon=True)
     out = SPAWN.Queue()
-    reader = SPAWN.Process(target=read_while_written, args=(str(path), 40, out))
+    reader = SPAWN.Process(target=read_while_written, args=(str(path), 40, out), daemon=True)
     writer.start()
     reader.start()
     report = out.get(timeout=60)
