@@ -254,6 +254,8 @@ class ReplayStore:
         if path.exists():
             if not overwrite:
                 raise StoreError(f"{path} exists; open it with ReplayStore.open(path, 'a') or pass overwrite=True")
+            if (path / LOCK_FILE).exists():
+                os.close(_lock(path))  # refuses to delete a store that a writer has open
             shutil.rmtree(path)
         if chunk_rows <= 0:
             chunk_rows = 2 ** round(math.log2(TARGET_CHUNK_BYTES / (4 * obs_dim)))
@@ -353,6 +355,12 @@ class ReplayStore:
     @property
     def staged_rows(self) -> int:
         return self._rows.staged
+
+    @property
+    def staged_full_chunk(self) -> bool:
+        """True when a whole Zarr chunk of rows is staged: the cheapest moment to commit
+        (a commit rewrites the last, partly filled chunk of every column)."""
+        return self._rows.full_chunks > 0
 
     @property
     def uncommitted(self) -> bool:

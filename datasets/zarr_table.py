@@ -88,6 +88,11 @@ class AppendTable:
     def staged(self) -> int:
         return self.end - self.length
 
+    @property
+    def full_chunks(self) -> int:
+        """Whole chunks held in memory: a flush now writes them once and for all."""
+        return (self.end - self.base) // self.chunk_rows
+
     # ------------------------------------------------------------ writing
 
     def stage(self, values: dict[str, np.ndarray | float | int | bool], n: int) -> int:
