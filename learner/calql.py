@@ -21,7 +21,7 @@ from torch import nn
 
 from .buffer import Batch
 from .config import CalQLConfig, NetworkConfig
-from .networks import CriticEnsemble, ObservationNormalizer, TanhGaussianPolicy
+from .networks import CriticEnsemble, ObservationNormalizer, TanhGaussianPolicy, sample_tanh_gaussian
 
 
 def calibrate_policy_q(q_policy: torch.Tensor, mc_return: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,23 +101,24 @@ class CalQLAgent(nn.Module):
 
         # Policy and temperature.
         new_action, log_pi = self.policy(obs)
-        alpha = (self.log_alpha.exp() * cfg.alpha_multiplier) if cfg.auto_entropy else torch.tensor(
-            cfg.alpha_multiplier, device=obs.device
-        )
+        if cfg.auto_entropy:
+            alpha = self.log_alpha.exp() * cfg.alpha_multiplier
+        else:
+            alpha = torch.full((), cfg.alpha_multiplier, device=obs.device)
         alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean() if cfg.auto_entropy else 0.0
         q_new = self.critic(obs, new_action, detach_params=True).min(dim=0).values
         policy_loss = (alpha.detach() * log_pi - q_new).mean()
 
-        # Actions the critic loss needs, sampled in one policy call without gradients:
-        # n at s (CQL), n at s' (CQL) and n at s' for the target backup.
+        # Actions the critic loss needs, without gradients: n at s and n at s' (CQL), and
+        # n at s' for the target backup; the policy MLP runs once per state.
         with torch.no_grad():
             obs_rep = obs.repeat_interleave(n, dim=0)
-            next_rep = next_obs.repeat_interleave(n, dim=0)
             n_target = n if cfg.cql_max_target_backup else 1
             target_obs = next_obs.repeat_interleave(n_target, dim=0)
-            sampled, sampled_log_pi = self.policy(torch.cat([obs_rep, next_rep, target_obs]))
-            pi_cur, pi_next, pi_target = sampled.split([B * n, B * n, B * n_target])
-            log_pi_cur, log_pi_next, log_pi_target = sampled_log_pi.split([B * n, B * n, B * n_target])
+            mean, log_std = self.policy.mean_and_log_std(torch.cat([obs, next_obs]))
+            pi_cur, log_pi_cur = sample_tanh_gaussian(mean[:B], log_std[:B], n)
+            pi_next, log_pi_next = sample_tanh_gaussian(mean[B:], log_std[B:], n)
+            pi_target, log_pi_target = sample_tanh_gaussian(mean[B:], log_std[B:], n_target)
 
             target_q = self.target_critic(target_obs, pi_target).min(dim=0).values.view(B, n_target)
             log_pi_target = log_pi_target.view(B, n_target)

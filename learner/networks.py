@@ -92,10 +92,7 @@ class TanhGaussianPolicy(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A sampled action and its log-prob."""
-        mean, log_std = self.mean_and_log_std(obs)
-        noise = torch.randn_like(mean)
-        pre_tanh = mean + log_std.exp() * noise
-        return torch.tanh(pre_tanh), _tanh_gaussian_log_prob(noise, log_std, pre_tanh)
+        return sample_tanh_gaussian(*self.mean_and_log_std(obs))
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         mean, log_std = self.mean_and_log_std(obs)
@@ -110,6 +107,24 @@ class TanhGaussianPolicy(nn.Module):
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, n: int | None = None):
+    """Actions and log-probs from given (B, A) Gaussian parameters.
+
+    With ``n``, draws n actions per row and returns (B * n, A) / (B * n,) in the
+    order of ``x.repeat_interleave(n, 0)``: the MLP runs once per state, not per sample.
+    """
+    if n is not None:
+        mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)
+        noise = torch.randn(mean.shape[0], n, mean.shape[-1], device=mean.device, dtype=mean.dtype)
+    else:
+        noise = torch.randn_like(mean)
+    pre_tanh = mean + log_std.exp() * noise
+    action, log_prob = torch.tanh(pre_tanh), _tanh_gaussian_log_prob(noise, log_std, pre_tanh)
+    if n is not None:
+        action, log_prob = action.reshape(-1, action.shape[-1]), log_prob.reshape(-1)
+    return action, log_prob
 
 
 def _tanh_gaussian_log_prob(noise: torch.Tensor, log_std: torch.Tensor, pre_tanh: torch.Tensor) -> torch.Tensor:
