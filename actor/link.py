@@ -1,0 +1,432 @@
+"""The actor's ZeroMQ link to the learner (learner/ingest.py), in a background thread.
+
+One DEALER socket connects to the learner's ROUTER. The control loop only calls
+``add(chunk)`` (a queue put) and ``latest()`` (an attribute read); this thread
+does the rest:
+
+* ``hello`` at connect and as a heartbeat after ``heartbeat_s`` of silence; the
+  ``welcome`` gives the actor's committed seq: the first one fixes where this
+  actor's seqs continue, and after every (re)connect the spool is resent from it.
+* chunks go from the spool to the socket in seq order, at most ``max_in_flight``
+  unacked at a time; ``ack`` (cumulative) and ``reject`` drop them from the
+  spool, ``resend`` rewinds.
+* ``policy`` messages (sha256 checked by the wire decoder) go to a
+  ``PolicyBuilder`` that makes the new session off this thread; ``latest()``
+  hands it to the loop.
+* after ``timeout_s`` of silence the learner counts as lost (``learner_lost``;
+  the loop then continues or stops, per config) and the socket is recreated
+  until the learner answers again.
+
+Sockets use LINGER 0 and IMMEDIATE (nothing is queued for a learner that is not
+connected: the spool holds it), so closing never hangs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from o2o.datasets.wire import (
+    BAD_SPEC,
+    MAX_POLICY_BYTES,
+    Hello,
+    TransitionChunk,
+    WireError,
+    decode_ack,
+    decode_header,
+    decode_policy,
+    decode_reject,
+    decode_resend,
+    decode_welcome,
+    encode,
+    encode_chunk,
+)
+
+from .config import LinkConfig
+from .onnx_policy import OnnxPolicy
+from .seams import PolicyBuilder
+from .spool import Spool
+
+log = logging.getLogger("o2o.actor.link")
+
+LOG_EVERY_S = 5.0  # at most one line per kind of repeated warning per interval
+
+
+@dataclasses.dataclass
+class LinkStats:
+    sent_chunks: int = 0
+    resent_chunks: int = 0
+    acked_seq: int = -1
+    rejected: dict[str, int] = dataclasses.field(default_factory=dict)
+    policies_received: int = 0
+    bad_messages: int = 0
+    reconnects: int = 0
+    hellos: int = 0
+
+
+class Link:
+    """``TransitionSink`` + ``PolicySource`` over ZeroMQ. Start it, ``wait_welcome``, then act."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        actor_id: str,
+        task: str,
+        obs_dim: int,
+        action_dim: int,
+        spool: Spool,
+        build_policy: Callable[[bytes, int], OnnxPolicy],
+        cfg: LinkConfig | None = None,
+        initial_policy: OnnxPolicy | None = None,
+    ):
+        self.endpoint = endpoint
+        self.actor_id = actor_id
+        self.task = task
+        self.obs_dim = obs_dim
+        self.action_dim = action_dim
+        self.spool = spool
+        self.cfg = cfg or LinkConfig()
+        self.policies = PolicyBuilder(build_policy, initial_policy)
+        self._received_version = initial_policy.version if initial_policy else -1
+        self._context = zmq.Context()
+        self._wake_address = f"inproc://o2o-link-wake-{id(self)}"
+        self._wake_in = self._context.socket(zmq.PAIR)
+        self._wake_in.bind(self._wake_address)
+        self._wake_out = self._context.socket(zmq.PAIR)
+        self._wake_out.setsockopt(zmq.LINGER, 0)
+        self._wake_out.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up is enough
+        self._wake_out.connect(self._wake_address)
+        self._wake_lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[tuple[int, list]] = queue.SimpleQueue()
+        self._seq_lock = threading.Lock()
+        self._next_seq: int | None = None  # known once the first welcome arrived
+        self._welcomed_once = threading.Event()
+        self._stop = threading.Event()
+        self._drain_until = 0.0
+        self._thread: threading.Thread | None = None
+        self.stats = LinkStats()
+        self.error: BaseException | None = None
+        self.fatal: str | None = None  # the learner refused this actor (other task / dimensions)
+        self.learner_lost = False
+        # Link-thread state.
+        self._sock: zmq.Socket | None = None
+        self._welcomed = False
+        self._next_send = 0
+        self._max_sent = -1
+        self._spooled_next = 0
+        self._last_recv = 0.0
+        self._last_hello = 0.0
+        self._hello_pending = False
+        self._last_reconnect = 0.0
+        self._version_behind_since: float | None = None
+        self._last_log: dict[str, float] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Link":
+        self._thread = threading.Thread(target=self._run, name="o2o-link", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_welcome(self, timeout: float | None = None) -> bool:
+        """Block until the learner has answered once (True), or ``timeout`` s passed (False)."""
+        return self._welcomed_once.wait(timeout)
+
+    def close(self, drain_s: float | None = None) -> None:
+        """Wait up to ``drain_s`` for acks of what is spooled, then stop the thread, close the
+        sockets and the spool (its memory part is written to disk for the next run)."""
+        drain_s = self.cfg.drain_s if drain_s is None else drain_s
+        self._drain_until = time.monotonic() + drain_s
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join()
+        self.policies.close()
+        for sock in (self._wake_in, self._wake_out):
+            sock.close(linger=0)
+        self._context.term()
+        self.spool.close(spill=True)
+
+    # ------------------------------------------------------------ seams (control-loop thread)
+
+    @property
+    def next_seq(self) -> int:
+        if self._next_seq is None:
+            raise RuntimeError("the learner has not welcomed this actor yet: call wait_welcome() first")
+        return self._next_seq
+
+    def has_room(self) -> bool:
+        return self.spool.has_room(extra_chunks=self._inbox.qsize())
+
+    def add(self, chunk: TransitionChunk) -> None:
+        with self._seq_lock:
+            if chunk.seq != self.next_seq:
+                raise ValueError(f"chunk seq {chunk.seq}, expected {self._next_seq}")
+            self._next_seq += 1
+        self._inbox.put((chunk.seq, encode_chunk(chunk)))
+        self._wake()
+
+    def latest(self) -> OnnxPolicy | None:
+        return self.policies.latest()
+
+    def stop_reason(self) -> str | None:
+        """Why the control loop must stop now (None: go on)."""
+        if self.fatal:
+            return self.fatal
+        if self.error is not None:
+            return f"the actor link failed: {self.error!r}"
+        if self.learner_lost and self.cfg.on_learner_lost == "stop":
+            return f"learner {self.endpoint} lost for over {self.cfg.timeout_s} s (link.on_learner_lost=stop)"
+        return None
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            try:
+                self._wake_out.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:  # a wake-up is already pending, or we are closing
+                pass
+
+    # ------------------------------------------------------------ link thread
+
+    def _new_socket(self) -> None:
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._sock.close(linger=0)
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a learner that is not there
+        sock.setsockopt(zmq.SNDHWM, max(16, 2 * self.cfg.max_in_flight))
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_POLICY_BYTES + 4096)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._poller.register(sock, zmq.POLLIN)
+        self._welcomed = False
+        self._last_reconnect = time.monotonic()
+
+    def _run(self) -> None:
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_in, zmq.POLLIN)
+        self._last_recv = time.monotonic()
+        try:
+            self._new_socket()
+            self._hello()
+            while not self._done():
+                events = dict(self._poller.poll(self._poll_ms()))
+                if self._wake_in in events:
+                    while self._wake_in.poll(0):
+                        self._wake_in.recv()
+                if self._sock in events:
+                    self._receive()
+                self._take_inbox()
+                self._send_window()
+                self._keepalive()
+        except BaseException as err:  # surfaced through .error / learner_lost
+            self.error = err
+            self.learner_lost = True
+            log.exception("actor link stopped by an error")
+        finally:
+            self._take_inbox()
+            if self._sock is not None:
+                self._sock.close(linger=0)
+
+    def _done(self) -> bool:
+        if not self._stop.is_set():
+            return False
+        self._take_inbox()
+        return len(self.spool) == 0 or self.learner_lost or time.monotonic() >= self._drain_until
+
+    def _poll_ms(self) -> int:
+        if self._stop.is_set() or self._hello_pending:
+            return 10
+        return int(min(self.cfg.heartbeat_s, 0.25) * 1000)
+
+    def _receive(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_recv = time.monotonic()
+            if self.learner_lost:
+                self.learner_lost = False
+                log.warning("learner %s answers again", self.endpoint)
+            try:
+                self._on_message(frames)
+            except WireError as err:
+                self.stats.bad_messages += 1
+                self._warn("bad", "ignored a malformed message from the learner: %s", err)
+
+    def _on_message(self, frames: list) -> None:
+        header = decode_header(frames[0])
+        kind = header["type"]
+        if kind == "ack":
+            ack = decode_ack(frames, header)
+            self._acked(ack.seq)
+            if ack.policy_version > self._received_version:
+                self._policy_behind()
+        elif kind == "welcome":
+            self._on_welcome(decode_welcome(frames, header))
+        elif kind == "reject":
+            self._on_reject(decode_reject(frames, header))
+        elif kind == "resend":
+            resend = decode_resend(frames, header)
+            if self._welcomed:
+                self._next_send = min(self._next_send, max(resend.seq, self.stats.acked_seq + 1))
+        elif kind == "policy":
+            self._on_policy(frames, header)
+        else:
+            raise WireError("bad_type", f"actors do not accept {kind!r} messages")
+
+    def _acked(self, seq: int) -> None:
+        if seq > self.stats.acked_seq:
+            self.stats.acked_seq = seq
+        self.spool.ack(seq)
+
+    def _on_welcome(self, welcome) -> None:
+        with self._seq_lock:
+            if self._next_seq is None:
+                last = self.spool.last_seq
+                self._next_seq = max(welcome.seq + 1, last + 1 if last is not None else 0)
+                self._spooled_next = self._next_seq
+                log.info("learner %s welcomed actor %s: committed seq %d, continuing at seq %d, %d chunks to resend",
+                         self.endpoint, self.actor_id, welcome.seq, self._next_seq, len(self.spool))  # fmt: skip
+            elif welcome.seq >= self._next_seq:
+                self._warn("ahead", "the learner holds seq %d of actor %s, beyond this actor's next seq %d: is "
+                           "another actor running with actor_id=%s? Skipping ahead.", welcome.seq, self.actor_id,
+                           self._next_seq, self.actor_id)  # fmt: skip
+                self._next_seq = welcome.seq + 1
+        self._acked(welcome.seq)
+        if not self._welcomed:
+            self._welcomed = True
+            self._next_send = welcome.seq + 1  # resend everything the learner has not committed
+        self._welcomed_once.set()
+
+    def _on_reject(self, reject) -> None:
+        self.stats.rejected[reject.reason] = self.stats.rejected.get(reject.reason, 0) + 1
+        if reject.seq >= 0:
+            self.spool.drop(reject.seq)
+            self._warn(f"reject-{reject.reason}", "learner rejected chunk seq %d: %s: %s (dropped from the spool)",
+                       reject.seq, reject.reason, reject.message)  # fmt: skip
+        elif reject.reason == BAD_SPEC:
+            self.fatal = f"the learner refused this actor: {reject.message}"
+            log.error("%s", self.fatal)
+        else:
+            self._warn(f"reject-{reject.reason}", "learner rejected a message: %s: %s", reject.reason, reject.message)
+
+    def _on_policy(self, frames: list, header: dict) -> None:
+        try:
+            policy = decode_policy(frames, header)
+        except WireError as err:  # e.g. a checksum mismatch: ask again at the next heartbeat
+            self.stats.bad_messages += 1
+            self._warn("policy", "ignored a policy message: %s", err)
+            self._version_behind_since = time.monotonic()
+            return
+        self.stats.policies_received += 1
+        if policy.version > self._received_version:
+            self._received_version = policy.version
+            self._version_behind_since = None
+            self.policies.submit(policy.version, bytes(policy.onnx))
+
+    def _policy_behind(self) -> None:
+        """An ack names a newer policy than we got: it may be on its way, or was dropped; ask after a while."""
+        now = time.monotonic()
+        if self._version_behind_since is None:
+            self._version_behind_since = now
+        elif now - self._version_behind_since > self.cfg.heartbeat_s:
+            self._hello()
+            self._version_behind_since = now
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                seq, frames = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            # Forced: the loop checks has_room() before each step, so at worst a chunk or two
+            # land past the caps at the moment the spool fills; dropping them is never right.
+            self.spool.put(seq, frames, force=True)
+            self._spooled_next = seq + 1
+
+    def _send_window(self) -> None:
+        if not self._welcomed or self.learner_lost:
+            return
+        while self._next_send - (self.stats.acked_seq + 1) < self.cfg.max_in_flight:
+            seq = self.spool.next_held(self._next_send)
+            if seq is None:
+                return
+            frames = self.spool.get(seq)
+            if frames is None:  # acked or rejected meanwhile
+                self._next_send = seq + 1
+                continue
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # not connected or the queue is full: the spool keeps it
+                return
+            if seq <= self._max_sent:
+                self.stats.resent_chunks += 1
+            else:
+                self.stats.sent_chunks += 1
+                self._max_sent = seq
+            self._next_send = seq + 1
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        silence = now - self._last_recv
+        if silence > self.cfg.timeout_s:
+            if not self.learner_lost:
+                self.learner_lost = True
+                log.warning("learner %s silent for %.1f s: counted as lost, reconnecting (%d chunks spooled)",
+                            self.endpoint, silence, len(self.spool))  # fmt: skip
+            if now - self._last_reconnect > self.cfg.timeout_s:
+                self.stats.reconnects += 1
+                self._new_socket()
+                self._hello()
+        if self._hello_pending or (silence > self.cfg.heartbeat_s and now - self._last_hello > self.cfg.heartbeat_s):
+            self._hello()
+
+    def _hello(self) -> None:
+        first = self.spool.first_seq
+        hello = Hello(
+            actor_id=self.actor_id,
+            task=self.task,
+            obs_dim=self.obs_dim,
+            action_dim=self.action_dim,
+            # Seqs below this are acked or rejected (or lost with a crashed run's memory spool).
+            next_seq=first if first is not None else (self._spooled_next if self._next_seq is not None else 0),
+            policy_version=self._received_version,
+        )
+        self._last_hello = time.monotonic()
+        try:
+            self._sock.send_multipart(encode(hello), zmq.NOBLOCK)
+            self.stats.hellos += 1
+            self._hello_pending = False
+        except zmq.Again:  # not connected (yet): retried every poll until it goes out
+            self._hello_pending = True
+
+    def _warn(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_log[key] = now
+            log.warning(message, *args)
+
+    def summary(self) -> dict:
+        """Counters for progress lines and the stats file."""
+        spool = self.spool.stats()
+        return {
+            **dataclasses.asdict(self.stats),
+            "spool_depth": spool.depth,
+            "spool_disk_chunks": spool.disk_chunks,
+            "spool_disk_bytes": spool.disk_bytes,
+            "spool_rejected": spool.rejected_chunks,
+            "policies_built": self.policies.built,
+            "policies_refused": self.policies.refused,
+            "learner_lost": self.learner_lost,
+        }

@@ -1,0 +1,270 @@
+"""The control loop: act with the newest policy, step the env, hand transitions to a sink.
+
+Reads top to bottom: (swap policy) -> act -> clip -> step -> record -> (flush chunk)
+-> (episode end) -> pace. It knows nothing about sockets: transitions go to a
+``TransitionSink`` and policies come from a ``PolicySource`` (actor/seams.py).
+
+Chunks never span episodes and carry one policy version: a chunk is sent when
+it holds ``chunk_rows`` rows, at each episode end, and before a policy swap.
+An episode's id is the seq of its first chunk, so ids are unique across
+actor restarts without any state of their own.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+import gymnasium as gym
+import numpy as np
+
+from o2o.datasets.wire import TransitionChunk
+
+from .config import ActorConfig
+from .onnx_policy import Exploration, OnnxPolicy
+from .seams import PolicySource, TransitionSink
+
+log = logging.getLogger("o2o.actor")
+
+
+@dataclasses.dataclass
+class LoopStats:
+    steps: int = 0
+    episodes: int = 0
+    eval_episodes: int = 0
+    clipped_steps: int = 0  # steps whose policy action lay outside the action space
+    overruns: int = 0  # steps longer than 1 / control_hz
+    pauses: int = 0  # times the env was paused for a full spool
+    chunks: int = 0
+    rows: int = 0
+    first_seq: int | None = None
+    swaps: list = dataclasses.field(default_factory=list)  # [policy version, step, unix time of its first action]
+    returns: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=20))
+    successes: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=20))
+    eval_returns: list = dataclasses.field(default_factory=list)
+
+
+class ChunkRows:
+    """Pre-allocated rows of the chunk being filled."""
+
+    def __init__(self, rows: int, obs_dim: int, action_dim: int):
+        self.obs = np.zeros((rows, obs_dim), np.float32)
+        self.action = np.zeros((rows, action_dim), np.float32)
+        self.next_obs = np.zeros((rows, obs_dim), np.float32)
+        self.reward = np.zeros(rows, np.float32)
+        self.flags = np.zeros((3, rows), np.uint8)  # terminated, truncated, success
+        self.n = 0
+
+    def add(self, obs, action, reward, next_obs, terminated, truncated, success) -> bool:
+        """Record one transition; True when the chunk is full."""
+        i = self.n
+        self.obs[i], self.action[i], self.reward[i], self.next_obs[i] = obs, action, reward, next_obs
+        self.flags[:, i] = (terminated, truncated, success)
+        self.n += 1
+        return self.n == len(self.reward)
+
+    def take(self) -> dict[str, np.ndarray]:
+        """Copies of the filled rows (the sink keeps them; these buffers are reused)."""
+        n, self.n = self.n, 0
+        flags = self.flags[:, :n].copy()
+        return dict(obs=self.obs[:n].copy(), action=self.action[:n].copy(), reward=self.reward[:n].copy(),
+                    next_obs=self.next_obs[:n].copy(), terminated=flags[0], truncated=flags[1], success=flags[2])  # fmt: skip
+
+
+class Actor:
+    """Runs ``env`` with policies from ``policies``, sending chunks to ``sink``; ``run`` may be
+    called again to continue where it stopped (same episode, same counters)."""
+
+    def __init__(self, env: gym.Env, sink: TransitionSink, policies: PolicySource, cfg: ActorConfig):
+        self.env, self.sink, self.policies, self.cfg = env, sink, policies, cfg
+        space = env.action_space
+        self.low, self.high = space.low.astype(np.float32), space.high.astype(np.float32)
+        obs_dim, action_dim = env.observation_space.shape[0], space.shape[0]
+        seeds = np.random.SeedSequence([cfg.seed, sink.next_seq])  # a restarted actor draws new noise
+        self.explore = Exploration(action_dim, cfg.policy.noise_scale, seeds.spawn(1)[0])
+        self.reset_rng = np.random.default_rng(seeds.spawn(1)[0])
+        self.rows = ChunkRows(cfg.chunk_rows, obs_dim, action_dim)
+        self.period = 1.0 / cfg.control_hz if cfg.control_hz > 0 else 0.0
+        self.stats = LoopStats()
+        self.policy: OnnxPolicy | None = None
+        self.obs: np.ndarray | None = None
+        self.stop_requested = False
+        self.paused = False
+        self._train_since_eval = self._eval_left = 0
+
+    @property
+    def version(self) -> int:
+        return self.policy.version if self.policy is not None else -1
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to return after the current step (safe from a signal handler)."""
+        self.stop_requested = True
+
+    def run(self, max_steps: int = 0, max_episodes: int = 0) -> str:
+        """Step until ``max_steps`` more steps / ``max_episodes`` more episodes (0 = no limit) or a
+        stop; returns why it stopped. The open chunk is sent before returning."""
+        end_steps = self.stats.steps + max_steps if max_steps else None
+        end_episodes = self.stats.episodes + max_episodes if max_episodes else None
+        self._tick = self._last_log = time.perf_counter()
+        self._log_steps = self.stats.steps
+        reason = "done"
+        while True:
+            if self.stop_requested:
+                reason = "stop requested"
+                break
+            if (end_steps and self.stats.steps >= end_steps) or (end_episodes and self.stats.episodes >= end_episodes):
+                break
+            if (why := self.sink.stop_reason() or self._room()) is not None:
+                reason = why
+                break
+            if self.obs is None:
+                self._begin_episode()
+            elif self.cfg.policy.swap == "step":
+                self._maybe_swap()
+            if self.policy is None and not self.cfg.policy.act_before_policy and not self._wait_for_policy():
+                reason = self.sink.stop_reason() or "stop requested"
+                break
+            self._step()
+            if time.perf_counter() - self._last_log >= self.cfg.log_every_s:
+                self._log_progress()
+        self._flush()
+        return reason
+
+    def _step(self) -> None:
+        evaluating = self._eval_left > 0
+        if self.policy is None:
+            action = self.reset_rng.uniform(self.low, self.high).astype(np.float32)
+        else:
+            action = self.policy.act(self.obs, self.explore.draw(0.0 if evaluating else None))
+        clipped = np.clip(action, self.low, self.high)
+        if not np.array_equal(clipped, action):
+            self.stats.clipped_steps += 1
+        next_obs, reward, terminated, truncated, info = self.env.step(clipped)
+        self.stats.steps += 1
+        self.ep_return += reward
+        self.ep_step += 1
+        full = self.rows.add(self.obs, clipped, reward, next_obs, terminated, truncated, info.get("success", False))
+        if terminated or truncated:
+            self._end_episode(evaluating, bool(info.get("success", False)))
+        else:
+            self.obs = next_obs
+            if full:
+                self._flush()
+        self._pace()
+
+    def _flush(self) -> None:
+        if self.rows.n == 0:
+            return
+        seq = self.sink.next_seq
+        if self.episode_id is None:
+            self.episode_id = seq
+        if self.stats.first_seq is None:
+            self.stats.first_seq = seq
+        n = self.rows.n
+        chunk = TransitionChunk(actor_id=self.cfg.actor_id, seq=seq, policy_version=self.version,
+                                episode_id=self.episode_id, step=self.chunk_step, eval=self._eval_left > 0,
+                                **self.rows.take())  # fmt: skip
+        self.sink.add(chunk)
+        self.stats.chunks += 1
+        self.stats.rows += n
+        self.chunk_step = self.ep_step
+
+    def _begin_episode(self) -> None:
+        self._maybe_swap()  # policy.swap=episode swaps only here
+        self.obs, _ = self.env.reset(seed=int(self.reset_rng.integers(2**31)))
+        self.episode_id = None  # set by the episode's first chunk
+        self.ep_step = self.chunk_step = 0
+        self.ep_return = 0.0
+
+    def _end_episode(self, evaluating: bool, success: bool) -> None:
+        self._flush()
+        self.obs = None
+        self.stats.episodes += 1
+        if evaluating:
+            self.stats.eval_episodes += 1
+            self.stats.eval_returns.append(self.ep_return)
+            self._eval_left -= 1
+            log.info("eval episode %d: return %.2f, success %s (policy version %d)",
+                     self.episode_id, self.ep_return, success, self.version)  # fmt: skip
+            return
+        self.stats.returns.append(self.ep_return)
+        self.stats.successes.append(success)
+        self._train_since_eval += 1
+        if self.cfg.eval_every and self._train_since_eval >= self.cfg.eval_every and self.policy is not None:
+            self._train_since_eval, self._eval_left = 0, self.cfg.eval_episodes
+
+    def _maybe_swap(self) -> None:
+        new = self.policies.latest()
+        if new is not None and new is not self.policy:
+            self._flush()  # a chunk carries one policy version
+            self.policy = new
+            self.stats.swaps.append([new.version, self.stats.steps, time.time()])
+            log.info("acting with policy version %d from step %d", new.version, self.stats.steps)
+
+    def _wait_for_policy(self) -> bool:
+        log.info("waiting for the learner's first policy (or set policy.path / policy.act_before_policy=true)")
+        while (policy := self.policies.latest()) is None:
+            if self.stop_requested or self.sink.stop_reason():
+                return False
+            time.sleep(0.005)
+        self.policy = None
+        self._maybe_swap()
+        self._tick = time.perf_counter()
+        return True
+
+    def _room(self) -> str | None:
+        """None when the sink can take another chunk (after a pause if need be), else why to stop."""
+        if self.sink.has_room():
+            return None
+        depth = self.sink.summary().get("spool_depth")
+        if self.cfg.spool.on_full == "stop":
+            log.error("spool full (%s unacked chunks): stopping safely (spool.on_full=stop). "
+                      "Is the learner up and acking? Raise spool.max_disk_mb to hold more.", depth)  # fmt: skip
+            return "spool full"
+        log.warning("spool full (%s unacked chunks): env paused until the learner acks (spool.on_full=pause)", depth)
+        self.stats.pauses += 1
+        self.paused = True
+        hold = getattr(self.env.unwrapped, "hold", None)
+        if callable(hold):  # a robot env may define hold(): keep still while paused
+            hold()
+        start = time.perf_counter()
+        while not self.sink.has_room():
+            if self.stop_requested or self.sink.stop_reason():
+                self.paused = False
+                return self.sink.stop_reason() or "stop requested"
+            time.sleep(0.01)
+        self.paused = False
+        log.warning("spool has room again: resuming after a %.1f s pause", time.perf_counter() - start)
+        self._tick = time.perf_counter()
+        return None
+
+    def _pace(self) -> None:
+        if not self.period:
+            return
+        deadline = self._tick + self.period
+        now = time.perf_counter()
+        if now > deadline:
+            self.stats.overruns += 1
+            self._tick = now  # restart the schedule: no burst of short steps to catch up
+        else:
+            time.sleep(deadline - now)
+            self._tick = deadline
+
+    def _log_progress(self) -> None:
+        now = time.perf_counter()
+        rate = (self.stats.steps - self._log_steps) / (now - self._last_log)
+        self._last_log, self._log_steps = now, self.stats.steps
+        s, link = self.stats, self.sink.summary()
+        ret = f"{np.mean(s.returns):.2f}" if s.returns else "-"
+        succ = f"{np.mean(s.successes):.0%}" if s.successes else "-"
+        log.info("steps %d (%.0f/s) | episodes %d (eval %d) | return %s success %s (last %d) | policy v%d | "
+                 "spool %s | clipped %d overruns %d%s", s.steps, rate, s.episodes, s.eval_episodes, ret, succ,
+                 len(s.returns), self.version, link.get("spool_depth"), s.clipped_steps, s.overruns,
+                 " | learner LOST" if link.get("learner_lost") else "")  # fmt: skip
+
+    def summary(self) -> dict:
+        s = self.stats
+        return {**{k: v for k, v in dataclasses.asdict(s).items() if k not in ("returns", "successes")},
+                "policy_version": self.version, "mean_return": float(np.mean(s.returns)) if s.returns else None}  # fmt: skip

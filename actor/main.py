@@ -1,0 +1,176 @@
+"""`o2o-actor`: run one actor against a learner (Hydra entry point; schema in actor/config.py).
+
+    o2o-actor task=pusher learner=tcp://10.0.0.5:5555 actor_id=robot-1
+    o2o-actor task=pusher env=my_robot.envs:Arm control_hz=20 actor_id=arm-1 learner=tcp://gpu-box:5555
+    o2o-actor task=pointmaze-umaze learner=null policy.path=policy.onnx max_episodes=5 actor_id=dry
+
+Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT), 2 bad configuration,
+3 stopped safely (learner lost or refused us, spool full: see the log line).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from o2o.envs import FlattenDictObservation, get_task, make_env
+
+from .config import ActorConfig, validate
+from .link import Link
+from .loop import Actor
+from .onnx_policy import OnnxPolicy, PolicyExpectation, PolicyMismatch
+from .seams import FixedPolicySource, MemorySink, PolicySource, TransitionSink
+from .spool import Spool, SpoolError
+
+log = logging.getLogger("o2o.actor")
+
+ConfigStore.instance().store(name="actor_schema", node=ActorConfig)
+
+EXIT_CONFIG = 2
+EXIT_STOPPED = 3
+
+
+def load_env_class(path: str) -> type[gym.Env]:
+    """The class named by ``package.module:ClassName`` (a gymnasium.Env subclass)."""
+    module_name, sep, class_name = path.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"env={path!r}: expected an import path 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"env={path!r}: cannot import it ({err}); is its package installed / on PYTHONPATH?") from None
+    if not (isinstance(cls, type) and issubclass(cls, gym.Env)):
+        raise ValueError(f"env={path!r} is {cls!r}, not a gymnasium.Env subclass")
+    return cls
+
+
+def build_env(cfg: ActorConfig) -> gym.Env:
+    """The task's env, or the user's env class; flat float32 observations, an info['success'] flag."""
+    if cfg.env is None:
+        env = make_env(cfg.task, **dict(cfg.env_kwargs))
+    else:
+        env = load_env_class(cfg.env)(**dict(cfg.env_kwargs))
+        if isinstance(env.observation_space, gym.spaces.Dict):
+            env = FlattenDictObservation(env)
+    if cfg.max_episode_steps:
+        env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
+    obs_space, act_space = env.observation_space, env.action_space
+    if not (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1):
+        raise ValueError(f"the env's action space is {act_space}: o2o actors need a 1-D Box")
+    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
+        raise ValueError(f"the env's observation space is {obs_space}: o2o actors need a 1-D Box (or a Dict of them)")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise ValueError(f"the env's action space {act_space} is unbounded: actions could not be clipped")
+    return env
+
+
+def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, Link | None]:
+    """The env, the sink and the policy source for ``cfg`` (a started ``Link``, or a dry run's)."""
+    validate(cfg)
+    if cfg.env is None:
+        get_task(cfg.task)  # an unknown task name fails here, with suggestions
+    env = build_env(cfg)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    expect = PolicyExpectation(cfg.task, obs_dim, action_dim)
+
+    def build_policy(onnx: bytes | Path, version: int | None) -> OnnxPolicy:
+        policy = OnnxPolicy(onnx, expect, version=version, threads=cfg.policy.threads, device=cfg.policy.device)
+        if not (np.allclose(policy.action_low, env.action_space.low) and np.allclose(policy.action_high, env.action_space.high)):
+            log.warning("policy version %d acts in [%s, %s], the env in [%s, %s]: actions are clipped to the env's",
+                        policy.version, policy.action_low, policy.action_high, env.action_space.low, env.action_space.high)  # fmt: skip
+        return policy
+
+    try:
+        initial = build_policy(Path(cfg.policy.path), None) if cfg.policy.path is not None else None
+        if cfg.learner is None:
+            return env, MemorySink(), FixedPolicySource(initial), None
+        folder = Path(cfg.spool.dir) / cfg.actor_id if cfg.spool.dir else None
+        spool = Spool(cfg.spool.memory_chunks, folder, int(cfg.spool.max_disk_mb * 2**20),
+                      int(cfg.spool.segment_mb * 2**20),
+                      meta={"actor_id": cfg.actor_id, "task": cfg.task, "obs_dim": obs_dim, "action_dim": action_dim})  # fmt: skip
+    except BaseException:
+        env.close()
+        raise
+    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, build_policy, cfg.link, initial)
+    return env, link, link, link.start()
+
+
+def wait_for_learner(link: Link, cfg: ActorConfig) -> None:
+    """Block until the learner welcomes this actor; ConnectionError if it refuses or the timeout passes."""
+    log.info("actor %s: connecting to learner %s (task %s)", cfg.actor_id, cfg.learner, cfg.task)
+    while not link.wait_welcome(cfg.link.connect_timeout_s or 5.0):
+        if link.fatal:
+            break
+        if cfg.link.connect_timeout_s:
+            raise ConnectionError(f"learner {cfg.learner} did not answer within {cfg.link.connect_timeout_s} s: "
+                                  "is it running, and is the address reachable from here?")  # fmt: skip
+        log.info("still waiting for learner %s ...", cfg.learner)
+    if link.fatal:
+        raise ConnectionError(link.fatal)
+
+
+def run_actor(cfg: ActorConfig) -> int:
+    """Act until done or stopped; returns the exit status."""
+    env, sink, policies, link = assemble(cfg)
+    actor = None
+    status = 0
+    try:
+        if link is not None:
+            wait_for_learner(link, cfg)
+        actor = Actor(env, sink, policies, cfg)
+        previous = {sig: signal.signal(sig, lambda *_: actor.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            reason = actor.run(cfg.max_steps, cfg.max_episodes)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        stopped_safely = reason not in ("done", "stop requested")
+        (log.error if stopped_safely else log.info)("actor %s stopped: %s", cfg.actor_id, reason)
+        status = EXIT_STOPPED if stopped_safely else 0
+    except ConnectionError as err:
+        log.error("%s", err)
+        status = EXIT_STOPPED
+    finally:
+        if link is not None:
+            link.close()
+        env.close()
+        if cfg.stats_file:
+            stats = {"actor": actor.summary() if actor else None, "link": link.summary() if link else None}
+            Path(cfg.stats_file).write_text(json.dumps(stats))
+    return status
+
+
+@hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="actor")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg: ActorConfig = OmegaConf.to_object(dict_cfg)
+    except MissingMandatoryValue as err:
+        print(f"o2o-actor: error: {err.full_key} is required, e.g. {err.full_key}=robot-1", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    logging.getLogger().setLevel(cfg.log_level)
+    try:
+        status = run_actor(cfg)
+    except (ValueError, KeyError, FileNotFoundError, PolicyMismatch, SpoolError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"o2o-actor: error: {message}", file=sys.stderr)
+        status = EXIT_CONFIG
+    sys.exit(status)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

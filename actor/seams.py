@@ -1,0 +1,145 @@
+"""The control loop's two seams (as small as Acme's): a sink for transitions and a source of policies.
+
+The loop never sees a socket: ``Link`` implements both seams over ZeroMQ; a dry
+run (no learner) uses ``MemorySink`` and ``FixedPolicySource``. ``PolicyBuilder``
+turns received ONNX bytes into sessions off the control thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from o2o.datasets.wire import TransitionChunk
+
+from .onnx_policy import OnnxPolicy, PolicyMismatch
+
+log = logging.getLogger("o2o.actor")
+
+
+class TransitionSink(Protocol):
+    @property
+    def next_seq(self) -> int:
+        """The seq the next chunk must carry."""
+
+    def has_room(self) -> bool:
+        """Can one more chunk be accepted without dropping anything?"""
+
+    def add(self, chunk: TransitionChunk) -> None:
+        """Take a chunk (``chunk.seq == next_seq``); never blocks on the network."""
+
+    def stop_reason(self) -> str | None:
+        """Why the loop must stop now (e.g. the learner is lost and the config says stop), else None."""
+
+    def summary(self) -> dict:
+        """Counters for progress lines (e.g. ``spool_depth``)."""
+
+
+class PolicySource(Protocol):
+    def latest(self) -> OnnxPolicy | None:
+        """The newest policy ready to act (None before the first); never blocks."""
+
+
+class MemorySink:
+    """A sink without a learner (dry runs, tests): counts chunks and rows; keeps the chunks
+    themselves only if ``keep`` (memory grows without bound then)."""
+
+    def __init__(self, first_seq: int = 0, keep: bool = False):
+        self._next_seq = first_seq
+        self.keep = keep
+        self.chunks: list[TransitionChunk] = []
+        self.n_chunks = 0
+        self.n_rows = 0
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def has_room(self) -> bool:
+        return True
+
+    def add(self, chunk: TransitionChunk) -> None:
+        if chunk.seq != self._next_seq:
+            raise ValueError(f"chunk seq {chunk.seq}, expected {self._next_seq}")
+        self._next_seq += 1
+        self.n_chunks += 1
+        self.n_rows += chunk.n
+        if self.keep:
+            self.chunks.append(chunk)
+
+    def stop_reason(self) -> str | None:
+        return None
+
+    def summary(self) -> dict:
+        return {"spool_depth": 0, "chunks": self.n_chunks, "rows": self.n_rows}
+
+
+class FixedPolicySource:
+    """One policy, never replaced (a dry run, or a learner-less deployment)."""
+
+    def __init__(self, policy: OnnxPolicy | None):
+        self.policy = policy
+
+    def latest(self) -> OnnxPolicy | None:
+        return self.policy
+
+
+class PolicyBuilder:
+    """Builds ``OnnxPolicy`` sessions from received bytes in a background thread.
+
+    Only the newest submitted version is built (older pending ones are skipped);
+    a policy that does not fit the actor is refused with an error line and
+    counted, and the previous policy stays in use.
+    """
+
+    def __init__(self, build: Callable[[bytes, int], OnnxPolicy], initial: OnnxPolicy | None = None):
+        self._build = build
+        self._latest = initial
+        self._pending: tuple[int, bytes] | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self.built = 0
+        self.refused = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="o2o-policy-builder", daemon=True)
+        self._thread.start()
+
+    def latest(self) -> OnnxPolicy | None:
+        return self._latest  # one attribute read: atomic under the GIL
+
+    def submit(self, version: int, onnx: bytes) -> None:
+        with self._cond:
+            if self._pending is None or version > self._pending[0]:
+                self._pending = (version, onnx)
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                version, onnx = self._pending
+                self._pending = None
+            current = self._latest
+            if current is not None and version <= current.version:
+                continue
+            try:
+                policy = self._build(onnx, version)
+            except Exception as err:  # PolicyMismatch, or anything else: the actor goes on with the old one
+                self.refused += 1
+                self.last_error = str(err)
+                log.error("refused policy version %d: %s (keeping version %s)", version, err,
+                          current.version if current else "none", exc_info=not isinstance(err, PolicyMismatch))  # fmt: skip
+                continue
+            self._latest = policy
+            self.built += 1
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)

@@ -1,0 +1,395 @@
+"""The actor's spool: every sent chunk is kept until the learner acks or rejects it.
+
+Chunks are held as their encoded wire frames, in seq order. The first
+``memory_chunks`` live in memory; past that, new chunks spill to append-only
+segment files on disk (up to ``max_disk_bytes``); once spilling, every new
+chunk goes to disk until the disk part is empty again, so memory always holds
+the oldest seqs and disk the newest. A full spool refuses ``put`` (the caller
+checks ``has_room`` first and pauses or stops: data is never dropped silently).
+
+The disk part survives an actor restart: a new ``Spool`` on the same folder
+finds the unacked chunks again (a torn record at the end of a file, from a
+crash during a write, is cut off). On a clean shutdown ``close(spill=True)``
+writes the memory part to disk too. The memory part of a crashed actor is
+lost: the learner declares those seqs lost when the actor says hello again.
+
+Segment file format (no pickle)::
+
+    file    = b"O2OSPOOL" u32 version (=1) record*
+    record  = b"REC1" i64 seq u32 n_frames u64 payload_len payload u32 crc32(payload)
+    payload = (u64 frame_len, frame bytes) * n_frames
+
+All integers little-endian; the frames are the chunk's wire frames as sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("o2o.actor.spool")
+
+FILE_MAGIC = b"O2OSPOOL"
+FILE_VERSION = 1
+FILE_HEADER = struct.Struct("<8sI")
+RECORD = struct.Struct("<4sqIQ")
+RECORD_MAGIC = b"REC1"
+FRAME_LEN = struct.Struct("<Q")
+CRC = struct.Struct("<I")
+META_FILE = "spool.json"
+ACKED_FILE = "acked.json"  # highest acked seq at the last clean close: older records are skipped
+LOCK_FILE = "spool.lock"
+SEGMENT_GLOB = "seg-*.o2ospool"
+
+Frames = list  # list of bytes-like frames
+
+
+class SpoolFull(RuntimeError):
+    """``put`` with no room left in memory or on disk."""
+
+
+class SpoolError(RuntimeError):
+    """A spool folder that cannot be used (locked by another actor, or for another task)."""
+
+
+@dataclasses.dataclass
+class _Segment:
+    path: Path
+    size: int
+    live: set[int]  # seqs in this file not yet acked or dropped
+    writable: bool
+
+
+@dataclasses.dataclass
+class SpoolStats:
+    memory_chunks: int
+    disk_chunks: int
+    disk_bytes: int
+    acked_chunks: int
+    rejected_chunks: int
+    spilled_chunks: int
+    first_seq: int | None
+    last_seq: int | None
+
+    @property
+    def depth(self) -> int:
+        return self.memory_chunks + self.disk_chunks
+
+
+def _frames_bytes(frames: Sequence) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+class Spool:
+    """Unacked chunks by seq: memory first, then disk; thread-safe.
+
+    ``folder`` None keeps memory only (full at ``memory_chunks``). ``meta`` (e.g.
+    actor id, task, dimensions) is saved in the folder; reopening it with other
+    values is refused, so a spool never replays chunks into the wrong learner.
+    """
+
+    def __init__(
+        self,
+        memory_chunks: int = 256,
+        folder: str | os.PathLike | None = None,
+        max_disk_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        meta: dict | None = None,
+    ):
+        if memory_chunks < 1:
+            raise ValueError(f"spool.memory_chunks must be >= 1, got {memory_chunks}")
+        self.memory_chunks = memory_chunks
+        self.max_disk_bytes = max_disk_bytes if folder is not None else 0
+        self.segment_bytes = segment_bytes
+        self.folder = Path(folder) if folder is not None else None
+        self._lock = threading.Lock()
+        self._memory: collections.OrderedDict[int, Frames] = collections.OrderedDict()
+        self._disk: dict[int, tuple[_Segment, int, int]] = {}  # seq -> (segment, record offset, n_frames)
+        self._segments: list[_Segment] = []
+        self._writer = None  # open file object of the current (last) segment
+        self._largest = 0  # largest chunk seen, in bytes: the room a next chunk needs
+        self._last_seq: int | None = None
+        self._acked_seq = -1  # highest seq acked (a crashed run's acks are unknown: then -1)
+        self.acked = 0
+        self.rejected = 0
+        self.spilled = 0
+        self._lock_fd: int | None = None
+        if self.folder is not None:
+            self._open_folder(meta or {})
+
+    # ------------------------------------------------------------ folder
+
+    def _open_folder(self, meta: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(
+                f"spool folder {self.folder} is in use by another actor process (same actor_id on this host?): "
+                "give each actor its own actor_id or spool.dir"
+            ) from None
+        self._lock_fd = fd
+        meta_path = self.folder / META_FILE
+        if meta_path.exists():
+            saved = json.loads(meta_path.read_text())
+            if saved != meta and any(self.folder.glob(SEGMENT_GLOB)):
+                self.close(spill=False)
+                raise SpoolError(
+                    f"spool folder {self.folder} holds unacked chunks of {saved}, not of {meta}: "
+                    "point spool.dir elsewhere, or delete the folder to discard those chunks"
+                )
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, sort_keys=True))
+        os.replace(tmp, meta_path)
+        acked_path = self.folder / ACKED_FILE
+        self._acked_seq = json.loads(acked_path.read_text())["seq"] if acked_path.exists() else -1
+        for path in sorted(self.folder.glob(SEGMENT_GLOB)):
+            self._recover(path)
+        self._disk = dict(sorted(self._disk.items()))  # seq order, which put() keeps from here on
+        if self._disk:
+            self._last_seq = max(self._disk)
+            log.info("spool %s: recovered %d unacked chunks (seq %d..%d) from a previous run",
+                     self.folder, len(self._disk), min(self._disk), self._last_seq)  # fmt: skip
+
+    def _recover(self, path: Path) -> None:
+        """Index the records of one segment; cut a torn or corrupt tail."""
+        data = path.read_bytes()
+        segment = _Segment(path, len(data), set(), writable=False)
+        good = 0
+        if len(data) >= FILE_HEADER.size and FILE_HEADER.unpack_from(data) == (FILE_MAGIC, FILE_VERSION):
+            offset = good = FILE_HEADER.size
+            while offset + RECORD.size <= len(data):
+                magic, seq, n_frames, length = RECORD.unpack_from(data, offset)
+                end = offset + RECORD.size + length + CRC.size
+                if magic != RECORD_MAGIC or end > len(data):
+                    break
+                payload = memoryview(data)[offset + RECORD.size : end - CRC.size]
+                if CRC.unpack_from(data, end - CRC.size)[0] != zlib.crc32(payload):
+                    break
+                if seq > self._acked_seq and seq not in self._disk:
+                    self._disk[seq] = (segment, offset, n_frames)
+                    segment.live.add(seq)
+                    self._largest = max(self._largest, length)
+                offset = good = end
+        if good < len(data):
+            log.warning("spool %s: cut %d bytes of a torn or corrupt record at its end (a crash mid-write)",
+                        path, len(data) - good)  # fmt: skip
+            with open(path, "r+b") as f:
+                f.truncate(good)
+            segment.size = good
+        if segment.live:
+            self._segments.append(segment)
+        else:
+            path.unlink()
+
+    # ------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        with self._lock:  # consistent with a concurrent ack (its files are gone once it returns 0)
+            return len(self._memory) + len(self._disk)
+
+    @property
+    def first_seq(self) -> int | None:
+        """Oldest seq held (None if empty)."""
+        with self._lock:
+            return self._first_seq()
+
+    def _first_seq(self) -> int | None:
+        if self._memory:
+            return next(iter(self._memory))
+        return next(iter(self._disk)) if self._disk else None
+
+    @property
+    def last_seq(self) -> int | None:
+        """Newest seq ever put or recovered (it stays after acks)."""
+        return self._last_seq
+
+    def _disk_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    def has_room(self, extra_chunks: int = 0) -> bool:
+        """Can ``extra_chunks + 1`` more chunks (of the largest size seen) be put?"""
+        with self._lock:
+            free_memory = self.memory_chunks - len(self._memory) if not self._disk else 0
+            need = extra_chunks + 1 - max(free_memory, 0)
+            if need <= 0:
+                return True
+            chunk = self._largest + RECORD.size + CRC.size + 256
+            return self._disk_bytes() + FILE_HEADER.size + need * chunk <= self.max_disk_bytes
+
+    def stats(self) -> SpoolStats:
+        with self._lock:
+            return SpoolStats(
+                memory_chunks=len(self._memory),
+                disk_chunks=len(self._disk),
+                disk_bytes=self._disk_bytes(),
+                acked_chunks=self.acked,
+                rejected_chunks=self.rejected,
+                spilled_chunks=self.spilled,
+                first_seq=self._first_seq(),
+                last_seq=self._last_seq,
+            )
+
+    # ------------------------------------------------------------ put / get
+
+    def put(self, seq: int, frames: Sequence, force: bool = False) -> None:
+        """Hold a chunk's frames; seqs must increase. Raises ``SpoolFull`` when there is no room,
+        unless ``force``: then the chunk is kept past the caps (memory, or disk if there is a folder)."""
+        with self._lock:
+            if self._last_seq is not None and seq <= self._last_seq:
+                raise ValueError(f"spool seqs must increase: got {seq} after {self._last_seq}")
+            size = _frames_bytes(frames)
+            self._largest = max(self._largest, size)
+            if not self._disk and (len(self._memory) < self.memory_chunks or (force and self.folder is None)):
+                self._memory[seq] = list(frames)
+            else:
+                self._write(seq, frames, size, force)
+                self.spilled += 1
+            self._last_seq = seq
+
+    def _write(self, seq: int, frames: Sequence, size: int, force: bool = False) -> None:
+        record_size = RECORD.size + len(frames) * FRAME_LEN.size + size + CRC.size
+        over = self._disk_bytes() + FILE_HEADER.size + record_size > self.max_disk_bytes
+        if self.folder is None or (over and not force):
+            where = f"{self.max_disk_bytes} bytes on disk in {self.folder}" if self.folder else "no disk spool configured"
+            raise SpoolFull(f"spool full: {len(self._memory)} chunks in memory and {where}")
+        segment = self._segments[-1] if self._segments and self._segments[-1].writable else None
+        if segment is None or segment.size + record_size > self.segment_bytes:
+            segment = self._new_segment(seq)
+        payload = bytearray()
+        for frame in frames:
+            view = memoryview(frame).cast("B")
+            payload += FRAME_LEN.pack(view.nbytes)
+            payload += view
+        record = RECORD.pack(RECORD_MAGIC, seq, len(frames), len(payload)) + payload + CRC.pack(zlib.crc32(payload))
+        offset = segment.size
+        self._writer.write(record)
+        # Flushed to the OS at once: the disk part must survive this process being killed.
+        self._writer.flush()
+        segment.size += len(record)
+        segment.live.add(seq)
+        self._disk[seq] = (segment, offset, len(frames))
+
+    def _new_segment(self, seq: int) -> _Segment:
+        if self._writer is not None:
+            self._writer.close()
+            self._segments[-1].writable = False
+        path = self.folder / f"seg-{seq:020d}-{os.getpid()}.o2ospool"
+        self._writer = open(path, "wb")
+        self._writer.write(FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION))
+        segment = _Segment(path, FILE_HEADER.size, set(), writable=True)
+        self._segments.append(segment)
+        return segment
+
+    def get(self, seq: int) -> Frames | None:
+        """The frames of ``seq`` (None if not held: acked, rejected or never put)."""
+        with self._lock:
+            frames = self._memory.get(seq)
+            if frames is not None:
+                return frames
+            where = self._disk.get(seq)
+            if where is None:
+                return None
+            segment, offset, n_frames = where
+            with open(segment.path, "rb") as f:
+                f.seek(offset)
+                header = f.read(RECORD.size)
+                _, _, _, length = RECORD.unpack(header)
+                payload = memoryview(f.read(length))
+            frames, pos = [], 0
+            for _ in range(n_frames):
+                (n,) = FRAME_LEN.unpack_from(payload, pos)
+                pos += FRAME_LEN.size
+                frames.append(payload[pos : pos + n])
+                pos += n
+            return frames
+
+    def next_held(self, seq: int) -> int | None:
+        """The smallest held seq >= ``seq`` (None if none)."""
+        with self._lock:
+            if seq in self._memory or seq in self._disk:
+                return seq
+            for held in (self._memory, self._disk):  # both in seq order
+                for s in held:
+                    if s >= seq:
+                        return s
+            return None
+
+    # ------------------------------------------------------------ ack / drop
+
+    def ack(self, seq: int) -> int:
+        """Cumulative ack: drop every chunk with a seq <= ``seq``; returns how many were dropped."""
+        with self._lock:
+            dropped = 0
+            self._acked_seq = max(self._acked_seq, seq)
+            while self._memory and next(iter(self._memory)) <= seq:
+                self._memory.popitem(last=False)
+                dropped += 1
+            while self._disk and next(iter(self._disk)) <= seq:
+                self._forget_disk(next(iter(self._disk)))
+                dropped += 1
+            self.acked += dropped
+            return dropped
+
+    def drop(self, seq: int) -> bool:
+        """Drop one rejected chunk (the learner will never accept it)."""
+        with self._lock:
+            if self._memory.pop(seq, None) is None:
+                if seq not in self._disk:
+                    return False
+                self._forget_disk(seq)
+            self.rejected += 1
+            return True
+
+    def _forget_disk(self, seq: int) -> None:
+        segment, _, _ = self._disk.pop(seq)
+        segment.live.discard(seq)
+        if not segment.live:
+            if segment.writable:
+                self._writer.close()
+                self._writer = None
+            segment.path.unlink(missing_ok=True)
+            self._segments.remove(segment)
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self, spill: bool = True) -> int:
+        """Release the folder; ``spill`` first writes the memory part to disk (a clean
+        shutdown keeps every unacked chunk for the next run). Returns the chunks spilled."""
+        spilled = 0
+        with self._lock:
+            if spill and self.folder is not None and self._memory:
+                first = next(iter(self._memory))
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+                    self._segments[-1].writable = False
+                self._new_segment(first)
+                for seq, frames in self._memory.items():
+                    # Past the disk cap if need be: keeping data beats honouring the cap here.
+                    self._write(seq, frames, _frames_bytes(frames), force=True)
+                    spilled += 1
+                self._memory.clear()
+                log.info("spool %s: kept %d unacked chunks on disk for the next run", self.folder, len(self._disk))
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            if self.folder is not None and self._lock_fd is not None:
+                tmp = self.folder / (ACKED_FILE + ".tmp")
+                tmp.write_text(json.dumps({"seq": self._acked_seq}))
+                os.replace(tmp, self.folder / ACKED_FILE)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+        return spilled
