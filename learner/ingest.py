@@ -87,7 +87,8 @@ class IngestServer:
 
     ``endpoint`` may use a wildcard port (``tcp://127.0.0.1:*``); ``server.endpoint``
     is the bound address after ``start()``. ``on_commit(event)`` runs in the server
-    thread after each commit; exceptions it raises are logged and counted.
+    thread after each commit (keep it short: hand the event to another thread);
+    exceptions it raises are logged and counted.
 
     Group commit: the server commits when a whole Zarr chunk of rows is staged
     (each commit rewrites the partly filled last chunk of every column, so

@@ -120,6 +120,28 @@ def test_resend_after_server_crash_gives_no_duplicates_and_no_gaps(tmp_path):
     assert_exactly_once(path, ["arm-0", "arm-1"])
 
 
+def test_chunk_ahead_of_a_missing_one_is_dropped_and_a_resend_requested(tmp_path):
+    # E.g. messages queued in an actor's socket while the learner restarted arrive before its resends.
+    store = new_store(tmp_path / "replay")
+    with IngestServer(store, "tcp://127.0.0.1:*", commit_interval_s=0.005) as server:
+        actor = SpoolSender(server.endpoint, "arm")
+        actor.hello()
+        actor.sock.send_multipart(wire.encode_chunk(make_chunk("arm", 0)))
+        actor.sock.send_multipart(wire.encode_chunk(make_chunk("arm", 2)))  # chunk 1 went missing
+        actor.spool = {seq: wire.encode_chunk(make_chunk("arm", seq)) for seq in range(3)}
+        msg = actor.receive(timeout_ms=10_000)
+        while not isinstance(msg, wire.Resend):  # receive() resends the spool from msg.seq
+            assert msg is not None, "the server accepted chunk 2 although chunk 1 is missing"
+            msg = actor.receive(timeout_ms=10_000)
+        assert msg.seq == 1
+        while actor.acked < 2:
+            assert actor.receive(timeout_ms=30_000) is not None
+        actor.close()
+        assert server.stats()["actors"]["arm"]["out_of_order"] == 1
+    store.close()
+    assert_exactly_once(tmp_path / "replay", ["arm"], n_chunks=3)
+
+
 def test_malformed_messages_are_rejected_and_counted_while_a_good_actor_is_served(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="o2o.ingest")
     store = new_store(tmp_path / "replay")
@@ -201,3 +223,15 @@ def test_policies_reach_connected_and_late_actors(tmp_path):
         assert late.policy.version == 1
         early.close()
         late.close()
+
+
+def test_data_plane_imports_no_torch():
+    """Robots import the wire format and the store: neither may pull in torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, o2o.datasets.wire, o2o.datasets.replay_store, o2o.datasets.replay_export, o2o.learner.ingest; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
