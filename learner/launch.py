@@ -117,6 +117,10 @@ class Progress:
                 "policy": self.version}  # fmt: skip
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def launch(cfg: LaunchConfig, run_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     endpoint = f"tcp://127.0.0.1:{cfg.port or free_port()}"
@@ -128,6 +132,9 @@ def launch(cfg: LaunchConfig, run_dir: Path) -> int:
         logs.append(log)
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    # SIGTERM (e.g. from `timeout` or a scheduler) stops the run like Ctrl-C: children are in
+    # their own sessions, so only this process can stop them.
+    signal.signal(signal.SIGTERM, _interrupt)
     learner = start(learner_command(cfg, run_dir, endpoint), "learner")
     actors = [start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}") for i in range(cfg.actors)]
     progress = Progress(run_dir / "metrics.jsonl")
