@@ -304,6 +304,8 @@ class Link:
                            self._next_seq, self.actor_id)  # fmt: skip
                 self._next_seq = welcome.seq + 1
         self._acked(welcome.seq)
+        if welcome.policy_version > self._received_version:
+            self._policy_behind()  # it normally follows the welcome; asked for again if it does not
         if not self._welcomed:
             self._welcomed = True
             self._next_send = welcome.seq + 1  # resend everything the learner has not committed
@@ -336,13 +338,10 @@ class Link:
             self.policies.submit(policy.version, bytes(policy.onnx))
 
     def _policy_behind(self) -> None:
-        """An ack names a newer policy than we got: it may be on its way, or was dropped; ask after a while."""
-        now = time.monotonic()
+        """An ack or welcome names a newer policy than we got: it may be on its way, or was dropped
+        (the learner drops sends to a full queue); ``_keepalive`` asks again after ``heartbeat_s``."""
         if self._version_behind_since is None:
-            self._version_behind_since = now
-        elif now - self._version_behind_since > self.cfg.heartbeat_s:
-            self._hello()
-            self._version_behind_since = now
+            self._version_behind_since = time.monotonic()
 
     def _take_inbox(self) -> None:
         while True:
@@ -389,8 +388,11 @@ class Link:
                 self.stats.reconnects += 1
                 self._new_socket()
                 self._hello()
-        if self._hello_pending or (silence > self.cfg.heartbeat_s and now - self._last_hello > self.cfg.heartbeat_s):
-            self._hello()
+        behind = self._version_behind_since is not None and now - self._version_behind_since > self.cfg.heartbeat_s
+        if behind:
+            self._version_behind_since = now
+        if self._hello_pending or behind or (silence > self.cfg.heartbeat_s and now - self._last_hello > self.cfg.heartbeat_s):
+            self._hello()  # a hello with our policy version makes the learner send its newer one
 
     def _hello(self) -> None:
         first = self.spool.first_seq

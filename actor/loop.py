@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 
 import gymnasium as gym
@@ -27,6 +28,11 @@ from .onnx_policy import Exploration, OnnxPolicy
 from .seams import PolicySource, TransitionSink
 
 log = logging.getLogger("o2o.actor")
+
+
+class NonFinite(FloatingPointError):
+    """NaN/inf in an observation or an action: the loop stops instead of acting on it or sending it
+    (the learner would reject the whole chunk)."""
 
 
 @dataclasses.dataclass
@@ -54,23 +60,23 @@ class ChunkRows:
         self.action = np.zeros((rows, action_dim), np.float32)
         self.next_obs = np.zeros((rows, obs_dim), np.float32)
         self.reward = np.zeros(rows, np.float32)
-        self.flags = np.zeros((3, rows), np.uint8)  # terminated, truncated, success
+        self.terminated, self.truncated, self.success = (np.zeros(rows, np.uint8) for _ in range(3))
+        self.capacity = rows
         self.n = 0
 
     def add(self, obs, action, reward, next_obs, terminated, truncated, success) -> bool:
         """Record one transition; True when the chunk is full."""
         i = self.n
         self.obs[i], self.action[i], self.reward[i], self.next_obs[i] = obs, action, reward, next_obs
-        self.flags[:, i] = (terminated, truncated, success)
-        self.n += 1
-        return self.n == len(self.reward)
+        self.terminated[i], self.truncated[i], self.success[i] = terminated, truncated, success
+        self.n = i + 1
+        return self.n == self.capacity
 
     def take(self) -> dict[str, np.ndarray]:
         """Copies of the filled rows (the sink keeps them; these buffers are reused)."""
         n, self.n = self.n, 0
-        flags = self.flags[:, :n].copy()
-        return dict(obs=self.obs[:n].copy(), action=self.action[:n].copy(), reward=self.reward[:n].copy(),
-                    next_obs=self.next_obs[:n].copy(), terminated=flags[0], truncated=flags[1], success=flags[2])  # fmt: skip
+        names = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
+        return {name: getattr(self, name)[:n].copy() for name in names}
 
 
 class Actor:
@@ -86,6 +92,7 @@ class Actor:
         self.explore = Exploration(action_dim, cfg.policy.noise_scale, seeds.spawn(1)[0])
         self.reset_rng = np.random.default_rng(seeds.spawn(1)[0])
         self.rows = ChunkRows(cfg.chunk_rows, obs_dim, action_dim)
+        self._may_clip = True
         self.period = 1.0 / cfg.control_hz if cfg.control_hz > 0 else 0.0
         self.stats = LoopStats()
         self.policy: OnnxPolicy | None = None
@@ -116,7 +123,8 @@ class Actor:
                 break
             if (end_steps and self.stats.steps >= end_steps) or (end_episodes and self.stats.episodes >= end_episodes):
                 break
-            if (why := self.sink.stop_reason() or self._room()) is not None:
+            # Room is checked as a chunk starts: once begun, a chunk is always taken (never dropped).
+            if (why := self.sink.stop_reason() or (self._room() if self.rows.n == 0 else None)) is not None:
                 reason = why
                 break
             if self.obs is None:
@@ -126,7 +134,11 @@ class Actor:
             if self.policy is None and not self.cfg.policy.act_before_policy and not self._wait_for_policy():
                 reason = self.sink.stop_reason() or "stop requested"
                 break
-            self._step()
+            try:
+                self._step()
+            except NonFinite as err:
+                reason = str(err)
+                break
             if time.perf_counter() - self._last_log >= self.cfg.log_every_s:
                 self._log_progress()
         self._flush()
@@ -138,10 +150,16 @@ class Actor:
             action = self.reset_rng.uniform(self.low, self.high).astype(np.float32)
         else:
             action = self.policy.act(self.obs, self.explore.draw(0.0 if evaluating else None))
-        clipped = np.clip(action, self.low, self.high)
-        if not np.array_equal(clipped, action):
+        clipped = np.minimum(np.maximum(action, self.low), self.high)  # a fresh array: the env may keep it
+        if not math.isfinite(np.add.reduce(clipped)):  # NaN survives clipping: never send it to a robot
+            raise NonFinite(f"policy version {self.version} gave the non-finite action {action} "
+                                  f"for the observation {self.obs}")  # fmt: skip
+        if self._may_clip and not np.array_equal(clipped, action):
             self.stats.clipped_steps += 1
         next_obs, reward, terminated, truncated, info = self.env.step(clipped)
+        if not math.isfinite(np.add.reduce(next_obs)) or not math.isfinite(reward):
+            raise NonFinite(f"the env returned a non-finite observation {next_obs} or reward {reward} at "
+                            f"step {self.ep_step}: that transition is not sent (a sensor fault?)")  # fmt: skip
         self.stats.steps += 1
         self.ep_return += reward
         self.ep_step += 1
@@ -200,6 +218,8 @@ class Actor:
         if new is not None and new is not self.policy:
             self._flush()  # a chunk carries one policy version
             self.policy = new
+            # A policy acting inside the env's bounds needs no per-step comparison to count clips.
+            self._may_clip = bool((new.action_low < self.low).any() or (new.action_high > self.high).any())
             self.stats.swaps.append([new.version, self.stats.steps, time.time()])
             log.info("acting with policy version %d from step %d", new.version, self.stats.steps)
 

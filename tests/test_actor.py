@@ -71,8 +71,10 @@ def config(tmp: Path, learner: str | None, **fields) -> ActorConfig:
 
 
 def linked_actor(cfg: ActorConfig):
+    """An actor connected to the learner and holding its first policy."""
     env, sink, source, link = assemble(cfg)
     wait_for_learner(link, cfg)
+    wait_for(lambda: link.latest() is not None, "the learner's first policy")
     return Actor(env, sink, source, cfg), link
 
 
@@ -374,14 +376,16 @@ BOUND = 0.2  # the test policy's deterministic actions are ~0.1-0.35 on these ob
 class NarrowPusherLike(gym.Env):
     """Pusher-sized observations and a narrow action space; records the actions it gets."""
 
-    def __init__(self, slow_every: int = 0, slow_s: float = 0.0):
+    def __init__(self, slow_every: int = 0, slow_s: float = 0.0, nan_at_step: int = -1):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (PUSHER_OBS,), np.float32)
         self.action_space = gym.spaces.Box(-BOUND, BOUND, (PUSHER_ACT,), np.float32)
-        self.slow_every, self.slow_s = slow_every, slow_s
+        self.slow_every, self.slow_s, self.nan_at_step = slow_every, slow_s, nan_at_step
         self.observations, self.actions = [], []
 
     def _obs(self) -> np.ndarray:
         obs = self.np_random.normal(0.0, 10.0, PUSHER_OBS).astype(np.float32)
+        if len(self.actions) == self.nan_at_step:
+            obs[3] = np.nan  # a sensor glitch
         self.observations.append(obs)
         return obs
 
@@ -445,3 +449,12 @@ def test_control_rate_pads_steps_and_counts_overruns(policies):
     paced, _, _ = dry_actor(policies, control_hz=25.0, env_kwargs={"slow_every": 3, "slow_s": 0.06})
     paced.run(max_steps=9)
     assert 3 <= paced.stats.overruns <= 9  # every 60 ms step overruns the 40 ms period
+
+
+def test_a_non_finite_observation_stops_the_loop_and_is_never_sent(policies):
+    actor, env, sink = dry_actor(policies, env_kwargs={"nan_at_step": 5})
+    reason = actor.run(max_steps=20)
+    assert "non-finite observation" in reason
+    assert len(env.unwrapped.actions) == 5 and np.isfinite(np.stack(env.unwrapped.actions)).all()
+    assert sink.n_rows == 4  # the 4 transitions before the faulty one are still sent
+    assert all(np.isfinite(c.next_obs).all() for c in sink.chunks)
