@@ -19,6 +19,9 @@ Messages (-> is the direction):
 ``ack``     learner -> actor. ``actor_id``, ``seq``: cumulative, every chunk of this
             actor with a seq <= ``seq`` is committed to the replay store (or was
             rejected); drop them from the spool. ``policy_version``: the newest published.
+            ``hold`` (optional, default false): the learner's samples-per-insert limiter
+            asks the actor to stop collecting at its next episode boundary until an
+            ack with ``hold`` false arrives (the fleet is ahead of the learner).
 ``reject``  learner -> actor. ``actor_id``, ``seq`` (-1 if the header was unreadable),
             ``reason`` (a stable code, see ``REASONS``), ``message``. The chunk will
             never be accepted: drop it from the spool and count it.
@@ -172,6 +175,7 @@ class Ack:
     actor_id: str
     seq: int
     policy_version: int = -1
+    hold: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,13 +397,15 @@ def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq
 
 
 def encode_ack(msg: Ack) -> list[bytes]:
-    return [_pack({"type": "ack", "actor_id": msg.actor_id, "seq": msg.seq, "policy_version": msg.policy_version})]
+    header = {"type": "ack", "actor_id": msg.actor_id, "seq": msg.seq, "policy_version": msg.policy_version}
+    return [_pack({**header, "hold": msg.hold})]
 
 
 def decode_ack(frames: Sequence[Frame], header: dict | None = None) -> Ack:
     header = _header_of(frames, header, "ack")
     _frame_count(frames, 1, "ack")
-    return Ack(_str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1))
+    hold = _bool(header, "hold") if "hold" in header else False  # absent in older learners' acks
+    return Ack(_str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1), hold)
 
 
 def encode_reject(msg: Reject) -> list[bytes]:

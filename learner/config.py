@@ -125,6 +125,9 @@ class OnlineConfig(PretrainConfig):
     """Online rows to collect before the first online update."""
     max_updates_ahead: int = 1000
     """Samples-per-insert tolerance: updates allowed beyond utd x rows before the learner waits for data."""
+    max_rows_ahead: int = 20_000
+    """Hold the actors (at their next episode end) when they are this many transitions ahead of
+    updates / utd; release at half. 0 = never hold (actors run free, the learner lags)."""
     publish_every: int = 1000
     """Publish a new ONNX policy to the actors every N updates."""
     buffer_capacity: int = 1_000_000

@@ -127,6 +127,7 @@ class IngestServer:
         self.error: BaseException | None = None
         # Server-thread state.
         self._policy: Policy | None = None
+        self._hold = False
         self._identity: dict[str, bytes] = {}  # actor_id -> latest ZeroMQ routing id
         self._actor_of: dict[bytes, str] = {}
         self._to_ack: set[str] = set()
@@ -187,6 +188,18 @@ class IngestServer:
             self._policy = policy
         self._commands.put(("broadcast_policy", policy))
         return policy.sha256
+
+    def set_hold(self, hold: bool) -> None:
+        """Flow control: ask every actor to pause at its next episode boundary (True) or go on (False).
+
+        The learner's samples-per-insert limiter holds the fleet when it is too far ahead
+        of the updates; actors learn it from every ack, and at once when it changes.
+        """
+        self._commands.put(("hold", bool(hold)))
+
+    @property
+    def holding(self) -> bool:
+        return self._hold
 
     @property
     def policy_version(self) -> int:
@@ -264,12 +277,17 @@ class IngestServer:
     def _run_commands(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                command, policy = self._commands.get_nowait()
+                command, argument = self._commands.get_nowait()
             except queue.Empty:
                 return
             if command == "broadcast_policy":
                 for identity in list(self._identity.values()):
-                    self._send(sock, identity, encode(policy))
+                    self._send(sock, identity, encode(argument))
+            elif command == "hold" and argument != self._hold:
+                self._hold = argument
+                for actor_id, identity in list(self._identity.items()):
+                    ack = Ack(actor_id, self.store.committed_seq(actor_id), self.policy_version, self._hold)
+                    self._send(sock, identity, encode(ack))
 
     def _commit(self, sock: zmq.Socket) -> None:
         if not self.store.uncommitted:
@@ -282,7 +300,7 @@ class IngestServer:
             for actor_id in self._to_ack:
                 seq = self.store.committed_seq(actor_id)
                 self._actors[actor_id].committed_seq = seq
-                self._send(sock, self._identity[actor_id], encode(Ack(actor_id, seq, version)))
+                self._send(sock, self._identity[actor_id], encode(Ack(actor_id, seq, version, self._hold)))
             self._to_ack.clear()
         if self.on_commit is not None:
             try:
@@ -378,7 +396,7 @@ class IngestServer:
             self._to_ack.add(actor_id)  # acked after the next commit
         else:
             seq = self.store.committed_seq(actor_id)
-            self._send(sock, self._identity[actor_id], encode(Ack(actor_id, seq, self.policy_version)))
+            self._send(sock, self._identity[actor_id], encode(Ack(actor_id, seq, self.policy_version, self._hold)))
 
     def _out_of_order(self, sock: zmq.Socket, actor_id: str, expected: int) -> None:
         self._actors[actor_id].out_of_order += 1

@@ -114,7 +114,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
     log.info("learner listening on %s (task %s, policy version %d)", server.endpoint, task.name, publisher.version)
 
     logger = MetricsLogger(run_dir)
-    limiter = UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead)
+    limiter = UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
     running = RunningMean()
     monitor = FleetMonitor(server, cfg.stats_every_s)
 
@@ -130,6 +130,9 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
             for episode in online.pop_episodes():
                 logger.log(updates, "eval" if episode["eval"] else "online", episode)
             monitor.maybe_log(logger, updates, publisher.version)
+            hold = limiter.hold(updates, online.committed_rows, server.holding)
+            if hold != server.holding:
+                server.set_hold(hold)
             allowed = limiter.allowed(updates, online.trainable_rows)
             if allowed == 0:
                 time.sleep(0.01)  # waiting for data: a slow fleet must not make us overfit
@@ -148,6 +151,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
                     "online_rows": online.trainable_rows,
                     "committed_rows": online.committed_rows,
                     "updates_behind": limiter.behind(updates, online.trainable_rows),
+                    "fleet_held": float(server.holding),
                 })
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
                                 q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")

@@ -164,14 +164,23 @@ class UpdateLimiter:
     how far behind it is when the fleet is faster than it can train.
     """
 
-    def __init__(self, utd: float, warmup_rows: int, max_ahead: int):
+    def __init__(self, utd: float, warmup_rows: int, max_ahead: int, max_rows_ahead: int = 0):
         self.utd, self.warmup_rows, self.max_ahead = utd, warmup_rows, max_ahead
+        self.max_rows_ahead = max_rows_ahead
 
     def allowed(self, updates: int, rows: int) -> int:
         """How many more updates the data allows now (0 = wait for data)."""
         if rows < self.warmup_rows:
             return 0
         return max(0, int(self.utd * (rows - self.warmup_rows)) + self.max_ahead - updates)
+
+    def hold(self, updates: int, committed_rows: int, holding: bool) -> bool:
+        """Should the fleet pause? Past ``max_rows_ahead`` rows beyond what the updates
+        consumed; released below half of it (hysteresis). 0 disables holding."""
+        if self.max_rows_ahead <= 0:
+            return False
+        ahead = committed_rows - self.warmup_rows - updates / self.utd
+        return ahead > self.max_rows_ahead / 2 if holding else ahead > self.max_rows_ahead
 
     def behind(self, updates: int, rows: int) -> int:
         """Updates the learner owes the data (> 0 when the fleet outpaces it)."""

@@ -104,3 +104,11 @@ def test_limiter_waits_for_data_and_reports_lag():
     assert limiter.allowed(updates=0, rows=105) == 20
     assert limiter.allowed(updates=20, rows=105) == 0  # would overfit a slow fleet: wait
     assert limiter.behind(updates=0, rows=200) == 200  # a fast fleet: the learner owes updates
+
+
+def test_limiter_holds_a_fast_fleet_with_hysteresis():
+    limiter = UpdateLimiter(utd=1.0, warmup_rows=0, max_ahead=0, max_rows_ahead=100)
+    assert not limiter.hold(updates=0, committed_rows=90, holding=False)
+    assert limiter.hold(updates=0, committed_rows=150, holding=False)
+    assert limiter.hold(updates=80, committed_rows=150, holding=True)  # 70 ahead: still above half
+    assert not limiter.hold(updates=120, committed_rows=150, holding=True)
