@@ -235,3 +235,33 @@ def test_data_plane_imports_no_torch():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_hold_reaches_every_actor_at_once_and_rides_on_acks(tmp_path):
+    """The limiter's flow control: set_hold broadcasts an ack with hold, later acks keep it."""
+    import zmq
+
+    store = new_store(tmp_path / "replay")
+    with IngestServer(store, "tcp://127.0.0.1:*") as server:
+        ctx = zmq.Context.instance()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(server.endpoint)
+
+        def next_ack() -> wire.Ack:
+            while True:
+                assert dealer.poll(10_000), "no message from the server"
+                frames = dealer.recv_multipart()
+                if wire.decode_header(frames[0])["type"] == "ack":
+                    return wire.decode_ack(frames)
+
+        dealer.send_multipart(wire.encode(wire.Hello("a", "test-task", OBS_DIM, ACT_DIM, 0)))
+        dealer.recv_multipart()  # welcome
+        server.set_hold(True)
+        assert next_ack().hold is True
+        dealer.send_multipart(wire.encode(make_chunk("a", 0)))
+        ack = next_ack()
+        assert ack.seq == 0 and ack.hold is True
+        server.set_hold(False)
+        assert next_ack().hold is False
+        dealer.close()
