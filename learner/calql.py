@@ -81,6 +81,8 @@ class CalQLAgent(nn.Module):
             ],
             **_fast_adam_kwargs(torch.device(device)),
         )
+        # Cache-sized chunks help the eager CPU path only (compiled code and GPUs prefer one call).
+        self.chunk_rows = 2048 if torch.device(device).type == "cpu" and not cfg.compile else 0
         self._step_fn = self._update
         if cfg.compile:
             self._step_fn = torch.compile(self._update, mode=cfg.compile_mode)
@@ -112,15 +114,13 @@ class CalQLAgent(nn.Module):
         # Actions the critic loss needs, without gradients: n at s and n at s' (CQL), and
         # n at s' for the target backup; the policy MLP runs once per state.
         with torch.no_grad():
-            obs_rep = obs.repeat_interleave(n, dim=0)
             n_target = n if cfg.cql_max_target_backup else 1
-            target_obs = next_obs.repeat_interleave(n_target, dim=0)
             mean, log_std = self.policy.mean_and_log_std(torch.cat([obs, next_obs]))
             pi_cur, log_pi_cur = sample_tanh_gaussian(mean[:B], log_std[:B], n)
             pi_next, log_pi_next = sample_tanh_gaussian(mean[B:], log_std[B:], n)
             pi_target, log_pi_target = sample_tanh_gaussian(mean[B:], log_std[B:], n_target)
 
-            target_q = self.target_critic(target_obs, pi_target).min(dim=0).values.view(B, n_target)
+            target_q = self.target_critic.forward_per_state(next_obs, pi_target.view(B, n_target, -1)).min(dim=0).values
             log_pi_target = log_pi_target.view(B, n_target)
             if cfg.cql_max_target_backup:
                 best = target_q.argmax(dim=-1, keepdim=True)
@@ -131,13 +131,13 @@ class CalQLAgent(nn.Module):
             td_target = batch.reward + (1.0 - batch.done) * cfg.discount * target_q
             random_action = torch.empty_like(pi_cur).uniform_(-1.0, 1.0)
 
-        # All critic inputs at s in one ensemble call: data, random, pi(s), pi(s').
-        q_all = self.critic(
-            torch.cat([obs, obs_rep, obs_rep, obs_rep]),
-            torch.cat([batch.action, random_action, pi_cur, pi_next]),
+        # All critic inputs at s in one ensemble call: data, random, pi(s), pi(s') actions.
+        actions = torch.cat(
+            [batch.action.unsqueeze(1), random_action.view(B, n, -1), pi_cur.view(B, n, -1), pi_next.view(B, n, -1)],
+            dim=1,
         )
-        q_data, q_rand, q_pi_cur, q_pi_next = q_all.split([B, B * n, B * n, B * n], dim=1)
-        q_rand, q_pi_cur, q_pi_next = (q.view(E, B, n) for q in (q_rand, q_pi_cur, q_pi_next))
+        q_all = self.critic.forward_per_state(obs, actions, self.chunk_rows)
+        q_data, q_rand, q_pi_cur, q_pi_next = q_all[..., 0], q_all[..., 1 : n + 1], q_all[..., n + 1 : 2 * n + 1], q_all[..., 2 * n + 1 :]
         td_loss = (q_data - td_target).square().mean(dim=-1)  # (E,)
 
         bound_rate = torch.zeros((), device=obs.device)

@@ -157,14 +157,47 @@ class CriticEnsemble(nn.Module):
         ``detach_params`` lets gradients reach the inputs only (the policy loss).
         """
         x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if detach_params:
-                w, b = w.detach(), b.detach()
-            x = torch.baddbmm(b, x, w)
-            if i < last:
-                x = F.relu(x)
-        return x.squeeze(-1)
+        weights, biases = list(self.weights), list(self.biases)
+        if detach_params:
+            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+        for w, b in zip(weights[:-1], biases[:-1]):
+            x = F.relu(torch.baddbmm(b, x, w))
+        return _ensemble_head(x, weights[-1], biases[-1])
+
+    def forward_per_state(self, obs: torch.Tensor, actions: torch.Tensor, chunk_rows: int = 0) -> torch.Tensor:
+        """Q-values (E, B, K) of K actions (B, K, A) at each of B states (B, obs_dim).
+
+        ``chunk_rows`` > 0 runs chunks of about that many (state, action) rows: on a CPU
+        each layer's activations then stay in cache between the GEMM and the elementwise
+        ops that follow it (-12% time per update here); one call streams them through DRAM.
+        """
+        B, K = actions.shape[:2]
+        step = max(1, chunk_rows // K) if chunk_rows else B
+        if step >= B:
+            return self._forward_per_state(obs, actions)
+        chunks = [self._forward_per_state(o, a) for o, a in zip(obs.split(step), actions.split(step))]
+        return torch.cat(chunks, dim=1)
+
+    def _forward_per_state(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        # The first layer's observation part runs once per state and is broadcast over the K actions.
+        E, (B, K, A) = self.num_critics, actions.shape
+        w0, b0 = self.weights[0], self.biases[0]
+        obs_dim = w0.shape[1] - A
+        h_obs = torch.baddbmm(b0, obs.expand(E, -1, -1), w0[:, :obs_dim])  # (E, B, H)
+        h_act = torch.matmul(actions.reshape(B * K, A), w0[:, obs_dim:])  # (E, B*K, H)
+        x = F.relu(h_act.view(E, B, K, -1) + h_obs.unsqueeze(2)).view(E, B * K, -1)
+        for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
+            x = F.relu(torch.baddbmm(b, x, w))
+        return _ensemble_head(x, self.weights[-1], self.biases[-1]).view(E, B, K)
+
+
+def _ensemble_head(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Last layer (E, N, H) @ (E, H, 1) + b -> (E, N), one matrix-vector product per member.
+
+    On a CPU, bmm with a single output column is ~5x slower than addmv, forward and
+    backward (MKL takes a GEMM path for an N x 1 result).
+    """
+    return torch.stack([torch.addmv(b_i[0], x_i, w_i[:, 0]) for x_i, w_i, b_i in zip(x.unbind(), w.unbind(), b.unbind())])
 
 
 class ObservationNormalizer(nn.Module):

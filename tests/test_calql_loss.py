@@ -86,3 +86,13 @@ def test_update_changes_each_part_only_through_its_own_loss():
     assert {"log_alpha", "log_alpha_prime"} <= changed
     assert not any(k.startswith("normalizer.") for k in changed)
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_per_state_critic_call_equals_the_row_by_row_call():
+    agent = make_agent()
+    g = torch.Generator().manual_seed(3)
+    obs, actions = torch.randn(50, OBS, generator=g), torch.rand(50, 7, ACT, generator=g) * 2 - 1
+    rows = agent.critic(obs.repeat_interleave(7, dim=0), actions.reshape(-1, ACT)).view(2, 50, 7)
+    for chunk_rows in (0, 64):  # one call, and cache-sized chunks of states
+        per_state = agent.critic.forward_per_state(obs, actions, chunk_rows)
+        torch.testing.assert_close(per_state, rows, rtol=1e-5, atol=1e-5)
