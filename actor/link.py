@@ -306,6 +306,11 @@ class Link:
         self._acked(welcome.seq)
         if welcome.policy_version > self._received_version:
             self._policy_behind()  # it normally follows the welcome; asked for again if it does not
+        elif 0 <= welcome.policy_version < self._received_version:
+            self._warn("older", "the learner's newest policy is version %d, older than this actor's version %d "
+                       "(policy.path, or a learner restarted from an older checkpoint): keeping version %d until "
+                       "the learner publishes a newer one", welcome.policy_version, self._received_version,
+                       self._received_version)  # fmt: skip
         if not self._welcomed:
             self._welcomed = True
             self._next_send = welcome.seq + 1  # resend everything the learner has not committed

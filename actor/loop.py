@@ -46,7 +46,8 @@ class LoopStats:
     chunks: int = 0
     rows: int = 0
     first_seq: int | None = None
-    swaps: list = dataclasses.field(default_factory=list)  # [policy version, step, unix time of its first action]
+    # [policy version, step, unix times of its first action, of its arrival and when its session was built]
+    swaps: list = dataclasses.field(default_factory=list)
     returns: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=20))
     successes: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=20))
     eval_returns: list = dataclasses.field(default_factory=list)
@@ -153,7 +154,7 @@ class Actor:
         clipped = np.minimum(np.maximum(action, self.low), self.high)  # a fresh array: the env may keep it
         if not math.isfinite(np.add.reduce(clipped)):  # NaN survives clipping: never send it to a robot
             raise NonFinite(f"policy version {self.version} gave the non-finite action {action} "
-                                  f"for the observation {self.obs}")  # fmt: skip
+                            f"for the observation {self.obs}")  # fmt: skip
         if self._may_clip and not np.array_equal(clipped, action):
             self.stats.clipped_steps += 1
         next_obs, reward, terminated, truncated, info = self.env.step(clipped)
@@ -220,12 +221,12 @@ class Actor:
             self.policy = new
             # A policy acting inside the env's bounds needs no per-step comparison to count clips.
             self._may_clip = bool((new.action_low < self.low).any() or (new.action_high > self.high).any())
-            self.stats.swaps.append([new.version, self.stats.steps, time.time()])
+            self.stats.swaps.append([new.version, self.stats.steps, time.time(), new.received_at, new.built_at])
             log.info("acting with policy version %d from step %d", new.version, self.stats.steps)
 
     def _wait_for_policy(self) -> bool:
         log.info("waiting for the learner's first policy (or set policy.path / policy.act_before_policy=true)")
-        while (policy := self.policies.latest()) is None:
+        while self.policies.latest() is None:
             if self.stop_requested or self.sink.stop_reason():
                 return False
             time.sleep(0.005)

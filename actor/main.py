@@ -15,6 +15,8 @@ import json
 import logging
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -106,38 +108,48 @@ def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, L
     return env, link, link, link.start()
 
 
-def wait_for_learner(link: Link, cfg: ActorConfig) -> None:
-    """Block until the learner welcomes this actor; ConnectionError if it refuses or the timeout passes."""
+def wait_for_learner(link: Link, cfg: ActorConfig, stop: threading.Event | None = None) -> bool:
+    """Block until the learner welcomes this actor (True) or ``stop`` is set (False); ConnectionError
+    if the learner refuses this actor or ``link.connect_timeout_s`` passes."""
     log.info("actor %s: connecting to learner %s (task %s)", cfg.actor_id, cfg.learner, cfg.task)
-    while not link.wait_welcome(cfg.link.connect_timeout_s or 5.0):
-        if link.fatal:
+    start = last_line = time.monotonic()
+    while not link.wait_welcome(0.1):
+        now = time.monotonic()
+        if link.fatal or (stop is not None and stop.is_set()):
             break
-        if cfg.link.connect_timeout_s:
+        if cfg.link.connect_timeout_s and now - start > cfg.link.connect_timeout_s:
             raise ConnectionError(f"learner {cfg.learner} did not answer within {cfg.link.connect_timeout_s} s: "
                                   "is it running, and is the address reachable from here?")  # fmt: skip
-        log.info("still waiting for learner %s ...", cfg.learner)
+        if now - last_line > 5.0:
+            last_line = now
+            log.info("still waiting for learner %s (%.0f s) ...", cfg.learner, now - start)
     if link.fatal:
         raise ConnectionError(link.fatal)
+    return link.wait_welcome(0)
 
 
 def run_actor(cfg: ActorConfig) -> int:
-    """Act until done or stopped; returns the exit status."""
+    """Act until done or stopped (SIGTERM/SIGINT stop cleanly at any point); returns the exit status."""
     env, sink, policies, link = assemble(cfg)
-    actor = None
+    stop = threading.Event()
+    actor: Actor | None = None
+
+    def request_stop(*_) -> None:
+        stop.set()
+        if actor is not None:
+            actor.request_stop()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     try:
-        if link is not None:
-            wait_for_learner(link, cfg)
-        actor = Actor(env, sink, policies, cfg)
-        previous = {sig: signal.signal(sig, lambda *_: actor.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        if link is None or wait_for_learner(link, cfg, stop):
+            actor = Actor(env, sink, policies, cfg)
+            if stop.is_set():
+                actor.request_stop()
             reason = actor.run(cfg.max_steps, cfg.max_episodes)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        stopped_safely = reason not in ("done", "stop requested")
-        (log.error if stopped_safely else log.info)("actor %s stopped: %s", cfg.actor_id, reason)
-        status = EXIT_STOPPED if stopped_safely else 0
+            stopped_safely = reason not in ("done", "stop requested")
+            (log.error if stopped_safely else log.info)("actor %s stopped: %s", cfg.actor_id, reason)
+            status = EXIT_STOPPED if stopped_safely else 0
     except ConnectionError as err:
         log.error("%s", err)
         status = EXIT_STOPPED
@@ -145,6 +157,8 @@ def run_actor(cfg: ActorConfig) -> int:
         if link is not None:
             link.close()
         env.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if cfg.stats_file:
             stats = {"actor": actor.summary() if actor else None, "link": link.summary() if link else None}
             Path(cfg.stats_file).write_text(json.dumps(stats))

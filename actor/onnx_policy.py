@@ -124,6 +124,8 @@ class OnnxPolicy:
                 )
             if wrong:
                 raise PolicyMismatch(f"{source} does not fit this actor: " + "; ".join(wrong))
+        self.received_at: float | None = None  # unix times, set by the PolicyBuilder of a received policy
+        self.built_at: float | None = None
         # Pre-allocated inputs: act() copies into them, so no per-step allocation but the output.
         self._obs = np.zeros((1, self.obs_dim), np.float32)
         self._noise = np.zeros((1, self.action_dim), np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -97,7 +98,7 @@ class PolicyBuilder:
     def __init__(self, build: Callable[[bytes, int], OnnxPolicy], initial: OnnxPolicy | None = None):
         self._build = build
         self._latest = initial
-        self._pending: tuple[int, bytes] | None = None
+        self._pending: tuple[int, bytes, float] | None = None
         self._cond = threading.Condition()
         self._closed = False
         self.built = 0
@@ -110,9 +111,10 @@ class PolicyBuilder:
         return self._latest  # one attribute read: atomic under the GIL
 
     def submit(self, version: int, onnx: bytes) -> None:
+        received_at = time.time()
         with self._cond:
             if self._pending is None or version > self._pending[0]:
-                self._pending = (version, onnx)
+                self._pending = (version, onnx, received_at)
                 self._cond.notify()
 
     def _run(self) -> None:
@@ -122,7 +124,7 @@ class PolicyBuilder:
                     self._cond.wait()
                 if self._closed:
                     return
-                version, onnx = self._pending
+                version, onnx, received_at = self._pending
                 self._pending = None
             current = self._latest
             if current is not None and version <= current.version:
@@ -135,6 +137,7 @@ class PolicyBuilder:
                 log.error("refused policy version %d: %s (keeping version %s)", version, err,
                           current.version if current else "none", exc_info=not isinstance(err, PolicyMismatch))  # fmt: skip
                 continue
+            policy.received_at, policy.built_at = received_at, time.time()  # for hot-swap latency figures
             self._latest = policy
             self.built += 1
 

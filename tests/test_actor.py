@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -458,3 +457,24 @@ def test_a_non_finite_observation_stops_the_loop_and_is_never_sent(policies):
     assert len(env.unwrapped.actions) == 5 and np.isfinite(np.stack(env.unwrapped.actions)).all()
     assert sink.n_rows == 4  # the 4 transitions before the faulty one are still sent
     assert all(np.isfinite(c.next_obs).all() for c in sink.chunks)
+
+
+def free_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_actor_without_a_learner_times_out_or_stops_on_sigterm_without_hanging(tmp_path):
+    base = [sys.executable, "-m", "o2o.actor.main", "task=pusher", f"learner={free_endpoint()}", "actor_id=lonely",
+            f"spool.dir={tmp_path}"]  # fmt: skip
+    timed_out = subprocess.run([*base, "link.connect_timeout_s=1"], capture_output=True, text=True, timeout=120)
+    assert timed_out.returncode == 3 and "did not answer within 1.0 s" in timed_out.stdout
+    waiting = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in waiting.stdout:  # SIGTERM once it waits for the learner
+        if "connecting to learner" in line:
+            break
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=60) == 0
