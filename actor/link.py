@@ -7,9 +7,10 @@ does the rest:
 * ``hello`` at connect and as a heartbeat after ``heartbeat_s`` of silence; the
   ``welcome`` gives the actor's committed seq: the first one fixes where this
   actor's seqs continue, and after every (re)connect the spool is resent from it.
+* ``ack`` (cumulative) and ``reject`` drop chunks from the spool; an ack's ``hold``
+  flag is the learner's flow control (``held()``: the loop begins no new episode).
 * chunks go from the spool to the socket in seq order, at most ``max_in_flight``
-  unacked at a time; ``ack`` (cumulative) and ``reject`` drop them from the
-  spool, ``resend`` rewinds.
+  unacked at a time; ``resend`` rewinds.
 * ``policy`` messages (sha256 checked by the wire decoder) go to a
   ``PolicyBuilder`` that makes the new session off this thread; ``latest()``
   hands it to the loop.
@@ -114,6 +115,7 @@ class Link:
         self.error: BaseException | None = None
         self.fatal: str | None = None  # the learner refused this actor (other task / dimensions)
         self.learner_lost = False
+        self.hold = False  # the learner's flow control (ack.hold): begin no new episode while True
         # Link-thread state.
         self._sock: zmq.Socket | None = None
         self._welcomed = False
@@ -184,6 +186,10 @@ class Link:
         if self.learner_lost and self.cfg.on_learner_lost == "stop":
             return f"learner {self.endpoint} lost for over {self.cfg.timeout_s} s (link.on_learner_lost=stop)"
         return None
+
+    def held(self) -> bool:
+        # A lost learner's hold is stale: with on_learner_lost=continue the actor goes on collecting.
+        return self.hold and not self.learner_lost
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -270,6 +276,9 @@ class Link:
         if kind == "ack":
             ack = decode_ack(frames, header)
             self._acked(ack.seq)
+            if ack.hold != self.hold:
+                self.hold = ack.hold
+                log.info("learner %s the fleet (its samples-per-insert limiter)", "holds" if ack.hold else "releases")
             if ack.policy_version > self._received_version:
                 self._policy_behind()
         elif kind == "welcome":
@@ -312,6 +321,8 @@ class Link:
                        "the learner publishes a newer one", welcome.policy_version, self._received_version,
                        self._received_version)  # fmt: skip
         if not self._welcomed:
+            # A (re)connected learner says whether it holds us in its next ack; until then we go on.
+            self.hold = False
             self._welcomed = True
             self._next_send = welcome.seq + 1  # resend everything the learner has not committed
         self._welcomed_once.set()
@@ -436,4 +447,5 @@ class Link:
             "policies_built": self.policies.built,
             "policies_refused": self.policies.refused,
             "learner_lost": self.learner_lost,
+            "held": self.hold,
         }

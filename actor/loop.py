@@ -1,8 +1,10 @@
 """The control loop: act with the newest policy, step the env, hand transitions to a sink.
 
-Reads top to bottom: (swap policy) -> act -> clip -> step -> record -> (flush chunk)
--> (episode end) -> pace. It knows nothing about sockets: transitions go to a
-``TransitionSink`` and policies come from a ``PolicySource`` (actor/seams.py).
+Reads top to bottom: (hold / begin episode / swap policy) -> act -> clip -> step ->
+record -> (flush chunk) -> (episode end) -> pace. It knows nothing about sockets:
+transitions go to a ``TransitionSink`` (which may also hold the loop between
+episodes: the learner's flow control) and policies come from a ``PolicySource``
+(actor/seams.py).
 
 Chunks never span episodes and carry one policy version: a chunk is sent when
 it holds ``chunk_rows`` rows, at each episode end, and before a policy swap.
@@ -43,6 +45,8 @@ class LoopStats:
     clipped_steps: int = 0  # steps whose policy action lay outside the action space
     overruns: int = 0  # steps longer than 1 / control_hz
     pauses: int = 0  # times the env was paused for a full spool
+    holds: int = 0  # times the learner held this actor between episodes (flow control)
+    held_s: float = 0.0
     chunks: int = 0
     rows: int = 0
     first_seq: int | None = None
@@ -99,7 +103,8 @@ class Actor:
         self.policy: OnnxPolicy | None = None
         self.obs: np.ndarray | None = None
         self.stop_requested = False
-        self.paused = False
+        self.paused = False  # waiting for spool room (mid-episode)
+        self.holding = False  # held by the learner (between episodes)
         self._train_since_eval = self._eval_left = 0
 
     @property
@@ -129,6 +134,9 @@ class Actor:
                 reason = why
                 break
             if self.obs is None:
+                if self.sink.held() and not self._wait_while_held():
+                    reason = self.sink.stop_reason() or "stop requested"
+                    break
                 self._begin_episode()
             elif self.cfg.policy.swap == "step":
                 self._maybe_swap()
@@ -234,6 +242,21 @@ class Actor:
         self._maybe_swap()
         self._tick = time.perf_counter()
         return True
+
+    def _wait_while_held(self) -> bool:
+        """The learner is ahead of its updates (samples-per-insert): wait between episodes. False = stop."""
+        log.info("the learner holds this actor between episodes (it is ahead of the learner's updates)")
+        self.stats.holds += 1
+        self.holding = True
+        start = time.perf_counter()
+        while self.sink.held():
+            if self.stop_requested or self.sink.stop_reason():
+                break
+            time.sleep(0.005)
+        self.holding = False
+        self.stats.held_s += time.perf_counter() - start
+        self._tick = time.perf_counter()
+        return not (self.stop_requested or self.sink.stop_reason())
 
     def _room(self) -> str | None:
         """None when the sink can take another chunk (after a pause if need be), else why to stop."""

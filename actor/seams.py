@@ -34,6 +34,9 @@ class TransitionSink(Protocol):
     def stop_reason(self) -> str | None:
         """Why the loop must stop now (e.g. the learner is lost and the config says stop), else None."""
 
+    def held(self) -> bool:
+        """Flow control: True while the consumer asks the loop not to begin another episode."""
+
     def summary(self) -> dict:
         """Counters for progress lines (e.g. ``spool_depth``)."""
 
@@ -72,6 +75,9 @@ class MemorySink:
 
     def stop_reason(self) -> str | None:
         return None
+
+    def held(self) -> bool:
+        return False
 
     def summary(self) -> dict:
         return {"spool_depth": 0, "chunks": self.n_chunks, "rows": self.n_rows}

@@ -366,6 +366,31 @@ def test_full_spool_stops_or_pauses_without_dropping_data(tmp_path, policies, se
     assert len(server.store) == actor.stats.steps == (60 if on_full == "stop" else 300)
 
 
+def test_learner_hold_pauses_the_actor_between_episodes_only(tmp_path, server):
+    actor, link = linked_actor(config(tmp_path, server.endpoint, control_hz=500.0))  # 0.2 s per episode
+    server.set_hold(True)
+    wait_for(lambda: link.held(), "the hold to reach the actor")
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("reason", actor.run(max_steps=10_000)))
+    runner.start()
+    try:
+        wait_for(lambda: actor.holding, "the actor to wait before its first episode")
+        assert actor.stats.steps == 0
+        server.set_hold(False)
+        wait_for(lambda: actor.stats.steps >= 30, "the released actor to step")
+        server.set_hold(True)  # mid-episode: the episode is finished first
+        wait_for(lambda: actor.holding, "the actor to wait at the next episode boundary")
+        assert actor.stats.steps % 100 == 0 and actor.stats.steps >= 100
+        server.set_hold(False)
+        steps = actor.stats.steps
+        wait_for(lambda: actor.stats.steps > steps, "the actor to resume")
+    finally:
+        actor.request_stop()
+        runner.join(timeout=60)
+        link.close()
+    assert outcome["reason"] == "stop requested" and actor.stats.holds == 2
+
+
 # ---------------------------------------------------------------- loop: eval, clipping, control rate
 
 
