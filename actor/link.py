@@ -263,7 +263,8 @@ class Link:
             self._last_recv = time.monotonic()
             if self.learner_lost:
                 self.learner_lost = False
-                log.warning("learner %s answers again", self.endpoint)
+                if self._welcomed_once.is_set():
+                    log.warning("learner %s answers again", self.endpoint)
             try:
                 self._on_message(frames)
             except WireError as err:
@@ -398,8 +399,9 @@ class Link:
         if silence > self.cfg.timeout_s:
             if not self.learner_lost:
                 self.learner_lost = True
-                log.warning("learner %s silent for %.1f s: counted as lost, reconnecting (%d chunks spooled)",
-                            self.endpoint, silence, len(self.spool))  # fmt: skip
+                if self._welcomed_once.is_set():  # before that, the start-up wait logs its own lines
+                    log.warning("learner %s silent for %.1f s: counted as lost, reconnecting (%d chunks spooled)",
+                                self.endpoint, silence, len(self.spool))  # fmt: skip
             if now - self._last_reconnect > self.cfg.timeout_s:
                 self.stats.reconnects += 1
                 self._new_socket()
