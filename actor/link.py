@@ -304,7 +304,7 @@ class Link:
         with self._seq_lock:
             if self._next_seq is None:
                 last = self.spool.last_seq
-                self._next_seq = max(welcome.seq + 1, last + 1 if last is not None else 0)
+                self._next_seq = max(welcome.seq + 1, welcome.accepted_seq + 1, last + 1 if last is not None else 0)
                 self._spooled_next = self._next_seq
                 log.info("learner %s welcomed actor %s: committed seq %d, continuing at seq %d, %d chunks to resend",
                          self.endpoint, self.actor_id, welcome.seq, self._next_seq, len(self.spool))  # fmt: skip
@@ -321,9 +321,8 @@ class Link:
                        "(policy.path, or a learner restarted from an older checkpoint): keeping version %d until "
                        "the learner publishes a newer one", welcome.policy_version, self._received_version,
                        self._received_version)  # fmt: skip
+        self.hold = welcome.hold
         if not self._welcomed:
-            # A (re)connected learner says whether it holds us in its next ack; until then we go on.
-            self.hold = False
             self._welcomed = True
             self._next_send = welcome.seq + 1  # resend everything the learner has not committed
         self._welcomed_once.set()

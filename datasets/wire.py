@@ -207,6 +207,11 @@ class Welcome:
     actor_id: str
     seq: int
     policy_version: int = -1
+    accepted_seq: int = -1
+    """Highest seq accepted (maybe not yet committed): a restarted actor that lost its
+    spool continues above it, so its new chunks are not taken for duplicates."""
+    hold: bool = False
+    """The learner's flow control, as on acks."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +460,12 @@ def encode_welcome(msg: Welcome) -> list[bytes]:
 def decode_welcome(frames: Sequence[Frame], header: dict | None = None) -> Welcome:
     header = _header_of(frames, header, "welcome")
     _frame_count(frames, 1, "welcome")
-    return Welcome(_str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1))
+    # accepted_seq and hold are absent in older learners' welcomes.
+    accepted = _int(header, "accepted_seq", lo=-1) if "accepted_seq" in header else -1
+    hold = _bool(header, "hold") if "hold" in header else False
+    return Welcome(
+        _str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1), accepted, hold
+    )
 
 
 def make_policy(version: int, onnx: bytes) -> Policy:

@@ -432,7 +432,11 @@ class IngestServer:
             )  # fmt: skip
             self.store.skip(hello.actor_id, hello.next_seq - 1)
             self._to_ack.add(hello.actor_id)
-        welcome = Welcome(hello.actor_id, self.store.committed_seq(hello.actor_id), self.policy_version)
+        actor_id = hello.actor_id
+        welcome = Welcome(
+            actor_id, self.store.committed_seq(actor_id), self.policy_version,
+            self.store.expected_seq(actor_id) - 1, self._hold,
+        )  # fmt: skip
         self._send(sock, identity, encode(welcome))
         if self._policy is not None and hello.policy_version < self._policy.version:
             self._send(sock, identity, encode(self._policy))

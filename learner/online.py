@@ -43,6 +43,8 @@ log = logging.getLogger("o2o.learner")
 
 ConfigStore.instance().store(name="online_schema", node=OnlineConfig)
 
+UPDATE_BURST = 10
+
 
 class PolicyPublisher:
     """Exports the current policy to ONNX and hands it to the ingest server under a new version."""
@@ -137,7 +139,8 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
             if allowed == 0:
                 time.sleep(0.01)  # waiting for data: a slow fleet must not make us overfit
                 continue
-            for _ in range(min(allowed, cfg.log_every - updates % cfg.log_every)):
+            # Short bursts: new data, the fleet's hold and its stats are looked at between them.
+            for _ in range(min(allowed, UPDATE_BURST, cfg.log_every - updates % cfg.log_every)):
                 running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, cfg.offline_ratio)))
                 updates += 1
                 bar.update(1)
