@@ -39,8 +39,12 @@ class LaunchConfig:
     """Simulated actor processes."""
     pretrained: str | None = None
     """Start from this checkpoint / run folder; None = pretrain for pretrain_steps first."""
-    pretrain_steps: int = 3000
-    online_updates: int = 3000
+    pretrain_steps: int = 2000
+    online_updates: int = 2000
+    utd: float = 1.0
+    """Learner updates per online transition."""
+    max_rows_ahead: int = 2000
+    """Transitions the actors may run ahead of updates / utd before the learner holds them."""
     port: int = 0
     """Learner port on 127.0.0.1 (0 = a free one)."""
     seed: int = 0
@@ -68,6 +72,7 @@ def learner_command(cfg: LaunchConfig, run_dir: Path, endpoint: str) -> list[str
         sys.executable, "-m", "o2o.learner.online",
         f"task={cfg.task}", f"dataset={cfg.dataset}", f"build_missing_dataset={cfg.build_missing_dataset}",
         *start, f"online_updates={cfg.online_updates}", f"endpoint={endpoint}", f"seed={cfg.seed}",
+        f"utd={cfg.utd}", f"max_rows_ahead={cfg.max_rows_ahead}",
         "progress=false", f"hydra.run.dir={run_dir}", *cfg.learner_overrides,
     ]  # fmt: skip
 

@@ -110,13 +110,22 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
         log.info("reloaded %d trainable rows from the store", online.load_store(store))
 
     updates = int(extra.get("online_updates", 0))
-    server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=online.on_commit).start()
+    limiter = UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
+    done = {"updates": updates}  # written by this loop, read by the ingest thread
+
+    def on_commit(event) -> None:
+        # Runs in the ingest thread: a fast fleet is held at once, even while this loop
+        # is busy (or starved of the GIL by ingest itself). Releasing happens below.
+        online.on_commit(event)
+        if limiter.hold(done["updates"], event.stop, server.holding) and not server.holding:
+            server.set_hold(True)
+
+    server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=on_commit).start()
     publisher = PolicyPublisher(agent, spec, server, run_dir, version=int(extra.get("policy_version", 0)))
     publisher.publish(updates)
     log.info("learner listening on %s (task %s, policy version %d)", server.endpoint, task.name, publisher.version)
 
     logger = MetricsLogger(run_dir)
-    limiter = UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
     running = RunningMean()
     monitor = FleetMonitor(server, cfg.stats_every_s)
 
@@ -124,6 +133,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
         save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, int(payload["step"]) + updates,
                         extra={"online_updates": updates, "policy_version": publisher.version})
 
+    checkpoint()  # from now on `resume=<run folder>` finds this run's own checkpoint
     total = cfg.online_updates or None
     bar = tqdm(initial=updates, total=total, desc="online", disable=not cfg.progress)
     try:
@@ -143,6 +153,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
             for _ in range(min(allowed, UPDATE_BURST, cfg.log_every - updates % cfg.log_every)):
                 running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, cfg.offline_ratio)))
                 updates += 1
+                done["updates"] = updates
                 bar.update(1)
                 if updates % cfg.publish_every == 0:
                     publisher.publish(updates)
@@ -161,6 +172,8 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
     except KeyboardInterrupt:
         log.info("interrupted: checkpointing")
     finally:
+        if running.count:
+            logger.log(updates, "train", running.pop())
         checkpoint()
         server.stop()
         store.close()

@@ -74,19 +74,20 @@ class OnlineData:
         self.events.put(event)
 
     def drain(self) -> int:
-        """Apply queued commit events; returns how many rows became trainable."""
+        """Apply the commit events queued so far; returns how many rows became trainable.
+
+        Only those present at the call: a fast fleet must not keep the learner in here.
+        """
         added = 0
-        while True:
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return added
+        for _ in range(self.events.qsize()):
+            event = self.events.get_nowait()
             if event.stop > event.start:
                 self.mirror.append(event.start, event.rows)
                 self.committed_rows = event.stop
             if len(event.mc_rows):
                 added += self._make_trainable(np.asarray(event.mc_rows), np.asarray(event.mc_return))
             self._collect_episodes(event.episodes)
+        return added
 
     def _make_trainable(self, rows: np.ndarray, mc_return: np.ndarray) -> int:
         data = self.mirror.take(rows)
