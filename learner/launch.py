@@ -107,8 +107,10 @@ class Progress:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line being written
                 continue
-            if "train/online_rows" in record:
-                self.updates, self.rows = record["step"], int(record["train/committed_rows"])
+            if "train/critic_loss" in record:
+                self.updates = record["step"]
+            if "train/committed_rows" in record:
+                self.rows = int(record["train/committed_rows"])
             if "online/return" in record:
                 self.returns = (self.returns + [record["online/return"]])[-20:]
                 self.successes = (self.successes + [record["online/success"]])[-20:]
