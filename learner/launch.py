@@ -43,6 +43,8 @@ class LaunchConfig:
     online_updates: int = 2000
     utd: float = 1.0
     """Learner updates per online transition."""
+    eval_every: int = 10
+    """Each actor runs a deterministic evaluation episode (tagged eval, not trained on) every N episodes."""
     max_rows_ahead: int = 2000
     """Transitions the actors may run ahead of updates / utd before the learner holds them."""
     port: int = 0
@@ -81,7 +83,7 @@ def actor_command(cfg: LaunchConfig, run_dir: Path, endpoint: str, index: int) -
     return [
         sys.executable, "-m", "o2o.actor.main",
         f"task={cfg.task}", f"learner={endpoint}", f"actor_id=actor-{index}", f"seed={cfg.seed * 1000 + index}",
-        f"spool.dir={run_dir / 'spool'}", "log_every_s=10", *cfg.actor_overrides,
+        f"spool.dir={run_dir / 'spool'}", "log_every_s=10", f"eval_every={cfg.eval_every}", *cfg.actor_overrides,
     ]  # fmt: skip
 
 
@@ -120,8 +122,9 @@ class Progress:
 
     def postfix(self) -> dict:
         mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
-        return {"rows": self.rows, "episodes_return": mean(self.returns), "success": mean(self.successes),
-                "policy": self.version}  # fmt: skip
+        eval_success = "-" if self.eval_success is None else f"{self.eval_success:.0f}"
+        return {"rows": self.rows, "return": mean(self.returns), "success": mean(self.successes),
+                "eval_success": eval_success, "policy": self.version}  # fmt: skip
 
 
 def _interrupt(*_) -> None:
