@@ -97,7 +97,7 @@ class CalQLAgent(nn.Module):
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of all losses (each reaching only its own parameters) and the metrics."""
-        cfg, n, E = self.cfg, self.cfg.cql_n_actions, self.critic.num_critics
+        cfg, n = self.cfg, self.cfg.cql_n_actions
         obs, next_obs = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
         B = obs.shape[0]
 

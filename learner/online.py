@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig

@@ -101,7 +101,7 @@ def test_mixed_is_half_expert_and_half_noisy_or_random():
 
 
 def test_unknown_task_or_quality_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown Fetch task 'pusher'"):
+    with pytest.raises(ValueError, match="fetch builder: unknown task 'pusher'"):
         build_episodes("pusher", "expert", 1)
     with pytest.raises(ValueError, match="unknown quality 'great'.*expert, medium, mixed"):
         build_episodes("fetch-push", "great", 1)

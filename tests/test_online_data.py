@@ -2,7 +2,6 @@
 with the store's Cal-QL MC returns; eval rows are not trained on; batches mix by ratio."""
 
 import numpy as np
-import torch
 
 from o2o.datasets import wire
 from o2o.datasets.mc_return import trajectory_return_to_go

@@ -6,7 +6,6 @@ the restart; no duplicates and no gaps; training and policy publishing go on.
 
 import dataclasses
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
+from tqdm.auto import tqdm
+
+from o2o.envs import make_env
 
 # act(obs, env, rng) -> action in the env's action space (before clipping).
 Controller = Callable[[object, gym.Env, np.random.Generator], np.ndarray]
@@ -52,3 +55,24 @@ def quality_summary(episodes: list[dict]) -> dict:
         "mean_return": float(returns.mean()),
         "std_return": float(returns.std()),
     }
+
+
+def check_choice(builder: str, task: str, quality: str, tasks: tuple[str, ...], qualities: tuple[str, ...]) -> None:
+    if task not in tasks:
+        raise ValueError(f"{builder} builder: unknown task {task!r}; choose one of {', '.join(tasks)}")
+    if quality not in qualities:
+        raise ValueError(f"{builder} builder: unknown quality {quality!r}; choose one of {', '.join(qualities)}")
+
+
+def record_plan(
+    task: str, quality: str, plan: list[tuple[str, int]], controller_for: Callable[[str], Controller], progress: bool
+) -> list[dict]:
+    """Record one episode per (controller kind, reset seed) of ``plan`` on an unflattened task env."""
+    env = make_env(task, flatten=False)
+    try:
+        return [
+            record_episode(env, controller_for(kind), seed)
+            for kind, seed in tqdm(plan, desc=f"{task}/{quality}", disable=not progress)
+        ]
+    finally:
+        env.close()

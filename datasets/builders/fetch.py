@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
-from tqdm.auto import tqdm
 
-from o2o.envs import make_env
 
-from .common import Controller, record_episode
+from .common import Controller, check_choice, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("fetch-push", "fetch-pick")
@@ -156,24 +154,8 @@ def episode_plan(task: str, quality: str, n_episodes: int, seed: int) -> list[tu
     return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]
 
 
-def _check(task: str, quality: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown Fetch task {task!r}; this builder makes {', '.join(TASKS)}")
-    if quality not in QUALITIES:
-        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-
-
-def build_episodes(
-    task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False
-) -> list[dict]:
+def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
     """``n_episodes`` scripted episodes of ``task`` at ``quality``, in ``write_dataset``'s format."""
-    _check(task, quality)
-    env = make_env(task, flatten=False)
+    check_choice("fetch", task, quality, TASKS, QUALITIES)
     plan = episode_plan(task, quality, n_episodes, seed)
-    try:
-        return [
-            record_episode(env, episode_controller(task, kind), ep_seed)
-            for kind, ep_seed in tqdm(plan, desc=f"{task}/{quality}", disable=not progress)
-        ]
-    finally:
-        env.close()
+    return record_plan(task, quality, plan, lambda kind: episode_controller(task, kind), progress)

@@ -23,11 +23,9 @@ import functools
 
 import gymnasium as gym
 import numpy as np
-from tqdm.auto import tqdm
 
-from o2o.envs import make_env
 
-from .common import Controller, record_episode
+from .common import Controller, check_choice, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("pointmaze-umaze", "pointmaze-medium")
@@ -197,22 +195,8 @@ def episode_plan(quality: str, index: int, seed: int) -> tuple[str, int]:
     return ("medium" if rng.random() < 0.5 else "random"), episode_seed
 
 
-def _check(task: str, quality: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"pointmaze builder: unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if quality not in QUALITIES:
-        raise ValueError(f"pointmaze builder: unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-
-
 def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
     """Record ``n_episodes`` of the ``quality`` controller on ``task`` (``write_dataset`` format)."""
-    _check(task, quality)
-    env = make_env(task, flatten=False)
-    try:
-        episodes = []
-        for index in tqdm(range(n_episodes), desc=f"{task} {quality}", disable=not progress):
-            kind, episode_seed = episode_plan(quality, index, seed)
-            episodes.append(record_episode(env, episode_controller(kind), episode_seed))
-    finally:
-        env.close()
-    return episodes
+    check_choice("pointmaze", task, quality, TASKS, QUALITIES)
+    plan = [episode_plan(quality, index, seed) for index in range(n_episodes)]
+    return record_plan(task, quality, plan, episode_controller, progress)

@@ -35,11 +35,9 @@ from __future__ import annotations
 import gymnasium as gym
 import mujoco
 import numpy as np
-from tqdm.auto import tqdm
 
-from o2o.envs import make_env
 
-from .common import Controller, record_episode
+from .common import Controller, check_choice, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("pusher",)
@@ -260,25 +258,7 @@ def episode_plan(quality: str, n_episodes: int, seed: int) -> list[tuple[str, in
     return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]
 
 
-def _check(task: str, quality: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} for the Pusher builder; it makes {', '.join(TASKS)}")
-    if quality not in QUALITIES:
-        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-
-
-def build_episodes(
-    task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False
-) -> list[dict]:
+def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
     """``n_episodes`` scripted episodes of ``task`` at ``quality``, in ``write_dataset``'s format."""
-    _check(task, quality)
-    env = make_env(task, flatten=False)
-    try:
-        return [
-            record_episode(env, episode_controller(kind), ep_seed)
-            for kind, ep_seed in tqdm(
-                episode_plan(quality, n_episodes, seed), desc=f"{task}/{quality}", disable=not progress
-            )
-        ]
-    finally:
-        env.close()
+    check_choice("pusher", task, quality, TASKS, QUALITIES)
+    return record_plan(task, quality, episode_plan(quality, n_episodes, seed), episode_controller, progress)
