@@ -63,7 +63,8 @@ class LinkConfig:
     max_in_flight: int = 64
     """Chunks sent but not yet acked, at most (flow control; the rest wait in the spool)."""
     drain_s: float = 5.0
-    """At exit, wait up to this long for the learner to ack what was sent."""
+    """At exit, wait up to this long for the learner to ack what is spooled, reconnecting if it
+    is lost (a learner restart); what is left stays in the spool on disk for the next run."""
 
 
 @dataclasses.dataclass

@@ -247,7 +247,8 @@ class Link:
         if not self._stop.is_set():
             return False
         self._take_inbox()
-        return len(self.spool) == 0 or self.learner_lost or time.monotonic() >= self._drain_until
+        # A lost learner may come back within the drain window (a restart): keep reconnecting till then.
+        return len(self.spool) == 0 or time.monotonic() >= self._drain_until
 
     def _poll_ms(self) -> int:
         if self._stop.is_set() or self._hello_pending:

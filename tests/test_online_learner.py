@@ -50,6 +50,7 @@ def start_actor(tmp: Path, endpoint: str, actor_id: str) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "o2o.actor.main", f"task={TASK}", f"learner={endpoint}", f"actor_id={actor_id}",
         f"spool.dir={tmp / 'spool'}", f"max_steps={STEPS_PER_ACTOR}", f"control_hz={CONTROL_HZ}", "chunk_rows=50", "link.timeout_s=2",
+        "link.drain_s=300",  # the actors may finish before the learner is back: they wait for it
         f"stats_file={tmp / (actor_id + '.json')}", "log_every_s=1",
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=open(tmp / f"{actor_id}.log", "w"), stderr=subprocess.STDOUT)
@@ -81,6 +82,7 @@ def test_kill_9_learner_mid_ingest_then_resume(tmp_path):
         learner.wait()
         at_crash = ReplayStore.open(run_dir / "replay", "r")  # opens: the commit record is intact
         rows_at_crash = at_crash.read(columns=["actor", "episode_id", "step"])
+        seq_at_crash = {a: at_crash.committed_seq(a) for a in actors}
         assert 1000 <= len(at_crash) < 2 * STEPS_PER_ACTOR  # killed mid-ingest
 
         learner = start_learner(run_dir, endpoint, f"resume={run_dir}")
@@ -118,8 +120,10 @@ def test_kill_9_learner_mid_ingest_then_resume(tmp_path):
         # The actor noticed the crash and reconnected to the new learner. (Whether a chunk was in
         # flight at the kill is timing; the exactly-once checks above hold either way.)
         assert stats["link"]["reconnects"] >= 2
+    # What the actors spooled while the learner was down reached the restarted learner.
+    assert sum(store.committed_seq(a) for a in actors) > sum(seq_at_crash.values())
     # Finished episodes carry their MC returns; the policy kept being updated and published.
     assert np.isfinite(data["mc_return"]).sum() > 0
-    assert data["policy_version"].max() >= 2
+    assert data["policy_version"].min() >= 1  # every row was acted by a published policy
     resumed = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert resumed["extra"]["online_updates"] > 0 and resumed["extra"]["policy_version"] >= 2
