@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import zmq
 
+from o2o.datasets.wakeup import Waker
 from o2o.datasets.wire import (
     BAD_SPEC,
     MAX_POLICY_BYTES,
@@ -96,14 +97,7 @@ class Link:
         self.policies = PolicyBuilder(build_policy, initial_policy)
         self._received_version = initial_policy.version if initial_policy else -1
         self._context = zmq.Context()
-        self._wake_address = f"inproc://o2o-link-wake-{id(self)}"
-        self._wake_in = self._context.socket(zmq.PAIR)
-        self._wake_in.bind(self._wake_address)
-        self._wake_out = self._context.socket(zmq.PAIR)
-        self._wake_out.setsockopt(zmq.LINGER, 0)
-        self._wake_out.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up is enough
-        self._wake_out.connect(self._wake_address)
-        self._wake_lock = threading.Lock()
+        self._waker = Waker(self._context, "link")
         self._inbox: queue.SimpleQueue[tuple[int, list]] = queue.SimpleQueue()
         self._seq_lock = threading.Lock()
         self._next_seq: int | None = None  # known once the first welcome arrived
@@ -146,12 +140,11 @@ class Link:
         drain_s = self.cfg.drain_s if drain_s is None else drain_s
         self._drain_until = time.monotonic() + drain_s
         self._stop.set()
-        self._wake()
+        self._waker.wake()
         if self._thread is not None:
             self._thread.join()
         self.policies.close()
-        for sock in (self._wake_in, self._wake_out):
-            sock.close(linger=0)
+        self._waker.close()
         self._context.term()
         self.spool.close(spill=True)
 
@@ -172,7 +165,7 @@ class Link:
                 raise ValueError(f"chunk seq {chunk.seq}, expected {self._next_seq}")
             self._next_seq += 1
         self._inbox.put((chunk.seq, encode_chunk(chunk)))
-        self._wake()
+        self._waker.wake()
 
     def latest(self) -> OnnxPolicy | None:
         return self.policies.latest()
@@ -190,13 +183,6 @@ class Link:
     def held(self) -> bool:
         # A lost learner's hold is stale: with on_learner_lost=continue the actor goes on collecting.
         return self.hold and not self.learner_lost
-
-    def _wake(self) -> None:
-        with self._wake_lock:
-            try:
-                self._wake_out.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:  # a wake-up is already pending, or we are closing
-                pass
 
     # ------------------------------------------------------------ link thread
 
@@ -219,16 +205,15 @@ class Link:
 
     def _run(self) -> None:
         self._poller = zmq.Poller()
-        self._poller.register(self._wake_in, zmq.POLLIN)
+        self._poller.register(self._waker.socket, zmq.POLLIN)
         self._last_recv = time.monotonic()
         try:
             self._new_socket()
             self._hello()
             while not self._done():
                 events = dict(self._poller.poll(self._poll_ms()))
-                if self._wake_in in events:
-                    while self._wake_in.poll(0):
-                        self._wake_in.recv()
+                if self._waker.socket in events:
+                    self._waker.drain()
                 if self._sock in events:
                     self._receive()
                 self._take_inbox()

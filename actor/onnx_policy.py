@@ -130,6 +130,15 @@ class OnnxPolicy:
         self._obs = np.zeros((1, self.obs_dim), np.float32)
         self._noise = np.zeros((1, self.action_dim), np.float32)
         self._feed = {"obs": self._obs, "noise": self._noise}
+        self._action = np.zeros((1, self.action_dim), np.float32)
+        self._binding = None
+        if self.session.get_providers() == ["CPUExecutionProvider"]:
+            # Inputs and output bound once to these buffers: run() would convert the feed dict and
+            # allocate the output on every call, which costs as much as the 256x2 MLP itself.
+            self._binding = self.session.io_binding()
+            self._binding.bind_cpu_input("obs", self._obs)
+            self._binding.bind_cpu_input("noise", self._noise)
+            self._binding.bind_output("action", "cpu", 0, np.float32, list(self._action.shape), self._action.ctypes.data)
 
     def act(self, obs: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """Action (action_dim,) float32 for one observation; ``noise`` None or zeros = deterministic."""
@@ -138,7 +147,10 @@ class OnnxPolicy:
             self._noise.fill(0.0)
         else:
             self._noise[0] = noise
-        return self.session.run(OUTPUT_NAMES, self._feed)[0][0]
+        if self._binding is None:
+            return self.session.run(OUTPUT_NAMES, self._feed)[0][0]
+        self.session.run_with_iobinding(self._binding)
+        return self._action[0].copy()
 
     def __repr__(self) -> str:
         return f"OnnxPolicy(task={self.task!r}, version={self.version}, obs_dim={self.obs_dim}, action_dim={self.action_dim})"

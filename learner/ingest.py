@@ -42,6 +42,7 @@ from collections.abc import Callable
 import zmq
 
 from o2o.datasets.replay_store import CommitEvent, ReplayStore, SeqGapError
+from o2o.datasets.wakeup import Waker
 from o2o.datasets.wire import (
     BAD_FRAMES,
     BAD_SPEC,
@@ -124,6 +125,7 @@ class IngestServer:
         self._ready = threading.Event()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._waker: Waker | None = None  # wakes the server thread's poll when a command is queued
         self.error: BaseException | None = None
         # Server-thread state.
         self._policy: Policy | None = None
@@ -158,6 +160,7 @@ class IngestServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Commit what is staged, ack it, close the socket; re-raises a server failure."""
         self._stop.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -187,6 +190,7 @@ class IngestServer:
                 raise ValueError(f"policy version {version} is not above the published {self._policy.version}")
             self._policy = policy
         self._commands.put(("broadcast_policy", policy))
+        self._wake()
         return policy.sha256
 
     def set_hold(self, hold: bool) -> None:
@@ -196,6 +200,12 @@ class IngestServer:
         of the updates; actors learn it from every ack, and at once when it changes.
         """
         self._commands.put(("hold", bool(hold)))
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:  # not started or stopped: the commands wait for the next serve loop
+            waker.wake()
 
     @property
     def holding(self) -> bool:
@@ -228,6 +238,7 @@ class IngestServer:
             sock.setsockopt(zmq.LINGER, 2000)
             sock.bind(self.endpoint)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._waker = Waker(self._context, "ingest")
         except Exception as err:  # reported by start()
             self.error = err
             self._ready.set()
@@ -241,12 +252,19 @@ class IngestServer:
             log.exception("ingest server stopped by an error")
         finally:
             sock.close()
+            waker, self._waker = self._waker, None
+            if waker is not None:
+                waker.close()
 
     def _serve(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._waker.socket, zmq.POLLIN)
         while not self._stop.is_set():
-            if poller.poll(self._poll_timeout_ms()):
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if self._waker.socket in events:
+                self._waker.drain()
+            if sock in events:
                 for _ in range(1024):  # drain a burst, but come back to commit and commands
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
