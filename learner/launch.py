@@ -45,8 +45,10 @@ class LaunchConfig:
     """Learner updates per online transition."""
     eval_every: int = 10
     """Each actor runs a deterministic evaluation episode (tagged eval, not trained on) every N episodes."""
-    max_rows_ahead: int = 2000
+    max_rows_ahead: int = 500
     """Transitions the actors may run ahead of updates / utd before the learner holds them."""
+    publish_every: int = 250
+    """The learner publishes a new policy to the actors every N updates."""
     port: int = 0
     """Learner port on 127.0.0.1 (0 = a free one)."""
     seed: int = 0
@@ -74,7 +76,7 @@ def learner_command(cfg: LaunchConfig, run_dir: Path, endpoint: str) -> list[str
         sys.executable, "-m", "o2o.learner.online",
         f"task={cfg.task}", f"dataset={cfg.dataset}", f"build_missing_dataset={cfg.build_missing_dataset}",
         *start, f"online_updates={cfg.online_updates}", f"endpoint={endpoint}", f"seed={cfg.seed}",
-        f"utd={cfg.utd}", f"max_rows_ahead={cfg.max_rows_ahead}",
+        f"utd={cfg.utd}", f"max_rows_ahead={cfg.max_rows_ahead}", f"publish_every={cfg.publish_every}",
         "progress=false", f"hydra.run.dir={run_dir}", *cfg.learner_overrides,
     ]  # fmt: skip
 
@@ -95,7 +97,7 @@ class Progress:
         self.updates, self.rows, self.version = 0, 0, 0
         self.returns: list[float] = []
         self.successes: list[float] = []
-        self.eval_success: float | None = None
+        self.eval_successes: list[float] = []
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -118,13 +120,12 @@ class Progress:
                 self.successes = (self.successes + [record["online/success"]])[-20:]
                 self.version = max(self.version, int(record["online/policy_version_end"]))
             if "eval/success" in record and "eval/eval" in record:
-                self.eval_success = record["eval/success"]
+                self.eval_successes = (self.eval_successes + [record["eval/success"]])[-10:]
 
     def postfix(self) -> dict:
         mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
-        eval_success = "-" if self.eval_success is None else f"{self.eval_success:.0f}"
         return {"rows": self.rows, "return": mean(self.returns), "success": mean(self.successes),
-                "eval_success": eval_success, "policy": self.version}  # fmt: skip
+                "eval_success": mean(self.eval_successes), "policy": self.version}  # fmt: skip
 
 
 def _interrupt(*_) -> None:
@@ -148,17 +149,30 @@ def launch(cfg: LaunchConfig, run_dir: Path) -> int:
     learner = start(learner_command(cfg, run_dir, endpoint), "learner")
     actors = [start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}") for i in range(cfg.actors)]
     progress = Progress(run_dir / "metrics.jsonl")
-    bar = tqdm(total=cfg.online_updates, desc="online updates")
+    # Without a pretrained checkpoint the learner builds the dataset and pretrains first (minutes):
+    # a bar of its own, from the pretraining run's metrics, until the online phase starts.
+    pretraining = None if cfg.pretrained else Progress(run_dir / "pretrain" / "metrics.jsonl")
+    bar = tqdm(total=cfg.pretrain_steps if pretraining else cfg.online_updates,
+               desc="pretraining" if pretraining else "online updates")  # fmt: skip
     try:
         while learner.poll() is None:
             time.sleep(cfg.refresh_s)
-            progress.poll()
-            bar.n = progress.updates
-            bar.set_postfix(progress.postfix())
             for i, actor in enumerate(actors):
                 if actor.poll() is not None:
                     tqdm.write(f"actor-{i} exited with {actor.returncode}: restarting it (see actor-{i}.log)")
                     actors[i] = start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}")
+            progress.poll()
+            if pretraining is not None:
+                pretraining.poll()
+                if progress.updates == 0 and progress.rows == 0 and pretraining.updates < cfg.pretrain_steps:
+                    bar.n = pretraining.updates
+                    bar.refresh()
+                    continue
+                bar.n = cfg.pretrain_steps
+                bar.close()
+                pretraining, bar = None, tqdm(total=cfg.online_updates, desc="online updates")
+            bar.n = progress.updates
+            bar.set_postfix(progress.postfix())
     except KeyboardInterrupt:
         tqdm.write("interrupted: stopping the learner (it checkpoints) and the actors")
         learner.send_signal(signal.SIGINT)
@@ -172,7 +186,8 @@ def launch(cfg: LaunchConfig, run_dir: Path) -> int:
             except subprocess.TimeoutExpired:
                 actor.kill()
         progress.poll()
-        bar.n = progress.updates
+        if pretraining is None:
+            bar.n = progress.updates
         bar.close()
         for log in logs:
             log.close()
