@@ -48,6 +48,9 @@ class LaunchConfig:
     max_rows_ahead: int = 500
     """Transitions the actors may run ahead of updates / utd before the learner holds them."""
     publish_every: int = 250
+    control_hz: float = 50.0
+    """Sim actors step at this rate, as robots would (0 = as fast as the CPU allows: a fast sim
+    then outruns the learner within a second and spends the run held)."""
     """The learner publishes a new policy to the actors every N updates."""
     port: int = 0
     """Learner port on 127.0.0.1 (0 = a free one)."""
@@ -85,7 +88,7 @@ def actor_command(cfg: LaunchConfig, run_dir: Path, endpoint: str, index: int) -
     return [
         sys.executable, "-m", "o2o.actor.main",
         f"task={cfg.task}", f"learner={endpoint}", f"actor_id=actor-{index}", f"seed={cfg.seed * 1000 + index}",
-        f"spool.dir={run_dir / 'spool'}", "log_every_s=10", f"eval_every={cfg.eval_every}", *cfg.actor_overrides,
+        f"spool.dir={run_dir / 'spool'}", f"control_hz={cfg.control_hz}", "log_every_s=10", f"eval_every={cfg.eval_every}", *cfg.actor_overrides,
     ]  # fmt: skip
 
 
