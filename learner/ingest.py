@@ -272,6 +272,8 @@ class IngestServer:
                         break
                     with self._lock:
                         self._handle_safely(sock, frames)
+                    if not self._commands.empty():  # a new policy goes out before the rest of a burst
+                        self._run_commands(sock)
                     if self._commit_due():
                         self._commit(sock)
             self._run_commands(sock)
