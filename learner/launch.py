@@ -48,10 +48,10 @@ class LaunchConfig:
     max_rows_ahead: int = 500
     """Transitions the actors may run ahead of updates / utd before the learner holds them."""
     publish_every: int = 250
+    """The learner publishes a new policy to the actors every N updates."""
     control_hz: float = 50.0
     """Sim actors step at this rate, as robots would (0 = as fast as the CPU allows: a fast sim
     then outruns the learner within a second and spends the run held)."""
-    """The learner publishes a new policy to the actors every N updates."""
     port: int = 0
     """Learner port on 127.0.0.1 (0 = a free one)."""
     seed: int = 0
