@@ -22,6 +22,7 @@ Messages (-> is the direction):
             ``hold`` (optional, default false): the learner's samples-per-insert limiter
             asks the actor to stop collecting at its next episode boundary until an
             ack with ``hold`` false arrives (the fleet is ahead of the learner).
+            ``run_id`` (optional, default ""): the learner run that published that version.
 ``reject``  learner -> actor. ``actor_id``, ``seq`` (-1 if the header was unreadable),
             ``reason`` (a stable code, see ``REASONS``), ``message``. The chunk will
             never be accepted: drop it from the spool and count it.
@@ -31,12 +32,24 @@ Messages (-> is the direction):
 ``hello``   actor -> learner, at connect (and to ask for the current policy again).
             ``actor_id``, ``task``, ``obs_dim``, ``action_dim``, ``next_seq`` (the
             oldest seq the actor still holds or will send next: seqs below it that
-            the learner lacks are declared lost), ``policy_version`` (held, -1 = none).
+            the learner lacks are declared lost), ``policy_version`` (held, -1 = none),
+            ``policy_run`` (optional: the learner run id of the held policy, "" = none or
+            a file), ``instance`` (optional: a random id of this actor process; a second
+            live connection with the same ``actor_id`` and another instance is refused).
 ``welcome`` learner -> actor, answer to ``hello``. ``actor_id``, ``seq`` (the actor's
             highest committed seq, -1 = none: continue after it, resend what is
-            spooled above it), ``policy_version`` (newest published, -1 = none).
+            spooled above it), ``policy_version`` (newest published, -1 = none),
+            ``accepted_seq``, ``hold`` and ``run_id`` (optional).
 ``policy``  learner -> actors. ``version``, ``sha256`` (hex), ``size`` + one frame
-            holding the ONNX bytes.
+            holding the ONNX bytes; ``run_id`` (optional, default "").
+
+Policy versions count up within one learner run (a resumed run continues its count);
+``run_id`` names the run. An actor takes a policy whose ``run_id`` differs from the one
+it holds whatever its version (a fresh learner starts again at 1), and otherwise only a
+higher version: see ``is_newer_policy``.
+
+Header ints are checked against the columns that store them: ``seq`` and
+``episode_id`` are int64 (up to 2**62 here), ``policy_version`` and ``step`` int32.
 
 Every decoder checks every field and raises ``WireError(reason, message)`` with a
 stable reason code, so receivers can count rejections by reason.
@@ -57,6 +70,8 @@ WIRE_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ACTOR_ID_LEN = 128
 MAX_POLICY_BYTES = 512 * 1024 * 1024
+MAX_INT32 = 2**31 - 1  # policy_version and episode step are int32 columns in the replay store
+MAX_RUN_ID_LEN = 64
 
 # Stable rejection reason codes.
 BAD_HEADER = "bad_header"  # frame 0 is not a msgpack map, or a key is missing or mistyped
@@ -71,6 +86,9 @@ BAD_VALUE = "bad_value"  # e.g. a flag that is neither 0 nor 1
 TOO_LARGE = "too_large"
 BAD_CHECKSUM = "bad_checksum"
 BAD_SPEC = "bad_spec"  # hello for another task / other dimensions
+ACTOR_ID_IN_USE = "actor_id_in_use"  # hello: another live connection holds this actor_id
+NOT_WELCOMED = "not_welcomed"  # chunk from a connection that has not been welcomed: say hello first
+TOO_MANY_ACTORS = "too_many_actors"  # hello: the learner serves its maximum number of actors
 REASONS = frozenset(
     {
         BAD_HEADER,
@@ -85,6 +103,9 @@ REASONS = frozenset(
         TOO_LARGE,
         BAD_CHECKSUM,
         BAD_SPEC,
+        ACTOR_ID_IN_USE,
+        NOT_WELCOMED,
+        TOO_MANY_ACTORS,
     }
 )
 
@@ -176,6 +197,7 @@ class Ack:
     seq: int
     policy_version: int = -1
     hold: bool = False
+    run_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +222,10 @@ class Hello:
     action_dim: int
     next_seq: int
     policy_version: int = -1
+    policy_run: str = ""
+    """Learner run id of the held policy ("" = none, or a policy file)."""
+    instance: str = ""
+    """Random id of this actor process (a reconnect of the same process keeps it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +238,8 @@ class Welcome:
     spool continues above it, so its new chunks are not taken for duplicates."""
     hold: bool = False
     """The learner's flow control, as on acks."""
+    run_id: str = ""
+    """The learner run (policy versions count within a run)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,10 +247,22 @@ class Policy:
     version: int
     sha256: str
     onnx: bytes | memoryview
+    run_id: str = ""
 
     @property
     def size(self) -> int:
         return len(self.onnx)
+
+
+def is_newer_policy(run_id: str, version: int, held_run: str, held_version: int) -> bool:
+    """Should an actor holding ``(held_run, held_version)`` take ``(run_id, version)``?
+
+    Another learner run's policy always (its versions count from 1 again); within a run,
+    only a higher version.
+    """
+    if version < 0:
+        return False
+    return run_id != held_run or version > held_version
 
 
 Message = Union[TransitionChunk, Ack, Reject, Resend, Hello, Welcome, Policy]
@@ -276,6 +316,14 @@ def _str(header: dict, key: str, max_len: int = MAX_ACTOR_ID_LEN) -> str:
     value = header.get(key)
     if not isinstance(value, str) or not 0 < len(value) <= max_len:
         raise WireError(BAD_HEADER, f"header field {key!r} must be a non-empty str of <= {max_len} chars, got {value!r}")
+    return value
+
+
+def _opt_str(header: dict, key: str, max_len: int = MAX_RUN_ID_LEN) -> str:
+    """An optional str field ("" when absent: older peers do not send it)."""
+    value = header.get(key, "")
+    if not isinstance(value, str) or len(value) > max_len:
+        raise WireError(BAD_HEADER, f"header field {key!r} must be a str of <= {max_len} chars, got {value!r}")
     return value
 
 
@@ -354,13 +402,15 @@ def decode_chunk(frames: Sequence[Frame], spec: ChunkSpec, header: dict | None =
 
 
 def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq: int) -> TransitionChunk:
-    policy_version = _int(header, "policy_version", lo=-1)
+    policy_version = _int(header, "policy_version", lo=-1, hi=MAX_INT32)
     episode_id = _int(header, "episode_id")
-    step = _int(header, "step")
+    step = _int(header, "step", hi=MAX_INT32)
     is_eval = _bool(header, "eval")
     n = _int(header, "n", lo=1)
     if n > spec.max_rows:
         raise WireError(TOO_LARGE, f"chunk of {n} rows exceeds the limit of {spec.max_rows} rows")
+    if step + n - 1 > MAX_INT32:
+        raise WireError(BAD_HEADER, f"episode steps {step}..{step + n - 1} exceed the int32 step column ({MAX_INT32})")
     _frame_count(frames, 1 + len(ARRAY_NAMES), "chunk")
     descr = header.get("arrays")
     if not isinstance(descr, list) or len(descr) != len(ARRAY_NAMES):
@@ -403,14 +453,15 @@ def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq
 
 def encode_ack(msg: Ack) -> list[bytes]:
     header = {"type": "ack", "actor_id": msg.actor_id, "seq": msg.seq, "policy_version": msg.policy_version}
-    return [_pack({**header, "hold": msg.hold})]
+    return [_pack({**header, "hold": msg.hold, "run_id": msg.run_id})]
 
 
 def decode_ack(frames: Sequence[Frame], header: dict | None = None) -> Ack:
     header = _header_of(frames, header, "ack")
     _frame_count(frames, 1, "ack")
     hold = _bool(header, "hold") if "hold" in header else False  # absent in older learners' acks
-    return Ack(_str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1), hold)
+    version = _int(header, "policy_version", lo=-1, hi=MAX_INT32)
+    return Ack(_str(header, "actor_id"), _int(header, "seq", lo=-1), version, hold, _opt_str(header, "run_id"))
 
 
 def encode_reject(msg: Reject) -> list[bytes]:
@@ -449,7 +500,9 @@ def decode_hello(frames: Sequence[Frame], header: dict | None = None) -> Hello:
         obs_dim=_int(header, "obs_dim", lo=1),
         action_dim=_int(header, "action_dim", lo=1),
         next_seq=_int(header, "next_seq"),
-        policy_version=_int(header, "policy_version", lo=-1),
+        policy_version=_int(header, "policy_version", lo=-1, hi=MAX_INT32),
+        policy_run=_opt_str(header, "policy_run"),
+        instance=_opt_str(header, "instance"),
     )
 
 
@@ -463,18 +516,21 @@ def decode_welcome(frames: Sequence[Frame], header: dict | None = None) -> Welco
     # accepted_seq and hold are absent in older learners' welcomes.
     accepted = _int(header, "accepted_seq", lo=-1) if "accepted_seq" in header else -1
     hold = _bool(header, "hold") if "hold" in header else False
+    version = _int(header, "policy_version", lo=-1, hi=MAX_INT32)
     return Welcome(
-        _str(header, "actor_id"), _int(header, "seq", lo=-1), _int(header, "policy_version", lo=-1), accepted, hold
+        _str(header, "actor_id"), _int(header, "seq", lo=-1), version, accepted, hold, _opt_str(header, "run_id")
     )
 
 
-def make_policy(version: int, onnx: bytes) -> Policy:
+def make_policy(version: int, onnx: bytes, run_id: str = "") -> Policy:
     """A policy message for ONNX bytes (computes the checksum)."""
-    return Policy(version=version, sha256=hashlib.sha256(onnx).hexdigest(), onnx=onnx)
+    if not 0 <= version <= MAX_INT32:
+        raise ValueError(f"policy version {version} is outside [0, {MAX_INT32}] (an int32 column of the store)")
+    return Policy(version=version, sha256=hashlib.sha256(onnx).hexdigest(), onnx=onnx, run_id=run_id)
 
 
 def encode_policy(msg: Policy) -> list[bytes | memoryview]:
-    header = {"type": "policy", "version": msg.version, "sha256": msg.sha256, "size": len(msg.onnx)}
+    header = {"type": "policy", "version": msg.version, "sha256": msg.sha256, "size": len(msg.onnx), "run_id": msg.run_id}
     return [_pack(header), msg.onnx]
 
 
@@ -484,7 +540,8 @@ def decode_policy(
     """Decode a policy and check its size and sha256 (the ONNX bytes are copied out)."""
     header = _header_of(frames, header, "policy")
     _frame_count(frames, 2, "policy")
-    version = _int(header, "version")
+    version = _int(header, "version", hi=MAX_INT32)
+    run_id = _opt_str(header, "run_id")
     sha = _str(header, "sha256", 64)
     size = _int(header, "size", lo=1)
     if size > max_bytes:
@@ -494,7 +551,7 @@ def decode_policy(
         raise WireError(BAD_LENGTH, f"policy frame has {len(onnx)} bytes, header says {size}")
     if hashlib.sha256(onnx).hexdigest() != sha:
         raise WireError(BAD_CHECKSUM, f"policy version {version}: sha256 does not match the bytes")
-    return Policy(version=version, sha256=sha, onnx=onnx)
+    return Policy(version=version, sha256=sha, onnx=onnx, run_id=run_id)
 
 
 # ---------------------------------------------------------------- generic entry points
