@@ -65,6 +65,10 @@ class LinkConfig:
     drain_s: float = 5.0
     """At exit, wait up to this long for the learner to ack what is spooled, reconnecting if it
     is lost (a learner restart); what is left stays in the spool on disk for the next run."""
+    id_in_use_timeout_s: float = 30.0
+    """If the learner keeps refusing this actor's hello for this long (another live actor process
+    holds the same actor_id, or the learner serves its maximum number of actors), stop with an
+    error (exit status 3). The hello is retried every heartbeat_s until then; 0 = retry forever."""
 
 
 @dataclasses.dataclass
@@ -132,8 +136,8 @@ def validate(cfg: ActorConfig) -> None:
             raise ValueError(f"{key}={value}: must be > 0")
     if cfg.link.timeout_s <= cfg.link.heartbeat_s:
         raise ValueError(f"link.timeout_s={cfg.link.timeout_s} must exceed link.heartbeat_s={cfg.link.heartbeat_s}")
-    if cfg.control_hz < 0 or cfg.policy.noise_scale < 0:
-        raise ValueError("control_hz and policy.noise_scale must be >= 0")
+    if cfg.control_hz < 0 or cfg.policy.noise_scale < 0 or cfg.link.id_in_use_timeout_s < 0:
+        raise ValueError("control_hz, policy.noise_scale and link.id_in_use_timeout_s must be >= 0")
     if not cfg.actor_id or "/" in cfg.actor_id or len(cfg.actor_id) > 128:
         raise ValueError(f"actor_id={cfg.actor_id!r}: give a non-empty name of <= 128 chars without '/'")
     if cfg.learner is None and cfg.policy.path is None and not cfg.policy.act_before_policy:

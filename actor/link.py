@@ -9,11 +9,18 @@ does the rest:
   actor's seqs continue, and after every (re)connect the spool is resent from it.
 * ``ack`` (cumulative) and ``reject`` drop chunks from the spool; an ack's ``hold``
   flag is the learner's flow control (``held()``: the loop begins no new episode).
+  A reject with seq -1 refuses no chunk: ``not_welcomed`` (a restarted learner got
+  chunks of an earlier connection) makes the actor say hello and resend from the
+  welcome; ``actor_id_in_use`` / ``too_many_actors`` refuse the hello: retried every
+  ``heartbeat_s``, fatal after ``id_in_use_timeout_s``.
 * chunks go from the spool to the socket in seq order, at most ``max_in_flight``
   unacked at a time; ``resend`` rewinds.
 * ``policy`` messages (sha256 checked by the wire decoder) go to a
   ``PolicyBuilder`` that makes the new session off this thread; ``latest()``
-  hands it to the loop.
+  hands it to the loop. Versions count within a learner run (``run_id``): another
+  run's policy is taken whatever its version (``wire.is_newer_policy``).
+* a spool that cannot write to disk (ENOSPC...) stops the actor safely
+  (``stop_reason``), whatever ``spool.on_full`` says.
 * after ``timeout_s`` of silence the learner counts as lost (``learner_lost``;
   the loop then continues or stops, per config) and the socket is recreated
   until the learner answers again.
@@ -29,14 +36,18 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import zmq
 
 from o2o.datasets.wakeup import Waker
 from o2o.datasets.wire import (
+    ACTOR_ID_IN_USE,
     BAD_SPEC,
     MAX_POLICY_BYTES,
+    NOT_WELCOMED,
+    TOO_MANY_ACTORS,
     Hello,
     TransitionChunk,
     WireError,
@@ -48,6 +59,7 @@ from o2o.datasets.wire import (
     decode_welcome,
     encode,
     encode_chunk,
+    is_newer_policy,
 )
 
 from .config import LinkConfig
@@ -96,6 +108,8 @@ class Link:
         self.cfg = cfg or LinkConfig()
         self.policies = PolicyBuilder(build_policy, initial_policy)
         self._received_version = initial_policy.version if initial_policy else -1
+        self._received_run = ""  # learner run of the held policy ("" = none, or a policy file)
+        self.instance = uuid.uuid4().hex  # this process, for the learner (kept across reconnects)
         self._context = zmq.Context()
         self._waker = Waker(self._context, "link")
         self._inbox: queue.SimpleQueue[tuple[int, list]] = queue.SimpleQueue()
@@ -121,6 +135,7 @@ class Link:
         self._hello_pending = False
         self._last_reconnect = 0.0
         self._version_behind_since: float | None = None
+        self._refused_since: float | None = None  # first hello refusal (id in use / too many actors) in a row
         self._last_log: dict[str, float] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -146,7 +161,11 @@ class Link:
         self.policies.close()
         self._waker.close()
         self._context.term()
-        self.spool.close(spill=True)
+        try:
+            self.spool.close(spill=True)  # disk errors are logged there, with the chunks not saved
+        except Exception as err:  # never keep the caller from closing its env
+            log.error("spool %s could not be closed (%s): up to %d unacked chunks were not saved",
+                      self.spool.folder, err, len(self.spool))  # fmt: skip
 
     # ------------------------------------------------------------ seams (control-loop thread)
 
@@ -176,6 +195,11 @@ class Link:
             return self.fatal
         if self.error is not None:
             return f"the actor link failed: {self.error!r}"
+        if self.spool.disk_error is not None:
+            # Stop, not pause (spool.on_full): acks do not free a disk that something else filled, and
+            # every further chunk would live in memory only, lost if the actor is killed.
+            return (f"spool {self.spool.folder} cannot write to disk ({self.spool.disk_error}): stopped safely; "
+                    "free space there or point spool.dir at a disk with room")  # fmt: skip
         if self.learner_lost and self.cfg.on_learner_lost == "stop":
             return f"learner {self.endpoint} lost for over {self.cfg.timeout_s} s (link.on_learner_lost=stop)"
         return None
@@ -266,7 +290,7 @@ class Link:
             if ack.hold != self.hold:
                 self.hold = ack.hold
                 log.info("learner %s the fleet (its samples-per-insert limiter)", "holds" if ack.hold else "releases")
-            if ack.policy_version > self._received_version:
+            if is_newer_policy(ack.run_id, ack.policy_version, self._received_run, self._received_version):
                 self._policy_behind()
         elif kind == "welcome":
             self._on_welcome(decode_welcome(frames, header))
@@ -300,9 +324,10 @@ class Link:
                            self._next_seq, self.actor_id)  # fmt: skip
                 self._next_seq = welcome.seq + 1
         self._acked(welcome.seq)
-        if welcome.policy_version > self._received_version:
+        self._refused_since = None
+        if is_newer_policy(welcome.run_id, welcome.policy_version, self._received_run, self._received_version):
             self._policy_behind()  # it normally follows the welcome; asked for again if it does not
-        elif 0 <= welcome.policy_version < self._received_version:
+        elif welcome.run_id == self._received_run and 0 <= welcome.policy_version < self._received_version:
             self._warn("older", "the learner's newest policy is version %d, older than this actor's version %d "
                        "(policy.path, or a learner restarted from an older checkpoint): keeping version %d until "
                        "the learner publishes a newer one", welcome.policy_version, self._received_version,
@@ -322,8 +347,39 @@ class Link:
         elif reject.reason == BAD_SPEC:
             self.fatal = f"the learner refused this actor: {reject.message}"
             log.error("%s", self.fatal)
+        elif reject.reason == NOT_WELCOMED:
+            # A restarted learner got chunks queued for its predecessor. Nothing is dropped: the
+            # welcome to this hello rewinds sending to what it committed (later rejects wait for it).
+            if self._welcomed:
+                self._welcomed = False
+                self._warn("not-welcomed", "learner %s has not welcomed this connection (restarted?): saying "
+                           "hello again, then resending from its committed seq", self.endpoint)  # fmt: skip
+                self._hello()
+        elif reject.reason in (ACTOR_ID_IN_USE, TOO_MANY_ACTORS):
+            self._on_refused(reject)
         else:
             self._warn(f"reject-{reject.reason}", "learner rejected a message: %s: %s", reject.reason, reject.message)
+
+    def _on_refused(self, reject) -> None:
+        """The learner refused our hello; ``_keepalive`` says hello again every ``heartbeat_s``."""
+        self._welcomed = False
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+        if reject.reason == ACTOR_ID_IN_USE:
+            why = (f"another running actor process holds actor_id {self.actor_id} ({reject.message}): "
+                   "give each actor a unique actor_id")  # fmt: skip
+        else:
+            why = f"it serves its maximum number of actors ({reject.message})"
+        limit = self.cfg.id_in_use_timeout_s
+        if limit and now - self._refused_since > limit:
+            self.fatal = (f"learner {self.endpoint} refused actor {self.actor_id} for over {limit} s "
+                          f"(link.id_in_use_timeout_s): {why}")  # fmt: skip
+            log.error("%s", self.fatal)
+        elif not self.fatal:
+            self._warn(f"refused-{reject.reason}", "learner %s refused actor %s: %s. Retrying every %.1f s%s",
+                       self.endpoint, self.actor_id, why, self.cfg.heartbeat_s,
+                       f", stopping after {limit} s (link.id_in_use_timeout_s)" if limit else "")  # fmt: skip
 
     def _on_policy(self, frames: list, header: dict) -> None:
         try:
@@ -334,10 +390,10 @@ class Link:
             self._version_behind_since = time.monotonic()
             return
         self.stats.policies_received += 1
-        if policy.version > self._received_version:
-            self._received_version = policy.version
+        if is_newer_policy(policy.run_id, policy.version, self._received_run, self._received_version):
+            self._received_version, self._received_run = policy.version, policy.run_id
             self._version_behind_since = None
-            self.policies.submit(policy.version, bytes(policy.onnx))
+            self.policies.submit(policy.version, bytes(policy.onnx), policy.run_id)
 
     def _policy_behind(self) -> None:
         """An ack or welcome names a newer policy than we got: it may be on its way, or was dropped
@@ -394,7 +450,9 @@ class Link:
         behind = self._version_behind_since is not None and now - self._version_behind_since > self.cfg.heartbeat_s
         if behind:
             self._version_behind_since = now
-        if self._hello_pending or behind or (silence > self.cfg.heartbeat_s and now - self._last_hello > self.cfg.heartbeat_s):
+        due = now - self._last_hello > self.cfg.heartbeat_s
+        # Not welcomed (e.g. refused, or the welcome was lost): hello every heartbeat, answers or not.
+        if self._hello_pending or behind or (due and (silence > self.cfg.heartbeat_s or not self._welcomed)):
             self._hello()  # a hello with our policy version makes the learner send its newer one
 
     def _hello(self) -> None:
@@ -407,6 +465,8 @@ class Link:
             # Seqs below this are acked or rejected (or lost with a crashed run's memory spool).
             next_seq=first if first is not None else (self._spooled_next if self._next_seq is not None else 0),
             policy_version=self._received_version,
+            policy_run=self._received_run,
+            instance=self.instance,
         )
         self._last_hello = time.monotonic()
         try:

@@ -5,7 +5,7 @@
     o2o-actor task=pointmaze-umaze learner=null policy.path=policy.onnx max_episodes=5 actor_id=dry
 
 Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT), 2 bad configuration,
-3 stopped safely (learner lost or refused us, spool full: see the log line).
+3 stopped safely (learner lost or refused us, spool full or its disk failing: see the log line).
 """
 
 from __future__ import annotations
@@ -154,11 +154,13 @@ def run_actor(cfg: ActorConfig) -> int:
         log.error("%s", err)
         status = EXIT_STOPPED
     finally:
-        if link is not None:
-            link.close()
-        env.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            if link is not None:
+                link.close()
+        finally:  # whatever the link or spool did: a robot env is never left open
+            env.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if cfg.stats_file:
             stats = {"actor": actor.summary() if actor else None, "link": link.summary() if link else None}
             Path(cfg.stats_file).write_text(json.dumps(stats))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from o2o.datasets.wire import TransitionChunk
+from o2o.datasets.wire import TransitionChunk, is_newer_policy
 
 from .onnx_policy import OnnxPolicy, PolicyMismatch
 
@@ -96,15 +96,17 @@ class FixedPolicySource:
 class PolicyBuilder:
     """Builds ``OnnxPolicy`` sessions from received bytes in a background thread.
 
-    Only the newest submitted version is built (older pending ones are skipped);
+    Only the newest submitted version is built (older pending ones are skipped;
+    "newer" as ``wire.is_newer_policy``: another learner run's policy always is);
     a policy that does not fit the actor is refused with an error line and
-    counted, and the previous policy stays in use.
+    counted, and the previous policy stays in use. A built policy carries the
+    ``run_id`` of the learner run that sent it.
     """
 
     def __init__(self, build: Callable[[bytes, int], OnnxPolicy], initial: OnnxPolicy | None = None):
         self._build = build
         self._latest = initial
-        self._pending: tuple[int, bytes, float] | None = None
+        self._pending: tuple[str, int, bytes, float] | None = None
         self._cond = threading.Condition()
         self._closed = False
         self.built = 0
@@ -116,11 +118,11 @@ class PolicyBuilder:
     def latest(self) -> OnnxPolicy | None:
         return self._latest  # one attribute read: atomic under the GIL
 
-    def submit(self, version: int, onnx: bytes) -> None:
+    def submit(self, version: int, onnx: bytes, run_id: str = "") -> None:
         received_at = time.time()
         with self._cond:
-            if self._pending is None or version > self._pending[0]:
-                self._pending = (version, onnx, received_at)
+            if self._pending is None or is_newer_policy(run_id, version, self._pending[0], self._pending[1]):
+                self._pending = (run_id, version, onnx, received_at)
                 self._cond.notify()
 
     def _run(self) -> None:
@@ -130,10 +132,10 @@ class PolicyBuilder:
                     self._cond.wait()
                 if self._closed:
                     return
-                version, onnx, received_at = self._pending
+                run_id, version, onnx, received_at = self._pending
                 self._pending = None
             current = self._latest
-            if current is not None and version <= current.version:
+            if current is not None and not is_newer_policy(run_id, version, getattr(current, "run_id", ""), current.version):
                 continue
             try:
                 policy = self._build(onnx, version)
@@ -144,6 +146,7 @@ class PolicyBuilder:
                           current.version if current else "none", exc_info=not isinstance(err, PolicyMismatch))  # fmt: skip
                 continue
             policy.received_at, policy.built_at = received_at, time.time()  # for hot-swap latency figures
+            policy.run_id = run_id
             self._latest = policy
             self.built += 1
 

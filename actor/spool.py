@@ -6,12 +6,16 @@ segment files on disk (up to ``max_disk_bytes``); once spilling, every new
 chunk goes to disk until the disk part is empty again, so memory always holds
 the oldest seqs and disk the newest. A full spool refuses ``put`` (the caller
 checks ``has_room`` first and pauses or stops: data is never dropped silently).
+A disk write that fails (ENOSPC or any OSError) is not raised: the chunk stays in
+memory, ``disk_error`` says why, and ``has_room()`` is False from then on.
 
 The disk part survives an actor restart: a new ``Spool`` on the same folder
 finds the unacked chunks again (a torn record at the end of a file, from a
 crash during a write, is cut off). On a clean shutdown ``close(spill=True)``
 writes the memory part to disk too. The memory part of a crashed actor is
 lost: the learner declares those seqs lost when the actor says hello again.
+``acked.json`` keeps the highest acked seq, so a reopened spool skips acked records;
+it is deleted as soon as seqs restart below it (a fresh learner numbers from 0).
 
 Segment file format (no pickle)::
 
@@ -33,7 +37,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("o2o.actor.spool")
@@ -46,7 +50,7 @@ RECORD_MAGIC = b"REC1"
 FRAME_LEN = struct.Struct("<Q")
 CRC = struct.Struct("<I")
 META_FILE = "spool.json"
-ACKED_FILE = "acked.json"  # highest acked seq at the last clean close: older records are skipped
+ACKED_FILE = "acked.json"  # highest acked seq of the current numbering: older records are skipped
 LOCK_FILE = "spool.lock"
 SEGMENT_GLOB = "seg-*.o2ospool"
 
@@ -119,6 +123,7 @@ class Spool:
         self._largest = 0  # largest chunk seen, in bytes: the room a next chunk needs
         self._last_seq: int | None = None
         self._acked_seq = -1  # highest seq acked (a crashed run's acks are unknown: then -1)
+        self.disk_error: OSError | None = None  # a failed disk write: no more chunks go to disk
         self.acked = 0
         self.rejected = 0
         self.spilled = 0
@@ -129,6 +134,14 @@ class Spool:
     # ------------------------------------------------------------ folder
 
     def _open_folder(self, meta: dict) -> None:
+        try:
+            self._open_folder_files(meta)
+        except OSError as err:
+            self._unlock()
+            raise SpoolError(f"spool folder {self.folder} cannot be used: {err}: free space there, or point "
+                             "spool.dir elsewhere") from err  # fmt: skip
+
+    def _open_folder_files(self, meta: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -141,17 +154,17 @@ class Spool:
             ) from None
         self._lock_fd = fd
         meta_path = self.folder / META_FILE
-        if meta_path.exists():
-            saved = json.loads(meta_path.read_text())
-            if saved != meta and any(self.folder.glob(SEGMENT_GLOB)):
-                self.close(spill=False)
-                raise SpoolError(
-                    f"spool folder {self.folder} holds unacked chunks of {saved}, not of {meta}: "
-                    "point spool.dir elsewhere, or delete the folder to discard those chunks"
-                )
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, sort_keys=True))
-        os.replace(tmp, meta_path)
+        saved = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if saved is not None and saved != meta and any(self.folder.glob(SEGMENT_GLOB)):
+            self._unlock()
+            raise SpoolError(
+                f"spool folder {self.folder} holds unacked chunks of {saved}, not of {meta}: "
+                "point spool.dir elsewhere, or delete the folder to discard those chunks"
+            )
+        if saved != meta:  # written only when it changes: a full disk can still be reopened
+            tmp = meta_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(meta, sort_keys=True))
+            os.replace(tmp, meta_path)
         acked_path = self.folder / ACKED_FILE
         self._acked_seq = json.loads(acked_path.read_text())["seq"] if acked_path.exists() else -1
         for path in sorted(self.folder.glob(SEGMENT_GLOB)):
@@ -206,9 +219,9 @@ class Spool:
             return self._first_seq()
 
     def _first_seq(self) -> int | None:
-        if self._memory:
-            return next(iter(self._memory))
-        return next(iter(self._disk)) if self._disk else None
+        # Memory holds the oldest seqs, except after a disk error (then the newest too): take the min.
+        firsts = [next(iter(held)) for held in (self._memory, self._disk) if held]
+        return min(firsts) if firsts else None
 
     @property
     def last_seq(self) -> int | None:
@@ -219,8 +232,10 @@ class Spool:
         return sum(s.size for s in self._segments)
 
     def has_room(self, extra_chunks: int = 0) -> bool:
-        """Can ``extra_chunks + 1`` more chunks (of the largest size seen) be put?"""
+        """Can ``extra_chunks + 1`` more chunks (of the largest size seen) be put? Never after a disk error."""
         with self._lock:
+            if self.disk_error is not None:
+                return False
             free_memory = self.memory_chunks - len(self._memory) if not self._disk else 0
             need = extra_chunks + 1 - max(free_memory, 0)
             if need <= 0:
@@ -245,18 +260,61 @@ class Spool:
 
     def put(self, seq: int, frames: Sequence, force: bool = False) -> None:
         """Hold a chunk's frames; seqs must increase. Raises ``SpoolFull`` when there is no room,
-        unless ``force``: then the chunk is kept past the caps (memory, or disk if there is a folder)."""
+        unless ``force``: then the chunk is kept past the caps (memory, or disk if there is a folder).
+        A disk that fails (see ``disk_error``) never loses the chunk: it is kept in memory."""
         with self._lock:
             if self._last_seq is not None and seq <= self._last_seq:
                 raise ValueError(f"spool seqs must increase: got {seq} after {self._last_seq}")
+            if seq <= self._acked_seq:
+                # Seqs restarted (a fresh learner numbers this actor from 0 again): the mark belongs to
+                # the old numbering and would make a reopened spool skip these chunks. Gone at once,
+                # so a crash before close() cannot leave it behind either.
+                self._acked_seq = -1
+                if self.folder is not None:
+                    self._try_disk(self._save_acked)
             size = _frames_bytes(frames)
             self._largest = max(self._largest, size)
-            if not self._disk and (len(self._memory) < self.memory_chunks or (force and self.folder is None)):
+            in_memory = not self._disk and (len(self._memory) < self.memory_chunks or (force and self.folder is None))
+            if in_memory or not self._try_disk(self._write, seq, frames, size, force):
                 self._memory[seq] = list(frames)
             else:
-                self._write(seq, frames, size, force)
                 self.spilled += 1
             self._last_seq = seq
+
+    def _try_disk(self, write: Callable, *args) -> bool:
+        """Run a disk write; False if the disk failed, now or before (``disk_error``)."""
+        if self.disk_error is not None:
+            return False
+        try:
+            write(*args)
+            return True
+        except OSError as err:
+            self.disk_error = err
+            log.error("spool %s: cannot write to disk: %s. No more chunks are taken (has_room() is False) and "
+                      "those held stay in memory: free space there, or point spool.dir at a disk with room",
+                      self.folder, err)  # fmt: skip
+            self._abandon_writer()
+            return False
+
+    def _abandon_writer(self) -> None:
+        """After a failed write: close the segment and cut the part of a record that reached it."""
+        writer, self._writer = self._writer, None
+        if writer is None or not self._segments:
+            return
+        segment = self._segments[-1]  # the writer's
+        segment.writable = False
+        try:
+            writer.close()  # raises again for the bytes it could not flush: they are cut below
+        except OSError:
+            pass
+        try:
+            if segment.live:
+                os.truncate(segment.path, segment.size)
+            else:
+                segment.path.unlink(missing_ok=True)
+                self._segments.remove(segment)
+        except OSError:  # a torn tail is also cut when the folder is reopened
+            pass
 
     def _write(self, seq: int, frames: Sequence, size: int, force: bool = False) -> None:
         record_size = RECORD.size + len(frames) * FRAME_LEN.size + size + CRC.size
@@ -282,9 +340,7 @@ class Spool:
         self._disk[seq] = (segment, offset, len(frames))
 
     def _new_segment(self, seq: int) -> _Segment:
-        if self._writer is not None:
-            self._writer.close()
-            self._segments[-1].writable = False
+        self._close_writer()
         path = self.folder / f"seg-{seq:020d}-{os.getpid()}.o2ospool"
         self._writer = open(path, "wb")
         self._writer.write(FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION))
@@ -320,11 +376,9 @@ class Spool:
         with self._lock:
             if seq in self._memory or seq in self._disk:
                 return seq
-            for held in (self._memory, self._disk):  # both in seq order
-                for s in held:
-                    if s >= seq:
-                        return s
-            return None
+            # Each is in seq order; after a disk error memory may hold seqs above the disk's.
+            found = [next((s for s in held if s >= seq), None) for held in (self._memory, self._disk)]
+            return min((s for s in found if s is not None), default=None)
 
     # ------------------------------------------------------------ ack / drop
 
@@ -366,30 +420,62 @@ class Spool:
 
     def close(self, spill: bool = True) -> int:
         """Release the folder; ``spill`` first writes the memory part to disk (a clean
-        shutdown keeps every unacked chunk for the next run). Returns the chunks spilled."""
+        shutdown keeps every unacked chunk for the next run). Returns the chunks spilled.
+        Disk errors are logged (with what could not be saved), never raised."""
         spilled = 0
         with self._lock:
             if spill and self.folder is not None and self._memory:
-                first = next(iter(self._memory))
-                if self._writer is not None:
-                    self._writer.close()
-                    self._writer = None
-                    self._segments[-1].writable = False
-                self._new_segment(first)
-                for seq, frames in self._memory.items():
-                    # Past the disk cap if need be: keeping data beats honouring the cap here.
-                    self._write(seq, frames, _frames_bytes(frames), force=True)
-                    spilled += 1
-                self._memory.clear()
-                log.info("spool %s: kept %d unacked chunks on disk for the next run", self.folder, len(self._disk))
+                spilled = self._spill()
             if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+                self._try_disk(self._close_writer)
             if self.folder is not None and self._lock_fd is not None:
-                tmp = self.folder / (ACKED_FILE + ".tmp")
-                tmp.write_text(json.dumps({"seq": self._acked_seq}))
-                os.replace(tmp, self.folder / ACKED_FILE)
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+                try:
+                    self._save_acked()
+                except OSError as err:  # an older mark of this numbering stays: acked chunks are resent, no harm
+                    log.warning("spool %s: could not save the acked seq (%s): the next run resends chunks "
+                                "the learner already has (it skips them)", self.folder, err)  # fmt: skip
+            self._unlock()
         return spilled
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _spill(self) -> int:
+        first = next(iter(self._memory))
+        held = len(self._memory)
+        spilled = 0
+        # A new segment, written past the disk cap if need be: keeping data beats honouring the cap here.
+        if self._try_disk(self._new_segment, first):
+            for seq, frames in self._memory.items():
+                if not self._try_disk(self._write, seq, frames, _frames_bytes(frames), True):
+                    break
+                spilled += 1
+        self._memory.clear()
+        if spilled < held:
+            log.error("spool %s: %d of %d unacked chunks in memory could not be saved to disk (%s): they are lost; "
+                      "the learner counts their seqs as lost when this actor says hello again",
+                      self.folder, held - spilled, held, self.disk_error)  # fmt: skip
+        else:
+            log.info("spool %s: kept %d unacked chunks on disk for the next run", self.folder, len(self._disk))
+        return spilled
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            self._segments[-1].writable = False
+            writer.close()
+
+    def _save_acked(self) -> None:
+        path = self.folder / ACKED_FILE
+        if self._acked_seq < 0:
+            path.unlink(missing_ok=True)  # nothing acked (yet) in this numbering; needs no disk space
+            return
+        tmp = self.folder / (ACKED_FILE + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"seq": self._acked_seq}))
+            os.replace(tmp, path)  # atomic: a crash leaves the old mark or the new one
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -17,7 +17,12 @@ Readers (and a reopening writer) trust nothing but ``commit.json``: rows and
 episodes at or past its counts are ignored and later overwritten. A process
 killed at any instant therefore leaves the previous or the new commit, both
 complete. (This protects against process crashes; nothing is fsync'ed, so an OS
-crash or power loss may lose recent commits.)
+crash or power loss may lose recent commits.) It needs zarr >= 3.1.3, the first
+whose LocalStore renames each file into place: writers refuse older ones.
+
+A commit that fails (``OSError``: disk full, read-only file system, I/O error)
+changes nothing in memory and leaves the previous commit on disk: everything
+staged stays staged, and ``commit()`` can simply be called again.
 
 Exactly-once: chunks carry ``(actor_id, seq)``; ``append`` skips a chunk whose
 seq is not above the actor's last accepted one (a duplicate: it must still be
@@ -38,16 +43,28 @@ another episode without ending this one) or with missing steps (a rejected or
 lost chunk) keep ``mc_return = NaN``: filter them with ``np.isfinite``. Note
 that rewards used for training must be scaled the same way: the store gives
 raw rewards.
+
+Idle actors: an actor that stopped in the middle of an episode would keep it open
+forever, and a reopening writer reads every row from the oldest open episode on.
+``abandon_idle_episodes`` closes (as abandoned) the episodes of actors that staged
+no row for a while, and ``open(path, "a")`` does so for actors that were idle for
+``abandon_idle_s`` at the last commit. The commit record keeps each actor's
+``last_row_time`` and the commit's ``time`` (wall clock, ``ReplayStore.clock``);
+time while no writer had the store open does not count as idle (row times are
+moved forward by that downtime at reopen), because actors that were live when the
+learner stopped continue their episodes from their spools.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -55,8 +72,15 @@ import numpy as np
 import zarr
 
 from .mc_return import trajectory_return_to_go
-from .wire import TransitionChunk
-from .zarr_table import DEFAULT_COMPRESSOR, AppendTable, ColumnSpec, run_concurrently
+from .wire import ARRAY_NAMES, MAX_INT32, TransitionChunk
+from .zarr_table import (
+    DEFAULT_COMPRESSOR,
+    ZARR_ATOMIC_WRITES,
+    AppendTable,
+    ColumnSpec,
+    run_concurrently,
+    zarr_writes_atomically,
+)
 
 FORMAT = "o2o-replay"
 FORMAT_VERSION = 1
@@ -64,6 +88,8 @@ COMMIT_FILE = "commit.json"
 LOCK_FILE = "writer.lock"
 EPISODE_CHUNK_ROWS = 4096
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_ABANDON_IDLE_S = 3600.0
+MAX_INT64 = 2**63 - 1
 
 
 def row_columns(obs_dim: int, action_dim: int) -> dict[str, ColumnSpec]:
@@ -170,13 +196,18 @@ class _Episode:
     eval: bool
     contiguous: bool
     success: bool = False
+    # Kept up to date (and in the commit record) so that an episode can be closed
+    # without reading its rows back (see ``ReplayStore._resume``).
+    length: int = 0
+    end_row: int = -1
+    reward_sum: float = 0.0
     ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
-        fields = ("episode_id", "start_row", "next_step", "policy_version_start", "policy_version_end")
-        state = {k: getattr(self, k) for k in fields}
-        return {**state, "eval": self.eval, "contiguous": self.contiguous, "success": self.success}
+        fields = ("episode_id", "start_row", "next_step", "policy_version_start", "policy_version_end",
+                  "eval", "contiguous", "success", "length", "end_row", "reward_sum")  # fmt: skip
+        return {k: getattr(self, k) for k in fields}
 
     @classmethod
     def from_json(cls, state: dict) -> "_Episode":
@@ -192,6 +223,7 @@ class _Actor:
     committed_seq: int = -1
     seq: int = -1  # highest accepted or skipped seq (staged)
     episode: _Episode | None = None
+    last_row_time: float | None = None  # clock() when its last row was staged; None: unknown
 
 
 class ReplayStore:
@@ -200,10 +232,13 @@ class ReplayStore:
     Create with ``ReplayStore.create``, open with ``ReplayStore.open(path, "r" | "a")``.
     Writer API: ``append`` (stage a chunk) and ``commit`` (make staged rows durable).
     Reader API: ``len``, ``read``, ``episodes``, ``committed_seq``, ``refresh``.
+    ``clock`` (default ``time.time``) gives the wall times of staged rows and commits.
     """
 
-    def __init__(self, path: Path, config: StoreConfig, mode: Literal["r", "a"], lock_fd: int | None):
+    def __init__(self, path: Path, config: StoreConfig, mode: Literal["r", "a"], lock_fd: int | None,
+                 abandon_idle_s: float | None = None):  # fmt: skip
         self.path = path
+        self.clock = time.time  # wall clock of row and commit times; tests set their own
         self.config = config
         self.mode = mode
         self._lock_fd = lock_fd
@@ -225,7 +260,7 @@ class ReplayStore:
         self._mc_filled: list[tuple[np.ndarray, np.ndarray]] = []
         self._dirty = False
         if mode == "a":
-            self._rebuild_open_episodes()
+            self._resume(record.get("time"), abandon_idle_s)
 
     # ------------------------------------------------------------ create / open
 
@@ -250,6 +285,7 @@ class ReplayStore:
         ``failure_reward`` is the RAW failure reward of a sparse task (``TaskSpec.reward_neg``),
         None for dense tasks; see the module docstring for the reward convention.
         """
+        _check_zarr_for_writing()
         path = Path(path)
         if path.exists():
             if not overwrite:
@@ -272,7 +308,7 @@ class ReplayStore:
         AppendTable.create(group.create_group("episodes"), EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, compressor)
         # The commit record comes last: a store without one never opens.
         _write_json(path / COMMIT_FILE, {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []})
-        return cls(path, config, "a", lock_fd)
+        return _construct(cls, path, config, "a", lock_fd)
 
     @classmethod
     def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
@@ -287,12 +323,23 @@ class ReplayStore:
         return cls.create(path, obs_dim, action_dim, failure_reward=failure, task=spec.name, **kwargs)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: Literal["r", "a"] = "r") -> "ReplayStore":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        mode: Literal["r", "a"] = "r",
+        *,
+        abandon_idle_s: float | None = DEFAULT_ABANDON_IDLE_S,
+    ) -> "ReplayStore":
         """Open a store: ``"r"`` to read (any number of processes, also while it is written),
-        ``"a"`` to keep appending (one writer; open episodes are rebuilt from the rows)."""
+        ``"a"`` to keep appending (one writer; open episodes are rebuilt from the rows).
+
+        ``abandon_idle_s`` (mode ``"a"``): first abandon the open episodes of actors that had
+        staged no row for longer than this when the last commit was made (None: keep them all)."""
         path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if mode == "a":
+            _check_zarr_for_writing()
         if not (path / COMMIT_FILE).exists():
             raise StoreError(f"{path} is not an o2o replay store (no {COMMIT_FILE}; was its creation interrupted?)")
         attrs = zarr.open_group(str(path), mode="r").attrs.get("o2o_replay")
@@ -302,15 +349,18 @@ class ReplayStore:
             raise StoreError(f"{path} has store format version {attrs['version']}; this code reads {FORMAT_VERSION}")
         config = StoreConfig(**{f.name: attrs[f.name] for f in dataclasses.fields(StoreConfig)})
         lock_fd = _lock(path) if mode == "a" else None
-        return cls(path, config, mode, lock_fd)
+        return _construct(cls, path, config, mode, lock_fd, abandon_idle_s)
 
     def close(self, commit: bool = True) -> None:
-        """Commit what is staged (unless ``commit=False``) and release the writer lock."""
-        if self.mode == "a" and commit:
-            self.commit()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Commit what is staged (unless ``commit=False``) and release the writer lock,
+        also when that commit fails (what it could not commit is then lost)."""
+        try:
+            if self.mode == "a" and commit and self._lock_fd is not None:
+                self.commit()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def __enter__(self) -> "ReplayStore":
         return self
@@ -330,7 +380,8 @@ class ReplayStore:
         self._actors = {}
         for code, state in enumerate(record["actors"]):
             episode = _Episode.from_json(state["episode"]) if state["episode"] else None
-            self._actors[state["id"]] = _Actor(code, state["seq"], state["seq"], episode)
+            # Records written before idle tracking lack "last_row_time": unknown.
+            self._actors[state["id"]] = _Actor(code, state["seq"], state["seq"], episode, state.get("last_row_time"))
 
     def refresh(self) -> int:
         """Readers: pick up the writer's latest commit; returns the committed row count."""
@@ -408,20 +459,20 @@ class ReplayStore:
     def append(self, chunk: TransitionChunk) -> bool:
         """Stage a validated chunk. False: a duplicate (seq already accepted), skipped.
 
-        Raises ``SeqGapError`` if earlier seqs of this actor are missing.
+        Raises ``SeqGapError`` if earlier seqs of this actor are missing, and ``ValueError``
+        if the chunk does not fit the store (shapes, int32 columns); then nothing was staged
+        and the same seq can be skipped (``skip``) or appended again, corrected.
         """
         self._check_writable()
-        actor = self._actor(chunk.actor_id)
-        if chunk.seq <= actor.seq:
+        known = self._actors.get(chunk.actor_id)
+        last_seq = known.seq if known else -1
+        if chunk.seq <= last_seq:
             self.duplicates += 1
             return False
-        if chunk.seq != actor.seq + 1:
-            raise SeqGapError(chunk.actor_id, actor.seq + 1, chunk.seq)
-        if chunk.obs.shape[1:] != (self.config.obs_dim,) or chunk.action.shape[1:] != (self.config.action_dim,):
-            raise ValueError(
-                f"chunk of obs {chunk.obs.shape}/action {chunk.action.shape}; the store holds "
-                f"obs_dim={self.config.obs_dim}, action_dim={self.config.action_dim}"
-            )
+        if chunk.seq != last_seq + 1:
+            raise SeqGapError(chunk.actor_id, last_seq + 1, chunk.seq)
+        self._check_chunk(chunk)  # everything before staging anything: a refused chunk leaves no trace
+        actor = self._actor(chunk.actor_id)
         n = chunk.n
         done = (np.asarray(chunk.terminated) != 0) | (np.asarray(chunk.truncated) != 0)
         # Rows after a terminated/truncated row start the next episode at step 0.
@@ -462,8 +513,40 @@ class ReplayStore:
                 success=bool(chunk.success[last]),
             )
         actor.seq = chunk.seq
+        actor.last_row_time = self.clock()
         self._dirty = True
         return True
+
+    def _check_chunk(self, chunk: TransitionChunk) -> None:
+        """ValueError unless every value of the chunk fits its column (int32 ones included)."""
+        n = chunk.n
+        obs_dim, action_dim = self.config.obs_dim, self.config.action_dim
+        shapes = {name: np.shape(getattr(chunk, name)) for name in ARRAY_NAMES}
+        rows = {name: shape[0] if shape else None for name, shape in shapes.items()}
+        trailing = {"obs": (obs_dim,), "action": (action_dim,), "next_obs": (obs_dim,)}
+        wrong = []
+        if len(set(rows.values())) > 1:
+            wrong.append(f"the arrays must have the same number of rows, not {rows}")
+        else:
+            wrong += [
+                f"{name} has shape {shape}, expected {(n, *trailing.get(name, ()))} "
+                f"(the store's obs_dim={obs_dim}, action_dim={action_dim})"
+                for name, shape in shapes.items()
+                if shape != (n, *trailing.get(name, ()))
+            ]
+        if n < 1:
+            wrong.append("the chunk has no rows")
+        if not _int_in(chunk.policy_version, -1, MAX_INT32):
+            wrong.append(f"policy_version={chunk.policy_version!r} is outside [-1, {MAX_INT32}] (an int32 column)")
+        if not _int_in(chunk.step, 0, MAX_INT32 - max(n - 1, 0)):
+            wrong.append(f"step={chunk.step!r} with {n} rows: the steps must lie in [0, {MAX_INT32}] (an int32 column)")
+        if not _int_in(chunk.episode_id, 0, MAX_INT64 - n):
+            wrong.append(f"episode_id={chunk.episode_id!r} is outside [0, 2**63 - 1 - n] (an int64 column)")
+        if wrong:
+            raise ValueError(
+                f"actor {chunk.actor_id!r}: chunk seq {chunk.seq} refused, nothing was staged: {'; '.join(wrong)}. "
+                "Skip this seq (ReplayStore.skip) or append a corrected chunk with the same seq."
+            )
 
     def skip(self, actor_id: str, seq: int) -> None:
         """Consume an actor's seqs up to ``seq`` without rows (a rejected or lost chunk),
@@ -495,6 +578,9 @@ class ReplayStore:
             episode.contiguous = False  # steps are missing: no MC return for this episode
         episode.ranges.append(rows)
         episode.rewards.append(rewards)
+        episode.length += rows[1] - rows[0]
+        episode.end_row = rows[1] - 1
+        episode.reward_sum += float(rewards.astype(np.float64).sum())
         episode.next_step = step + len(rewards)
         episode.policy_version_end = chunk.policy_version
         episode.success = success
@@ -504,9 +590,9 @@ class ReplayStore:
     def _close_episode(self, actor: _Actor, ended: bool, terminated: bool) -> None:
         episode = actor.episode
         actor.episode = None
-        rows = episode.rows()
-        raw = np.concatenate(episode.rewards) if episode.rewards else np.zeros(0, np.float32)
         if ended and episode.contiguous:
+            rows = episode.rows()
+            raw = np.concatenate(episode.rewards)
             terminals = np.zeros(len(raw), np.float32)
             terminals[-1] = float(terminated)
             mc = trajectory_return_to_go(
@@ -521,9 +607,9 @@ class ReplayStore:
                 "policy_version_start": episode.policy_version_start,
                 "policy_version_end": episode.policy_version_end,
                 "start_row": episode.start_row,
-                "end_row": int(rows[-1]) if len(rows) else episode.start_row,
-                "length": len(rows),
-                "return": float(raw.astype(np.float64).sum()),
+                "end_row": episode.end_row if episode.length else episode.start_row,
+                "length": episode.length,
+                "return": episode.reward_sum,
                 "success": episode.success,
                 "eval": episode.eval,
                 "ended": ended,
@@ -533,10 +619,37 @@ class ReplayStore:
             1,
         )
 
+    def abandon_idle_episodes(self, idle_s: float, now: float | None = None) -> list[str]:
+        """Close as abandoned (``ended=False``, no MC return) the open episodes of actors whose
+        last row was staged more than ``idle_s`` seconds before ``now`` (default ``clock()``);
+        committed with the next commit. Returns those actors' ids.
+
+        Time while no writer had the store open does not count. An actor that comes back
+        later continues in a new episode record, not contiguous (no MC return).
+        """
+        self._check_writable()
+        now = self.clock() if now is None else now
+        idle = [
+            actor_id
+            for actor_id, actor in self._actors.items()
+            if actor.episode is not None and actor.last_row_time is not None and now - actor.last_row_time > idle_s
+        ]
+        for actor_id in idle:
+            self._close_episode(self._actors[actor_id], ended=False, terminated=False)
+        if idle:
+            self._dirty = True
+        return idle
+
     def commit(self, collect: bool = False) -> int:
         """Make everything staged durable; returns the committed row count.
 
         With ``collect=True``, ``last_commit`` describes what this commit added.
+
+        If it raises (``OSError``: disk full, read-only file system, I/O error), nothing
+        changed: rows, episodes and seqs staged stay staged, ``len``, ``committed_seq``,
+        ``commits`` and ``last_commit`` keep their values, ``uncommitted`` stays True, and
+        the previous commit stays the trusted one on disk. Call ``commit()`` again (any
+        number of times, appending more in between if you like) once the disk is writable.
         """
         self._check_writable()
         if not self._dirty:
@@ -545,12 +658,17 @@ class ReplayStore:
             return len(self)
         old_rows, old_episodes = len(self), self._episodes.length
         event = self._event(old_rows, self._rows.end, old_episodes) if collect else None
+        # Resize first, so that a failed resize leaves no write coroutine never awaited.
+        self._rows.reserve()
+        self._episodes.reserve()
         run_concurrently(self._rows.write_ops() + self._episodes.write_ops())
+        # The data is in place: now the record that makes it trusted. Memory changes only
+        # once the record is written, so a commit that failed anywhere can be retried as is.
+        now = self.clock()
+        _write_json(self.path / COMMIT_FILE, self._record(self.commits + 1, now))
         self._rows.flushed()
         self._episodes.flushed()
-        # The data is in place: now the record that makes it trusted.
         self.commits += 1
-        _write_json(self.path / COMMIT_FILE, self._record())
         for actor in self._actors.values():
             actor.committed_seq = actor.seq
         self._mc_filled.clear()
@@ -573,22 +691,41 @@ class ReplayStore:
             episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end),
         )
 
-    def _record(self) -> dict:
-        actors = [
-            {
-                "id": actor_id,
-                "seq": self._actors[actor_id].seq,
-                "episode": self._actors[actor_id].episode.to_json() if self._actors[actor_id].episode else None,
-            }
-            for actor_id in self._actor_ids
-        ]
+    def _record(self, commit: int, now: float) -> dict:
+        """The commit record of everything staged (written before memory marks it committed)."""
+        actors = []
+        for actor_id in self._actor_ids:
+            actor = self._actors[actor_id]
+            episode = actor.episode.to_json() if actor.episode else None
+            actors.append({"id": actor_id, "seq": actor.seq, "episode": episode, "last_row_time": actor.last_row_time})
         return {
             "format": FORMAT,
-            "commit": self.commits,
-            "rows": len(self),
-            "episodes": self._episodes.length,
+            "commit": commit,
+            "time": now,
+            "rows": self._rows.end,
+            "episodes": self._episodes.end,
             "actors": actors,
         }
+
+    def _resume(self, commit_time: float | None, abandon_idle_s: float | None) -> None:
+        """A writer reopening: abandon the episodes of actors gone before the last commit,
+        then rebuild the open ones (this reads every row from the oldest open episode on)."""
+        now = self.clock()
+        if commit_time is not None:
+            # Idle time counts only while a writer runs: the actors that were live when it
+            # stopped continue their episodes from their spools, however long it was down.
+            downtime = max(0.0, now - commit_time)
+            for actor in self._actors.values():
+                if actor.last_row_time is not None:
+                    actor.last_row_time += downtime
+            if abandon_idle_s is not None:
+                self.abandon_idle_episodes(abandon_idle_s, now)
+        for actor in self._actors.values():
+            if actor.episode is not None and actor.last_row_time is None:
+                actor.last_row_time = now  # a record without times (older o2o): count from now
+        self._rebuild_open_episodes()
+        if self._dirty:
+            self.commit()
 
     def _rebuild_open_episodes(self) -> None:
         """After a reopen: find the committed rows of each open episode, and clear any
@@ -598,7 +735,6 @@ class ReplayStore:
             return
         first = min(a.episode.start_row for a in open_actors)
         cols = self.read(first, len(self), ["actor", "episode_id", "reward", "mc_return"])
-        stale = False
         for actor in open_actors:
             episode = actor.episode
             mask = (cols["actor"] == actor.code) & (cols["episode_id"] == episode.episode_id)
@@ -606,13 +742,15 @@ class ReplayStore:
             rows = np.flatnonzero(mask) + first
             bounds = np.flatnonzero(np.diff(rows) != 1) + 1
             episode.ranges = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, bounds) if len(r)]
-            episode.rewards = [cols["reward"][mask].astype(np.float32)]
+            rewards = cols["reward"][mask].astype(np.float32)
+            episode.rewards = [rewards]
+            # From the rows themselves (records of older versions lack these).
+            episode.length = len(rows)
+            episode.end_row = int(rows[-1]) if len(rows) else episode.start_row
+            episode.reward_sum = float(rewards.astype(np.float64).sum())
             if np.isfinite(cols["mc_return"][mask]).any():
                 self._rows.patch("mc_return", rows, np.full(len(rows), np.nan, np.float32))
-                stale = True
-        if stale:
-            self._dirty = True
-            self.commit()
+                self._dirty = True
 
     # ------------------------------------------------------------ export
 
@@ -623,8 +761,32 @@ class ReplayStore:
         return export_minari(self, dataset_id, task or self.config.task, include_eval=include_eval, **kwargs)
 
 
+def _check_zarr_for_writing() -> None:
+    if not zarr_writes_atomically():
+        raise StoreError(
+            f"zarr {zarr.__version__} is installed, but writing a replay store needs zarr >= {ZARR_ATOMIC_WRITES}: "
+            "older versions write chunks in place, so a crash during a commit can tear committed rows. "
+            f"Upgrade it (pip install 'zarr>={ZARR_ATOMIC_WRITES}'); reading (mode 'r') works as is."
+        )
+
+
+def _construct(cls, path: Path, config: StoreConfig, mode: str, lock_fd: int | None, *args) -> "ReplayStore":
+    try:
+        return cls(path, config, mode, lock_fd, *args)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)  # a failed open (e.g. its repair commit) must not keep the store locked
+        raise
+
+
+def _int_in(value, lo: int, hi: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and lo <= value <= hi
+
+
 def _lock(path: Path) -> int:
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    # Read-only: flock needs no write access, and an fd open for writing would keep the
+    # file system from being remounted read-only (EBUSY).
+    fd = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -636,6 +798,11 @@ def _lock(path: Path) -> int:
 def _write_json(path: Path, record: dict) -> None:
     # Temp file + rename: readers see the old or the new record, never a torn one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # e.g. disk full: leave no partial record behind
+            os.unlink(tmp)
+        raise

@@ -9,21 +9,36 @@ concurrently; arrays grow by large steps, so resizes are rare.
 
 Crash safety relies on two facts: zarr's LocalStore writes each chunk and each
 ``zarr.json`` to a temporary file and renames it into place (so a chunk on disk
-is always a complete old or new version), and a rewritten chunk holds the same
-values as before for every row that was already flushed. The table itself keeps
-no length on disk: its owner records the flushed length (see ``ReplayStore``),
-and rows at or past that length are never trusted.
+is always a complete old or new version; zarr >= 3.1.3, see ``ZARR_ATOMIC_WRITES``),
+and a rewritten chunk holds the same values as before for every row that was
+already flushed. The table itself keeps no length on disk: its owner records the
+flushed length (see ``ReplayStore``), and rows at or past that length are never
+trusted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
+
+# The first zarr whose LocalStore writes every file to a temporary file and renames it
+# into place (zarr-python PR #3412); older ones write chunks in place, so a kill during
+# a flush can tear a chunk that holds flushed rows.
+ZARR_ATOMIC_WRITES = "3.1.3"
+
+
+def zarr_writes_atomically() -> bool:
+    """Whether the installed zarr (``zarr.__version__``) is ``ZARR_ATOMIC_WRITES`` or newer."""
+    release = re.match(r"(\d+)\.(\d+)\.(\d+)", zarr.__version__)
+    minimum = tuple(map(int, ZARR_ATOMIC_WRITES.split(".")))
+    return release is not None and tuple(map(int, release.groups())) >= minimum
+
 
 # Measured in benchmarks/ingest.py: lz4 + byte shuffle writes fastest here, and
 # zstd-1 gave no better ratio on float observations.
@@ -55,6 +70,7 @@ class AppendTable:
         self.base = (length // chunk_rows) * chunk_rows
         self._buf: dict[str, np.ndarray] = {}
         self._patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._patched_in_memory = False  # flushed rows held in memory were patched
         if writable:
             self._buf = {name: self._alloc(name, 2 * chunk_rows) for name in specs}
             if length > self.base:
@@ -120,6 +136,7 @@ class AppendTable:
         split = int(np.searchsorted(rows, self.base))
         if split < len(rows):
             self._buf[name][rows[split:] - self.base] = values[split:]
+            self._patched_in_memory = True
         if split > 0:
             self._patches.setdefault(name, []).append((rows[:split], values[:split]))
 
@@ -127,12 +144,19 @@ class AppendTable:
         """Copies of rows [start, stop) from memory (start >= base)."""
         return {name: buf[start - self.base : stop - self.base].copy() for name, buf in self._buf.items()}
 
+    def reserve(self) -> None:
+        """Grow the arrays to hold every staged row (rare: rewrites each column's zarr.json)."""
+        self._ensure_capacity(-(-self.end // self.chunk_rows) * self.chunk_rows)
+
     def write_ops(self) -> list:
-        """Coroutines writing every touched chunk whole; call ``flushed()`` after they ran."""
-        if self.end == self.length and not self._patches:
+        """Coroutines writing every touched chunk whole; call ``flushed()`` after they ran.
+
+        The rows in memory stay as they are until ``flushed()``: if a write fails,
+        ``write_ops()`` can simply be run again."""
+        if self.end == self.length and not self._patches and not self._patched_in_memory:
             return []
         stop = -(-self.end // self.chunk_rows) * self.chunk_rows
-        self._ensure_capacity(stop)
+        self.reserve()
         ops = []
         if self.end > self.base:
             for name, buf in self._buf.items():
@@ -162,6 +186,7 @@ class AppendTable:
     def flushed(self) -> None:
         """Mark staged rows as flushed and keep only the last partial chunk in memory."""
         self._patches.clear()
+        self._patched_in_memory = False
         self.length = self.end
         new_base = (self.end // self.chunk_rows) * self.chunk_rows
         if new_base > self.base:
@@ -210,7 +235,12 @@ def run_concurrently(ops: list) -> None:
     if ops:
 
         async def gather():
-            await asyncio.gather(*ops)
+            # Wait for every write even when one fails: a write still running after the
+            # error was raised could overwrite a chunk that a retried flush writes.
+            results = await asyncio.gather(*ops, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
 
         sync(gather())
 

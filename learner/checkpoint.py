@@ -2,6 +2,7 @@
 
 Written atomically (temp file + rename), read with ``torch.load(weights_only=True)``:
 a checkpoint holds tensors, numbers, strings and lists only, never pickled objects.
+A non-finite agent is never written: the last good checkpoint stays in place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from .calql import CalQLAgent
 from .config import CalQLConfig, NetworkConfig
+from .divergence import ADVICE, DivergedError, non_finite_tensors
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -51,6 +53,10 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | os.PathLike, agent: CalQLAgent, spec: AgentSpec, step: int, extra: dict | None = None) -> Path:
     path = Path(path)
+    bad = non_finite_tensors(agent)
+    if bad:
+        raise DivergedError(f"not writing {path} at step {step}: the agent holds non-finite values in "
+                            f"{', '.join(bad[:5])}; the previous checkpoint (if any) is kept. {ADVICE}")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": 1,

@@ -136,3 +136,8 @@ class OnlineConfig(PretrainConfig):
     """Also train on actors' deterministic evaluation episodes."""
     stats_every_s: float = 5.0
     """Log actor statistics (steps/s, policy lag, last contact) this often."""
+    commit_retry_s: float = 60.0
+    """When the replay store cannot be written (disk full, read-only), retry with back-off for this
+    long (the actors keep their chunks spooled), then stop with an error."""
+    abandon_idle_s: float = 600.0
+    """Close as abandoned (no MC return, not trained on) the open episode of an actor silent this long."""

@@ -5,9 +5,16 @@ DEALER that connects to it), in a background thread:
 
 * ``hello`` -> ``welcome`` with the actor's committed seq (a restarted actor
   resends what it spooled above it), plus the current ``policy`` if the actor
-  holds an older one. A ``next_seq`` above what the store expects declares the
-  seqs in between lost (the actor no longer has them).
-* ``chunk`` -> decoded and validated against the ``ChunkSpec``, appended to the
+  holds an older one or one of another learner run. A ``next_seq`` above what
+  the store expects declares the seqs in between lost (the actor no longer has
+  them). The hello binds the actor_id to that connection: a second live
+  connection of another actor process with the same id is refused
+  (``actor_id_in_use``) until the first has been silent for ``actor_live_s``.
+  Only actors that had a chunk accepted get an entry in the store; the others'
+  state lives here, capped at ``max_actors`` (stale ones are forgotten first).
+* ``chunk`` -> accepted only from a welcomed connection (else ``reject`` with
+  ``not_welcomed``, seq -1: the actor says hello and resends), decoded and
+  validated against the ``ChunkSpec``, appended to the
   store, group-committed (when ``commit_rows`` rows are staged, or
   ``commit_interval_s`` after the previous commit), then one cumulative ``ack``
   per actor with newly committed chunks. Duplicates (seq already accepted) are
@@ -25,6 +32,13 @@ missed a policy (a full queue drops it) can ask again with another ``hello``
 (every ``ack`` and ``welcome`` names the newest version). The cost is one copy
 of the policy per actor per publish, small next to the transitions.
 
+A failed commit (disk full, read-only remount, I/O error) is retried with
+back-off for ``commit_retry_s`` while nothing new is read (the actors keep their
+chunks spooled); past that the server stops with ``error`` set, which the
+learner turns into a clear error and a non-zero exit. Episodes of actors silent
+for ``abandon_idle_s`` are closed as abandoned, so the store does not keep them
+open (and re-read them at every reopen) forever.
+
 No torch here: the learner mirrors committed rows into its own buffer through
 ``on_commit``.
 """
@@ -41,12 +55,16 @@ from collections.abc import Callable
 
 import zmq
 
-from o2o.datasets.replay_store import CommitEvent, ReplayStore, SeqGapError
+from o2o.datasets.replay_store import CommitEvent, ReplayStore, SeqGapError, StoreError
 from o2o.datasets.wakeup import Waker
 from o2o.datasets.wire import (
+    ACTOR_ID_IN_USE,
     BAD_FRAMES,
     BAD_SPEC,
     BAD_TYPE,
+    BAD_VALUE,
+    NOT_WELCOMED,
+    TOO_MANY_ACTORS,
     Ack,
     ChunkSpec,
     Policy,
@@ -58,6 +76,7 @@ from o2o.datasets.wire import (
     decode_header,
     decode_hello,
     encode,
+    is_newer_policy,
     make_policy,
 )
 
@@ -66,6 +85,8 @@ log = logging.getLogger("o2o.ingest")
 UNKNOWN_ACTOR = "unknown"
 LOG_INTERVAL_S = 1.0  # at most one rejection line per (sender, reason) per interval
 RESEND_INTERVAL_S = 0.5  # repeat a resend request for the same seq at most this often
+MAX_LOG_KEYS = 10_000  # (sender, reason) pairs remembered for log rate limiting
+ABANDON_CHECK_S = 10.0  # how often idle actors' open episodes are looked for
 
 
 @dataclasses.dataclass
@@ -81,6 +102,7 @@ class ActorStats:
     last_contact: float = 0.0  # time.time() of the last message
     policy_version: int = -1  # policy version of the last chunk
     committed_seq: int = -1
+    instance: str = ""  # the actor process that holds this actor_id (from its hello)
 
 
 class IngestServer:
@@ -109,6 +131,11 @@ class IngestServer:
         on_commit: Callable[[CommitEvent], None] | None = None,
         commit_rows: int | None = None,
         commit_interval_s: float = 0.05,
+        run_id: str = "",
+        actor_live_s: float = 10.0,
+        max_actors: int = 4096,
+        commit_retry_s: float = 60.0,
+        abandon_idle_s: float | None = 600.0,
         context: zmq.Context | None = None,
     ):
         self.store = store
@@ -117,6 +144,11 @@ class IngestServer:
         self.on_commit = on_commit
         self.commit_rows = commit_rows
         self.commit_interval_s = commit_interval_s
+        self.run_id = run_id
+        self.actor_live_s = actor_live_s
+        self.max_actors = max_actors
+        self.commit_retry_s = commit_retry_s
+        self.abandon_idle_s = abandon_idle_s
         self.endpoint = endpoint
         self._context = context
         self._own_context = context is None
@@ -136,10 +168,16 @@ class IngestServer:
         self._resend_sent: dict[str, tuple[int, float]] = {}
         self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._last_commit = 0.0
+        self._last_abandon_check = time.monotonic()
+        self._skip_to: dict[str, int] = {}  # seqs consumed by actors the store does not know yet
+        self._failing_since: float | None = None  # first failed commit of the current streak
+        self._streak = 0  # failed commits in the current streak
+        self._retry_at = 0.0
         # Stats (read by other threads through stats()).
         self._actors: dict[str, ActorStats] = {}
         self._rejected: dict[str, int] = {}
-        self._counters = {"commits": 0, "send_failures": 0, "callback_errors": 0, "internal_errors": 0}
+        self._counters = {"commits": 0, "commit_failures": 0, "send_failures": 0, "callback_errors": 0,
+                          "internal_errors": 0, "forgotten_actors": 0, "abandoned_episodes": 0}  # fmt: skip
 
     # ------------------------------------------------------------ lifecycle
 
@@ -184,7 +222,7 @@ class IngestServer:
 
         Versions must increase. Actors that connect later get it with their ``welcome``.
         """
-        policy = make_policy(version, bytes(onnx_bytes))
+        policy = make_policy(version, bytes(onnx_bytes), self.run_id)
         with self._lock:
             if self._policy is not None and version <= self._policy.version:
                 raise ValueError(f"policy version {version} is not above the published {self._policy.version}")
@@ -247,6 +285,9 @@ class IngestServer:
         try:
             self._serve(sock)
             self._commit(sock)
+            if self.store.uncommitted and self._failing_since is not None:
+                log.error("stopped with %d rows not committed (the store could not be written): the actors keep "
+                          "them in their spools and resend them to the next run", self.store.staged_rows)  # fmt: skip
         except BaseException as err:
             self.error = err
             log.exception("ingest server stopped by an error")
@@ -260,7 +301,12 @@ class IngestServer:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._waker.socket, zmq.POLLIN)
+        reading = True
         while not self._stop.is_set():
+            if reading != (self._failing_since is None):
+                # While commits fail, read nothing new: the actors keep their chunks spooled.
+                reading = self._failing_since is None
+                (poller.register if reading else poller.unregister)(*((sock, zmq.POLLIN) if reading else (sock,)))
             events = dict(poller.poll(self._poll_timeout_ms()))
             if self._waker.socket in events:
                 self._waker.drain()
@@ -277,13 +323,28 @@ class IngestServer:
                     if self._commit_due():
                         self._commit(sock)
             self._run_commands(sock)
+            self._abandon_idle_episodes()
             if self._commit_due():
                 self._commit(sock)
+
+    def _abandon_idle_episodes(self) -> None:
+        now = time.monotonic()
+        if self.abandon_idle_s is None or now - self._last_abandon_check < ABANDON_CHECK_S:
+            return
+        self._last_abandon_check = now
+        with self._lock:
+            gone = self.store.abandon_idle_episodes(self.abandon_idle_s)
+        if gone:
+            self._counters["abandoned_episodes"] += len(gone)
+            log.info("closed the open episodes of %d actors silent for over %.0f s as abandoned: %s",
+                     len(gone), self.abandon_idle_s, ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""))  # fmt: skip
 
     def _commit_due(self) -> bool:
         store = self.store
         if not store.uncommitted:
             return False
+        if self._failing_since is not None:
+            return time.monotonic() >= self._retry_at
         if store.staged_full_chunk or (self.commit_rows is not None and store.staged_rows >= self.commit_rows):
             return True
         return time.monotonic() - self._last_commit >= self.commit_interval_s
@@ -291,7 +352,8 @@ class IngestServer:
     def _poll_timeout_ms(self) -> int:
         if not self.store.uncommitted:
             return 50
-        left = self._last_commit + self.commit_interval_s - time.monotonic()
+        due = self._retry_at if self._failing_since is not None else self._last_commit + self.commit_interval_s
+        left = due - time.monotonic()
         return max(0, math.ceil(left * 1000))
 
     def _run_commands(self, sock: zmq.Socket) -> None:
@@ -306,21 +368,33 @@ class IngestServer:
             elif command == "hold" and argument != self._hold:
                 self._hold = argument
                 for actor_id, identity in list(self._identity.items()):
-                    ack = Ack(actor_id, self.store.committed_seq(actor_id), self.policy_version, self._hold)
-                    self._send(sock, identity, encode(ack))
+                    self._send(sock, identity, encode(self._ack(actor_id)))
+
+    def _ack(self, actor_id: str) -> Ack:
+        return Ack(actor_id, self.store.committed_seq(actor_id), self.policy_version, self._hold, self.run_id)
 
     def _commit(self, sock: zmq.Socket) -> None:
         if not self.store.uncommitted:
             return
         with self._lock:
-            self.store.commit(collect=self.on_commit is not None)
+            try:
+                self.store.commit(collect=self.on_commit is not None)
+            except OSError as err:  # the store stays as before the call: retrying is safe
+                self._commit_failed(err)
+                return
+            if self._failing_since is not None:
+                log.warning("replay store %s is writable again: committed after %.1f s of failures",
+                            self.store.path, time.monotonic() - self._failing_since)  # fmt: skip
+                self._failing_since = None
             self._last_commit = time.monotonic()
             self._counters["commits"] += 1
-            version = self.policy_version
             for actor_id in self._to_ack:
                 seq = self.store.committed_seq(actor_id)
-                self._actors[actor_id].committed_seq = seq
-                self._send(sock, self._identity[actor_id], encode(Ack(actor_id, seq, version, self._hold)))
+                if actor_id in self._actors:
+                    self._actors[actor_id].committed_seq = seq
+                identity = self._identity.get(actor_id)
+                if identity is not None:
+                    self._send(sock, identity, encode(self._ack(actor_id)))
             self._to_ack.clear()
         if self.on_commit is not None:
             try:
@@ -328,6 +402,29 @@ class IngestServer:
             except Exception:
                 self._counters["callback_errors"] += 1
                 log.exception("on_commit callback failed (the commit itself is durable)")
+
+    def _commit_failed(self, err: OSError) -> None:
+        """Back off and retry (a full disk may be freed, a remount undone); give up after
+        ``commit_retry_s`` with a StoreError that stops the server (and the learner)."""
+        now = time.monotonic()
+        self._counters["commit_failures"] += 1
+        first = self._failing_since is None
+        if first:
+            self._failing_since, self._streak = now, 0
+        self._streak += 1
+        failing_for = now - self._failing_since
+        staged = self.store.staged_rows
+        if failing_for >= self.commit_retry_s:
+            raise StoreError(
+                f"the replay store {self.store.path} could not be written for {failing_for:.0f} s ({err}); "
+                f"{staged} staged rows were not committed (the actors keep them in their spools and resend them). "
+                "Every committed row is intact: free space or make the folder writable, then resume the run "
+                "(o2o-learner resume=<run folder>)"
+            ) from err
+        self._retry_at = now + min(0.1 * 2 ** (self._streak - 1), 5.0)  # 0.1, 0.2, 0.4 ... 5 s
+        if first or self._streak % 10 == 0:
+            log.error("commit to the replay store %s failed (%s); retrying for up to %.0f s, not reading new "
+                      "chunks meanwhile (%d rows staged)", self.store.path, err, self.commit_retry_s, staged)  # fmt: skip
 
     def _send(self, sock: zmq.Socket, identity: bytes, frames: list) -> None:
         try:
@@ -364,19 +461,29 @@ class IngestServer:
             err = WireError(BAD_TYPE, f"actors send 'chunk' or 'hello' messages, not {kind!r}")
             self._reject(sock, identity, self._actor_of.get(identity), -1, err)
 
-    def _touch(self, actor_id: str, identity: bytes) -> ActorStats:
-        stats = self._actors.get(actor_id)
-        if stats is None:
-            stats = self._actors[actor_id] = ActorStats(committed_seq=self.store.committed_seq(actor_id))
-        old = self._identity.get(actor_id)
-        if old != identity:
-            if old is not None:
-                log.info("actor %s reconnected from a new socket", actor_id)
-                self._actor_of.pop(old, None)
-            self._identity[actor_id] = identity
-            self._actor_of[identity] = actor_id
-        stats.last_contact = time.time()
-        return stats
+    def _welcomed(self, sock: zmq.Socket, identity: bytes, actor_id: str | None) -> ActorStats | None:
+        """The stats of ``actor_id`` if this connection was welcomed as it; else refuse the message."""
+        if actor_id is not None and self._actor_of.get(identity) == actor_id:
+            stats = self._actors[actor_id]
+            stats.last_contact = time.time()
+            return stats
+        message = "say hello first: this connection has not been welcomed" + (
+            f" as actor {actor_id!r}" if actor_id is not None else "")  # fmt: skip
+        self._reject(sock, identity, None, -1, WireError(NOT_WELCOMED, message), claimed=actor_id)
+        return None
+
+    def _expected_seq(self, actor_id: str) -> int:
+        """The seq this actor must send next (seqs consumed before the store knew it count too)."""
+        return max(self.store.expected_seq(actor_id), self._skip_to.get(actor_id, -1) + 1)
+
+    def _consume(self, actor_id: str, seq: int) -> None:
+        """Consume seqs up to ``seq`` without rows (a rejected or lost chunk). An actor gets a
+        store entry only with its first accepted chunk: until then the skip is kept here."""
+        if self.store.expected_seq(actor_id) > 0:
+            self.store.skip(actor_id, seq)
+            self._to_ack.add(actor_id)
+        else:
+            self._skip_to[actor_id] = max(seq, self._skip_to.get(actor_id, -1))
 
     def _on_chunk(self, sock: zmq.Socket, identity: bytes, body: list, header: dict) -> None:
         try:
@@ -385,23 +492,38 @@ class IngestServer:
             if err.actor_id is None:
                 self._reject(sock, identity, self._actor_of.get(identity), -1, err)
                 return
-            self._touch(err.actor_id, identity)
-            expected = self.store.expected_seq(err.actor_id)
+            if self._welcomed(sock, identity, err.actor_id) is None:
+                return
+            expected = self._expected_seq(err.actor_id)
             if err.seq < expected:
                 self._duplicate(sock, err.actor_id)
             elif err.seq > expected:
                 self._out_of_order(sock, err.actor_id, expected)
             else:
-                self.store.skip(err.actor_id, err.seq)  # so the actor's next chunks are accepted
-                self._to_ack.add(err.actor_id)
+                self._consume(err.actor_id, err.seq)  # so the actor's next chunks are accepted
                 self._reject(sock, identity, err.actor_id, err.seq, err)
             return
-        stats = self._touch(chunk.actor_id, identity)
+        stats = self._welcomed(sock, identity, chunk.actor_id)
+        if stats is None:
+            return
         stats.policy_version = chunk.policy_version
+        expected = self._expected_seq(chunk.actor_id)
+        if chunk.seq < expected:
+            self._duplicate(sock, chunk.actor_id)
+            return
+        if chunk.seq > expected:
+            self._out_of_order(sock, chunk.actor_id, expected)
+            return
+        if chunk.actor_id in self._skip_to:  # its first accepted chunk: now the store learns the skip
+            self.store.skip(chunk.actor_id, self._skip_to.pop(chunk.actor_id))
         try:
             accepted = self.store.append(chunk)
         except SeqGapError as gap:
             self._out_of_order(sock, chunk.actor_id, gap.expected)
+            return
+        except ValueError as err:  # the store refused its values (e.g. out of an int32 column's range)
+            self._consume(chunk.actor_id, chunk.seq)
+            self._reject(sock, identity, chunk.actor_id, chunk.seq, WireError(BAD_VALUE, str(err)))
             return
         if accepted:
             stats.rows += chunk.n
@@ -415,8 +537,7 @@ class IngestServer:
         if self.store.uncommitted:
             self._to_ack.add(actor_id)  # acked after the next commit
         else:
-            seq = self.store.committed_seq(actor_id)
-            self._send(sock, self._identity[actor_id], encode(Ack(actor_id, seq, self.policy_version, self._hold)))
+            self._send(sock, self._identity[actor_id], encode(self._ack(actor_id)))
 
     def _out_of_order(self, sock: zmq.Socket, actor_id: str, expected: int) -> None:
         self._actors[actor_id].out_of_order += 1
@@ -439,40 +560,89 @@ class IngestServer:
                 )
             if wrong:
                 raise WireError(BAD_SPEC, "actor does not match the learner: " + "; ".join(wrong), hello.actor_id)
+            self._admit(identity, hello.actor_id, hello.instance)
         except WireError as err:
-            self._reject(sock, identity, err.actor_id or self._actor_of.get(identity), -1, err)
+            welcomed_as = self._actor_of.get(identity)
+            self._reject(sock, identity, welcomed_as if welcomed_as == err.actor_id else None, -1, err,
+                         claimed=err.actor_id)  # fmt: skip
             return
-        stats = self._touch(hello.actor_id, identity)
-        expected = self.store.expected_seq(hello.actor_id)
+        actor_id = hello.actor_id
+        stats = self._actors[actor_id]
+        expected = self._expected_seq(actor_id)
         if hello.next_seq > expected:
             stats.lost_seqs += hello.next_seq - expected
             log.warning(
                 "actor %s resumes at seq %d; seqs %d..%d never arrived and are counted as lost",
-                hello.actor_id, hello.next_seq, expected, hello.next_seq - 1,
+                actor_id, hello.next_seq, expected, hello.next_seq - 1,
             )  # fmt: skip
-            self.store.skip(hello.actor_id, hello.next_seq - 1)
-            self._to_ack.add(hello.actor_id)
-        actor_id = hello.actor_id
+            self._consume(actor_id, hello.next_seq - 1)
         welcome = Welcome(
             actor_id, self.store.committed_seq(actor_id), self.policy_version,
-            self.store.expected_seq(actor_id) - 1, self._hold,
+            self._expected_seq(actor_id) - 1, self._hold, self.run_id,
         )  # fmt: skip
         self._send(sock, identity, encode(welcome))
-        if self._policy is not None and hello.policy_version < self._policy.version:
-            self._send(sock, identity, encode(self._policy))
+        policy = self._policy
+        if policy is not None and is_newer_policy(policy.run_id, policy.version, hello.policy_run, hello.policy_version):
+            self._send(sock, identity, encode(policy))
 
-    def _reject(self, sock: zmq.Socket, identity: bytes, actor_id: str | None, seq: int, err: WireError) -> None:
+    def _admit(self, identity: bytes, actor_id: str, instance: str) -> None:
+        """Bind ``actor_id`` to this connection, or raise WireError saying why not."""
+        now = time.time()
+        stats = self._actors.get(actor_id)
+        if stats is None:
+            if len(self._actors) >= self.max_actors and not self._forget_stalest(now):
+                raise WireError(TOO_MANY_ACTORS, f"the learner serves its maximum of {self.max_actors} actors "
+                                "(ingest max_actors), all of them live", actor_id)  # fmt: skip
+            stats = self._actors[actor_id] = ActorStats(committed_seq=self.store.committed_seq(actor_id))
+        old = self._identity.get(actor_id)
+        if old is not None and old != identity:
+            silent_s = now - stats.last_contact
+            same_process = instance != "" and instance == stats.instance
+            if not same_process and silent_s < self.actor_live_s:
+                raise WireError(ACTOR_ID_IN_USE, f"actor_id {actor_id!r} is held by another live actor process (its "
+                                f"last message {silent_s:.1f} s ago): give each actor a unique actor_id. A restarted "
+                                f"actor is accepted once the old connection has been silent for {self.actor_live_s:.0f} s",
+                                actor_id)  # fmt: skip
+            log.info("actor %s reconnected from a new socket%s", actor_id, "" if same_process else " (a new process)")
+            self._actor_of.pop(old, None)
+        self._identity[actor_id] = identity
+        self._actor_of[identity] = actor_id
+        stats.instance = instance
+        stats.last_contact = now
+
+    def _forget_stalest(self, now: float) -> bool:
+        """Make room for a new actor by forgetting the one silent the longest, if it is not live.
+        (Its store entry, if any, stays: only this server's session and counters go.)"""
+        actor_id = min(self._actors, key=lambda a: self._actors[a].last_contact)
+        if now - self._actors[actor_id].last_contact < self.actor_live_s:
+            return False
+        del self._actors[actor_id]
+        identity = self._identity.pop(actor_id, None)
+        self._actor_of.pop(identity, None)
+        self._skip_to.pop(actor_id, None)
+        self._resend_sent.pop(actor_id, None)
+        self._to_ack.discard(actor_id)
+        self._counters["forgotten_actors"] += 1
+        return True
+
+    def _reject(self, sock: zmq.Socket, identity: bytes, actor_id: str | None, seq: int, err: WireError,
+                claimed: str | None = None) -> None:  # fmt: skip
+        """Refuse a message; ``actor_id`` is the sender as welcomed (its counters get the rejection),
+        ``claimed`` an id the message named without being welcomed as it (logged, not trusted)."""
         self._rejected[err.reason] = self._rejected.get(err.reason, 0) + 1
         if actor_id is not None and actor_id in self._actors:
             rejected = self._actors[actor_id].rejected
             rejected[err.reason] = rejected.get(err.reason, 0) + 1
-        who = actor_id or f"socket {identity.hex()}"
-        self._log_rejection(who, err, seq)
-        self._send(sock, identity, encode(Reject(actor_id or UNKNOWN_ACTOR, seq, err.reason, err.message[:1000])))
+        name = actor_id or claimed
+        who = name if name is not None else "an unknown socket"
+        self._log_rejection(who if actor_id else f"{who} (not welcomed)", err, seq)
+        self._send(sock, identity, encode(Reject(name or UNKNOWN_ACTOR, seq, err.reason, err.message[:1000])))
 
     def _log_rejection(self, who: str, err: WireError, seq: int) -> None:
         key = (who, err.reason)
         now = time.monotonic()
+        if key not in self._last_log and len(self._last_log) >= MAX_LOG_KEYS:
+            self._last_log.clear()  # a flood of made-up ids must not grow memory
         last, suppressed = self._last_log.get(key, (-math.inf, 0))
         if now - last < LOG_INTERVAL_S:
             self._last_log[key] = (last, suppressed + 1)

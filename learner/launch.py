@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import field
 from pathlib import Path
@@ -135,6 +136,57 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+LEARNER_STOP_S = 120.0  # a learner checkpoints and commits when stopped: give it time
+ACTOR_STOP_S = 15.0
+
+
+def stop_processes(learner: subprocess.Popen, actors: list[subprocess.Popen]) -> None:
+    """Stop the learner if it still runs (it checkpoints), then every actor, whatever signals
+    arrive meanwhile.
+
+    Why: the children run in their own sessions, so only this process can stop them; an
+    actor left behind runs on forever (link.on_learner_lost=continue). A second Ctrl-C or a
+    SIGTERM while this waits does not cut it short: it kills the children at once instead.
+    """
+    urgent = threading.Event()
+
+    def hurry(*_) -> None:
+        if not urgent.is_set():
+            tqdm.write("second signal: killing the learner and the actors now")
+        urgent.set()
+
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # no signal between here and the new handlers
+    previous = {sig: signal.signal(sig, hurry) for sig in blocked}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+    try:
+        if learner.poll() is None:
+            learner.send_signal(signal.SIGINT)
+        _wait_or_kill(learner, LEARNER_STOP_S, urgent)
+        for actor in actors:
+            if actor.poll() is None:
+                actor.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + ACTOR_STOP_S
+        for actor in actors:
+            _wait_or_kill(actor, max(0.0, deadline - time.monotonic()), urgent)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout_s: float, urgent: threading.Event) -> None:
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if urgent.is_set() or time.monotonic() >= deadline:
+            proc.kill()
+            proc.wait()
+            return
+        try:
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def launch(cfg: LaunchConfig, run_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     endpoint = f"tcp://127.0.0.1:{cfg.port or free_port()}"
@@ -178,16 +230,8 @@ def launch(cfg: LaunchConfig, run_dir: Path) -> int:
             bar.set_postfix(progress.postfix())
     except KeyboardInterrupt:
         tqdm.write("interrupted: stopping the learner (it checkpoints) and the actors")
-        learner.send_signal(signal.SIGINT)
     finally:
-        learner.wait()
-        for actor in actors:
-            actor.send_signal(signal.SIGINT)
-        for actor in actors:
-            try:
-                actor.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                actor.kill()
+        stop_processes(learner, actors)
         progress.poll()
         if pretraining is None:
             bar.n = progress.updates

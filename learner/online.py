@@ -13,9 +13,12 @@ on online) feed the sampling buffer, mixed with the offline data at
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import hydra
@@ -32,6 +35,7 @@ from o2o.envs import get_task
 from .buffer import TransitionBuffer
 from .checkpoint import CHECKPOINT_NAME, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OnlineConfig, PretrainConfig
+from .divergence import DivergedError, check_losses, check_weights
 from .export_onnx import export_policy
 from .ingest import IngestServer
 from .metrics import MetricsLogger, RunningMean
@@ -45,15 +49,36 @@ ConfigStore.instance().store(name="online_schema", node=OnlineConfig)
 UPDATE_BURST = 10
 
 
-class PolicyPublisher:
-    """Exports the current policy to ONNX and hands it to the ingest server under a new version."""
+PUBLISHED_FILE = "published.json"
 
-    def __init__(self, agent, spec, server: IngestServer, run_dir: Path, version: int):
-        self.agent, self.spec, self.server, self.run_dir = agent, spec, server, run_dir
-        self.version = version
+
+class PolicyPublisher:
+    """Exports the current policy to ONNX and hands it to the ingest server under a new version.
+
+    Versions count up within a learner run (``run_id``) across restarts: the last version
+    published is written to ``published.json`` before it is sent, so a run resumed from an
+    older checkpoint never publishes a version number twice (the store labels every row
+    with the version that acted it). A fresh run gets a new run id: its actors take its
+    policy although its versions start again at 1.
+    """
+
+    def __init__(self, agent, spec, run_dir: Path, checkpoint_version: int = 0, run_id: str | None = None):
+        self.agent, self.spec, self.run_dir = agent, spec, run_dir
+        self.server: IngestServer | None = None
+        record = self._read()
+        self.run_id = run_id or record.get("run_id") or uuid.uuid4().hex[:16]
+        self.version = max(checkpoint_version, int(record.get("version", 0)))
+
+    def _read(self) -> dict:
+        path = self.run_dir / PUBLISHED_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def publish(self, step: int) -> int:
+        check_weights(self.agent, step)  # never hand the fleet a NaN policy
         self.version += 1
+        tmp = self.run_dir / f".{PUBLISHED_FILE}.tmp"
+        tmp.write_text(json.dumps({"run_id": self.run_id, "version": self.version}))
+        os.replace(tmp, self.run_dir / PUBLISHED_FILE)
         # The TorchScript exporter takes ~0.2 s instead of ~1-2 s: the learner waits for it.
         path = export_policy(self.agent, self.spec, self.run_dir / "policy.onnx", version=self.version, step=step,
                              exporter="torchscript")
@@ -78,7 +103,7 @@ def starting_checkpoint(cfg: OnlineConfig, run_dir: Path) -> Path:
 def open_store(cfg: OnlineConfig, run_dir: Path, task_name: str, algo) -> ReplayStore:
     path = Path(cfg.store) if cfg.store else run_dir / "replay"
     if path.exists():
-        store = ReplayStore.open(path, "a")
+        store = ReplayStore.open(path, "a", abandon_idle_s=cfg.abandon_idle_s)
         log.info("opened replay store %s: %d committed rows", path, len(store))
         return store
     return ReplayStore.create_for_task(
@@ -116,32 +141,37 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
         # Runs in the ingest thread: a fast fleet is held at once, even while this loop
         # is busy (or starved of the GIL by ingest itself). Releasing happens below.
         online.on_commit(event)
-        if limiter.hold(done["updates"], event.stop, server.holding) and not server.holding:
+        if limiter.hold(done["updates"], online.trainable_committed, server.holding) and not server.holding:
             server.set_hold(True)
 
-    server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=on_commit).start()
-    publisher = PolicyPublisher(agent, spec, server, run_dir, version=int(extra.get("policy_version", 0)))
-    publisher.publish(updates)
-    log.info("learner listening on %s (task %s, policy version %d)", server.endpoint, task.name, publisher.version)
-
+    publisher = PolicyPublisher(agent, spec, run_dir, int(extra.get("policy_version", 0)), extra.get("run_id"))
+    server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=on_commit, run_id=publisher.run_id,
+                          commit_retry_s=cfg.commit_retry_s, abandon_idle_s=cfg.abandon_idle_s).start()  # fmt: skip
+    publisher.server = server
     logger = MetricsLogger(run_dir)
     running = RunningMean()
     monitor = FleetMonitor(server, cfg.stats_every_s)
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, int(payload["step"]) + updates,
-                        extra={"online_updates": updates, "policy_version": publisher.version})
+        save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, int(payload["step"]) + updates, extra={
+            "online_updates": updates, "policy_version": publisher.version, "run_id": publisher.run_id})
 
-    checkpoint()  # from now on `resume=<run folder>` finds this run's own checkpoint
     total = cfg.online_updates or None
     bar = tqdm(initial=updates, total=total, desc="online", disable=not cfg.progress)
+    failed = False
     try:
+        publisher.publish(updates)
+        log.info("learner listening on %s (task %s, run %s, policy version %d)", server.endpoint, task.name,
+                 publisher.run_id, publisher.version)  # fmt: skip
+        checkpoint()  # from now on `resume=<run folder>` finds this run's own checkpoint
         while total is None or updates < total:
+            if server.error is not None:
+                raise StoreError(f"the ingest server stopped: {server.error}") from server.error
             online.drain()
             for episode in online.pop_episodes():
                 logger.log(updates, "eval" if episode["eval"] else "online", episode)
             monitor.maybe_log(logger, updates, publisher.version)
-            hold = limiter.hold(updates, online.committed_rows, server.holding)
+            hold = limiter.hold(updates, online.trainable_committed, server.holding)
             if hold != server.holding:
                 server.set_hold(hold)
             allowed = limiter.allowed(updates, online.trainable_rows)
@@ -166,19 +196,39 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
                     "updates_behind": limiter.behind(updates, online.trainable_rows),
                     "fleet_held": float(server.holding),
                 })
+                check_losses(shown, updates)
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
                                 q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")
     except KeyboardInterrupt:
         log.info("interrupted: checkpointing")
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if running.count:
-            logger.log(updates, "train", running.pop())
-        checkpoint()
-        server.stop()
-        store.close()
-        logger.close()
         bar.close()
+        shutdown([
+            ("log the last updates", lambda: running.count and logger.log(updates, "train", running.pop())),
+            ("write the final checkpoint", checkpoint),
+            ("stop the ingest server", server.stop),
+            ("close the replay store", store.close),
+            ("close the metrics log", logger.close),
+        ], raise_first=not failed)
     return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows}
+
+
+def shutdown(steps: list, raise_first: bool) -> None:
+    """Run every step even if one fails (a diverged agent must not keep the store open, a
+    read-only disk must not skip the checkpoint); log failures, re-raise the first if asked
+    (not while another error is already on its way out)."""
+    first = None
+    for what, step in steps:
+        try:
+            step()
+        except Exception as err:
+            log.error("could not %s: %s", what, err)
+            first = first or err
+    if first is not None and raise_first:
+        raise first
 
 
 class FleetMonitor:
@@ -211,7 +261,8 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     cfg: OnlineConfig = OmegaConf.to_object(dict_cfg)
     try:
         result = run_online(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (DatasetError, StoreError, KeyError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (DatasetError, StoreError, DivergedError, KeyError, ValueError, FileNotFoundError, OSError,
+            RuntimeError) as err:  # fmt: skip
         print(f"o2o-learner: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         sys.exit(2)
     print(f"online: {result['updates']} updates, {result['rows']} rows, policy version {result['policy_version']}")

@@ -67,11 +67,23 @@ class OnlineData:
         self.events: queue.SimpleQueue[CommitEvent] = queue.SimpleQueue()
         self.committed_rows = 0
         self.trainable_rows = 0
+        self.trainable_committed = 0
+        """Rows committed trainable (counted in the ingest thread, ahead of ``drain``): what the
+        fleet hold is decided on, like the updates, so rows that never train (eval, abandoned
+        or open episodes) can never hold the fleet while the learner waits for data."""
         self.episodes: list[dict] = []  # closed episodes not yet logged
 
     def on_commit(self, event: CommitEvent) -> None:
-        """Runs in the ingest thread: hand the event over, nothing more."""
+        """Runs in the ingest thread: count what became trainable, hand the event over."""
+        self.trainable_committed += self.trainable_in(event.episodes)
         self.events.put(event)
+
+    def trainable_in(self, episodes: dict[str, np.ndarray]) -> int:
+        """Rows of the closed episodes that get MC returns and are trained on (as ``_make_trainable``)."""
+        if not episodes or len(episodes.get("length", ())) == 0:
+            return 0
+        keep = episodes["ended"] & episodes["contiguous"] & (self.train_on_eval | ~episodes["eval"])
+        return int(episodes["length"][keep].sum())
 
     def drain(self) -> int:
         """Apply the commit events queued so far; returns how many rows became trainable.
@@ -130,6 +142,7 @@ class OnlineData:
             # Rows of still-open episodes must be found again when their episode closes.
             self.mirror.append(start, rows)
         self.committed_rows = len(store)
+        self.trainable_committed = self.trainable_rows
         return self.trainable_rows
 
     def _collect_episodes(self, episodes: dict[str, np.ndarray]) -> None:
@@ -175,12 +188,16 @@ class UpdateLimiter:
             return 0
         return max(0, int(self.utd * (rows - self.warmup_rows)) + self.max_ahead - updates)
 
-    def hold(self, updates: int, committed_rows: int, holding: bool) -> bool:
-        """Should the fleet pause? Past ``max_rows_ahead`` rows beyond what the updates
-        consumed; released below half of it (hysteresis). 0 disables holding."""
+    def hold(self, updates: int, trainable_rows: int, holding: bool) -> bool:
+        """Should the fleet pause? Past ``max_rows_ahead`` trainable rows beyond what the updates
+        consumed; released below half of it (hysteresis). 0 disables holding.
+
+        Counted in trainable rows, as ``allowed`` is: counted in committed rows, rows that never
+        become trainable (eval episodes, abandoned ones) would hold the fleet while ``allowed``
+        waits for data, forever."""
         if self.max_rows_ahead <= 0:
             return False
-        ahead = committed_rows - self.warmup_rows - updates / self.utd
+        ahead = trainable_rows - self.warmup_rows - updates / self.utd
         return ahead > self.max_rows_ahead / 2 if holding else ahead > self.max_rows_ahead
 
     def behind(self, updates: int, rows: int) -> int:

@@ -32,6 +32,7 @@ from .buffer import TransitionBuffer
 from .calql import CalQLAgent
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
+from .divergence import DivergedError, check_losses
 from .evaluation import evaluate
 from .export_onnx import export_policy
 from .metrics import MetricsLogger, RunningMean
@@ -118,6 +119,7 @@ def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             shown = logger.log(done, "train", running.pop())
+            check_losses(shown, done)
             bar.set_postfix(q=f"{shown['train/q_data']:.2f}", mc=f"{shown['train/mc_return']:.2f}",
                             bound=f"{shown['train/bound_rate']:.2f}", eval=last_eval.get("normalized_score", "-"))
         if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.steps:
@@ -140,7 +142,7 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         pretrain(cfg, run_dir)
-    except (DatasetError, KeyError, ValueError, FileNotFoundError) as err:
+    except (DatasetError, DivergedError, KeyError, ValueError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"o2o-pretrain: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -101,6 +101,7 @@ class SpoolSender:
         self.acks = 0
         self.resends = 0
         self.policy: wire.Policy | None = None
+        self.needs_hello = False  # the learner did not know this connection (e.g. it restarted)
 
     def hello(self, obs_dim: int = OBS_DIM) -> wire.Welcome | wire.Reject:
         """Say hello until the learner answers (a hello sent to a learner that died is lost)."""
@@ -109,12 +110,14 @@ class SpoolSender:
         while True:
             self.sock.send_multipart(hello)
             msg = self.receive(timeout_ms=1000)
-            while msg is not None and not isinstance(msg, (wire.Welcome, wire.Reject)):
+            while msg is not None:
+                if isinstance(msg, wire.Welcome):
+                    self._acked_up_to(msg.seq)
+                    self.needs_hello = False  # refusals of chunks sent before this hello are answered now
+                    return msg
+                if isinstance(msg, wire.Reject) and msg.reason != wire.NOT_WELCOMED:
+                    return msg
                 msg = self.receive(timeout_ms=1000)
-            if isinstance(msg, wire.Welcome):
-                self._acked_up_to(msg.seq)
-            if msg is not None:
-                return msg
 
     def send(self, chunk: wire.TransitionChunk) -> None:
         self.spool[chunk.seq] = wire.encode_chunk(chunk)
@@ -140,6 +143,8 @@ class SpoolSender:
             self._acked_up_to(msg.seq)
         elif isinstance(msg, wire.Resend):
             self.resend_from(msg.seq)
+        elif isinstance(msg, wire.Reject) and msg.reason == wire.NOT_WELCOMED:
+            self.needs_hello = True
         elif isinstance(msg, wire.Reject):
             self.rejected.append(msg)
             self.spool.pop(msg.seq, None)
@@ -164,6 +169,10 @@ def run_actor(endpoint: str, actor_id: str, n_chunks: int, window: int, out) -> 
             seq += 1
         if sender.receive(timeout_ms=200) is not None:
             quiet_since = time.monotonic()
+            if sender.needs_hello:  # a restarted learner: say hello, then resend what it lacks
+                sender.needs_hello = False
+                sender.hello()
+                sender.resend_from(sender.acked + 1)
         elif sender.spool and time.monotonic() - quiet_since > 1.0:
             # No answer for a while (e.g. the learner restarted): go back to the oldest unacked.
             sender.resend_from(min(sender.spool))

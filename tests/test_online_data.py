@@ -107,7 +107,32 @@ def test_limiter_waits_for_data_and_reports_lag():
 
 def test_limiter_holds_a_fast_fleet_with_hysteresis():
     limiter = UpdateLimiter(utd=1.0, warmup_rows=0, max_ahead=0, max_rows_ahead=100)
-    assert not limiter.hold(updates=0, committed_rows=90, holding=False)
-    assert limiter.hold(updates=0, committed_rows=150, holding=False)
-    assert limiter.hold(updates=80, committed_rows=150, holding=True)  # 70 ahead: still above half
-    assert not limiter.hold(updates=120, committed_rows=150, holding=True)
+    assert not limiter.hold(updates=0, trainable_rows=90, holding=False)
+    assert limiter.hold(updates=0, trainable_rows=150, holding=False)
+    assert limiter.hold(updates=80, trainable_rows=150, holding=True)  # 70 ahead: still above half
+    assert not limiter.hold(updates=120, trainable_rows=150, holding=True)
+
+
+def test_rows_that_never_train_cannot_hold_the_fleet_while_the_learner_waits(tmp_path):
+    """The flow-control deadlock: eval rows (and open or abandoned episodes) are committed but
+    never trainable. Held on committed rows, the fleet stayed held once they outnumbered the
+    hold threshold, while the learner waited for trainable data: nothing ever moved again."""
+    store, _, data = make(tmp_path)
+    limiter = UpdateLimiter(utd=1.0, warmup_rows=0, max_ahead=10, max_rows_ahead=20)
+    commit(store, data, chunk(0, 0, 0, 10, end=True), chunk(1, 1, 0, 30, end=True, eval=True), chunk(2, 2, 0, 5))
+    assert (data.committed_rows, data.trainable_rows, data.trainable_committed) == (45, 10, 10)
+    updates = limiter.allowed(0, data.trainable_rows)  # the learner trains as far as the data allows ...
+    assert updates == 20 and limiter.allowed(updates, data.trainable_rows) == 0  # ... then waits for data,
+    assert not limiter.hold(updates, data.trainable_committed, holding=True)  # so the fleet must be released
+
+
+def test_trainable_rows_are_counted_in_the_ingest_thread_before_drain(tmp_path):
+    # The ingest thread holds a fast fleet at once: it counts trainable rows from the commit alone.
+    store, _, data = make(tmp_path)
+    for c in (chunk(0, 0, 0, 6, end=True), chunk(1, 1, 0, 4, end=True, eval=True), chunk(2, 2, 0, 3)):
+        store.append(c)
+    store.commit(collect=True)
+    data.on_commit(store.last_commit)
+    assert data.trainable_committed == 6 and data.trainable_rows == 0
+    data.drain()
+    assert data.trainable_rows == data.trainable_committed == 6
