@@ -193,14 +193,14 @@ def launch_cmd(tmp_path: Path, run_dir: Path, *args: str, learner_extra: tuple =
 def test_launch_with_eval_episodes_runs_past_the_old_flow_control_deadlock(tmp_path):
     """Before: eval rows counted towards the fleet hold but never became trainable; with an eval
     episode after every training episode, the fleet was held for good after the first one and
-    the learner waited for data forever (o2o-launch's defaults: near 15,100 updates)."""
+    the learner waited for data forever (o2o-launch's defaults: near 15,100 updates; here at 560)."""
     run_dir = tmp_path / "run"
-    cmd = launch_cmd(tmp_path, run_dir, "online_updates=600", "actors=2", "eval_every=1", "max_rows_ahead=60",
-                     "control_hz=0", learner_extra=("max_updates_ahead=10",))  # fmt: skip
+    cmd = launch_cmd(tmp_path, run_dir, "online_updates=1500", "actors=2", "eval_every=1", "max_rows_ahead=60",
+                     "control_hz=200", learner_extra=("max_updates_ahead=10",))  # fmt: skip
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "done: 600 online updates" in done.stdout
+    assert "done: 1500 online updates" in done.stdout  # the old code stopped for good at 560
     store = ReplayStore.open(run_dir / "replay", "r")
     episodes = store.episodes(["eval", "ended", "length"])
     eval_rows = episodes["length"][episodes["eval"]].sum()
