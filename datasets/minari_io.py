@@ -8,6 +8,7 @@ Loading goes through ``minari.load_dataset`` (ids resolved under
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +20,9 @@ from minari.data_collector import EpisodeBuffer
 
 from o2o.envs import TaskSpec, flatten_obs
 
-from .mc_return import mc_returns, scaled_failure_reward, trajectory_ends
+from .mc_return import mc_returns, scale_rewards, scaled_failure_reward, trajectory_ends
+
+log = logging.getLogger("o2o.datasets")
 
 
 class DatasetError(ValueError):
@@ -78,7 +81,8 @@ def open_dataset(dataset: str | os.PathLike) -> minari.MinariDataset:
         ) from err
 
 
-def _episode_arrays(episode, task: TaskSpec) -> dict[str, np.ndarray]:
+def _episode_arrays(episode, task: TaskSpec) -> dict[str, np.ndarray] | None:
+    """One episode as flat arrays; None for an Adroit-binary demo with no success (dropped)."""
     obs = flatten_obs(episode.observations)
     actions = np.asarray(episode.actions, np.float32).reshape(len(episode.actions), -1)
     rewards = np.asarray(episode.rewards, np.float32).reshape(-1)
@@ -92,9 +96,15 @@ def _episode_arrays(episode, task: TaskSpec) -> dict[str, np.ndarray]:
         )
     if task.binary_reward or task.terminate_on_success:
         success = _episode_success(episode, task, rewards)
+        if not success.any():
+            # Cal-QL drops Adroit-binary demos that never succeed: get_hand_dataset_with_mc_calculation
+            # (JaxCQL/replay_buffer.py, lines 184-185 and 202-203 at ac6eafe) does
+            # `if not (0 in dataset[i]["rewards"]): continue` for expert and BC demos alike,
+            # 0 being reward_pos, i.e. a demo is kept iff some step is a success.
+            return None
         if task.binary_reward:
             rewards = np.where(success, task.reward_pos, task.reward_neg).astype(np.float32)
-        if task.terminate_on_success and success.any():
+        if task.terminate_on_success:
             # Cal-QL's Adroit-binary processing: cut at the last success; success steps are terminal.
             last = int(np.flatnonzero(success)[-1]) + 1
             obs, actions, rewards = obs[: last + 1], actions[:last], rewards[:last]
@@ -131,15 +141,35 @@ def load_transitions(
     gamma: float = 0.99,
     reward_scale: float = 1.0,
     reward_bias: float = 0.0,
+    infinite_horizon: bool = False,
 ) -> Transitions:
-    """Flat transitions of every episode of a Minari dataset, with MC return-to-go."""
+    """Flat transitions of every episode of a Minari dataset, with MC return-to-go.
+
+    Tasks with ``binary_reward`` or ``terminate_on_success`` (Cal-QL's Adroit-binary
+    processing) drop the episodes without any success step, as the official code does.
+    ``infinite_horizon`` (Cal-QL's Kitchen setting) bootstraps each truncated
+    trajectory's MC return from ``r_last / (1 - gamma)``; see ``mc_return``.
+    """
     ds = dataset if isinstance(dataset, minari.MinariDataset) else open_dataset(dataset)
-    episodes = [_episode_arrays(ep, task) for ep in ds.iterate_episodes()]
-    if not episodes:
+    arrays = [_episode_arrays(ep, task) for ep in ds.iterate_episodes()]
+    if not arrays:
         raise DatasetError(f"dataset {ds.spec.dataset_id} holds no episodes")
+    episodes = [ep for ep in arrays if ep is not None]
+    dropped = len(arrays) - len(episodes)
+    if not episodes:
+        raise DatasetError(
+            f"dataset {ds.spec.dataset_id}: all {dropped} episodes were dropped because none reaches "
+            f"a success (task {task.name} keeps only demos with a success step, as Cal-QL does for "
+            "Adroit-binary); is this the right dataset, with per-step success flags in its infos?"
+        )
+    if dropped:
+        log.info(
+            "dataset %s: dropped %d of %d episodes without any success step (Cal-QL's Adroit-binary rule)",
+            ds.spec.dataset_id, dropped, len(arrays),
+        )  # fmt: skip
     cols = {key: np.concatenate([ep[key] for ep in episodes]) for key in episodes[0]}
     _check_matches_task(ds, cols, task)
-    reward = (cols["reward"] * reward_scale + reward_bias).astype(np.float32)
+    reward = scale_rewards(cols["reward"], reward_scale, reward_bias)
     terminated = cols["terminated"].astype(np.float32)
     ends = trajectory_ends(cols["obs"], cols["next_obs"], cols["terminated"], cols["truncated"])
     failure = scaled_failure_reward(task.reward, task.reward_neg, reward_scale, reward_bias)
@@ -150,7 +180,7 @@ def load_transitions(
         next_obs=cols["next_obs"],
         terminated=terminated,
         episode_end=ends,
-        mc_return=mc_returns(reward, terminated, ends, gamma, failure),
+        mc_return=mc_returns(reward, terminated, ends, gamma, failure, infinite_horizon),
     )
 
 

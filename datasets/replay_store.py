@@ -35,10 +35,11 @@ actor observed it, so the store does not depend on training choices. The
 ``mc_return`` column is the Cal-QL Monte-Carlo return-to-go computed exactly
 like ``minari_io.load_transitions``: rewards scaled to
 ``float32(reward * reward_scale + reward_bias)``, then
-``mc_return.trajectory_return_to_go`` with the store's ``gamma`` and the scaled
-failure reward (sparse tasks). It is filled when an episode's terminated or
-truncated row arrives, for every row of that episode (rows of different actors
-interleave). Rows of episodes still open, abandoned (the actor moved on to
+``mc_return.trajectory_return_to_go`` with the store's ``gamma``, the scaled
+failure reward (sparse tasks) and ``infinite_horizon`` (Cal-QL's Kitchen tail;
+stores made before that setting existed read it as False). It is filled when
+an episode's terminated or truncated row arrives, for every row of that episode
+(rows of different actors interleave). Rows of episodes still open, abandoned (the actor moved on to
 another episode without ending this one) or with missing steps (a rejected or
 lost chunk) keep ``mc_return = NaN``: filter them with ``np.isfinite``. Note
 that rewards used for training must be scaled the same way: the store gives
@@ -71,7 +72,7 @@ from typing import Literal
 import numpy as np
 import zarr
 
-from .mc_return import trajectory_return_to_go
+from .mc_return import scale_rewards, trajectory_return_to_go
 from .wire import ARRAY_NAMES, MAX_INT32, TransitionChunk
 from .zarr_table import (
     DEFAULT_COMPRESSOR,
@@ -155,16 +156,23 @@ class StoreConfig:
     task: str | None = None
     chunk_rows: int = 0
     """Rows per Zarr chunk; 0 picks ~2 MiB obs chunks."""
+    infinite_horizon: bool = False
+    """MC returns of truncated episodes start from r_last / (1 - gamma) (Cal-QL's Kitchen rule)."""
 
     @property
     def scaled_failure_reward(self) -> float | None:
         if self.failure_reward is None:
             return None
-        return self.failure_reward * self.reward_scale + self.reward_bias
+        # Scaled like the rewards (float32), so the all-failure rule compares equal numbers.
+        return float(self.scale_rewards(np.array([self.failure_reward]))[0])
 
     def scale_rewards(self, raw: np.ndarray) -> np.ndarray:
         # The same float32 arithmetic as minari_io.load_transitions, so MC returns match bit for bit.
-        return (np.asarray(raw, np.float32) * self.reward_scale + self.reward_bias).astype(np.float32)
+        return scale_rewards(raw, self.reward_scale, self.reward_bias)
+
+
+# Attributes added after FORMAT_VERSION was fixed: a store made before lacks them and reads these.
+_LATER_ATTRS = {"infinite_horizon": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,11 +287,13 @@ class ReplayStore:
         chunk_rows: int = 0,
         compressor=DEFAULT_COMPRESSOR,
         overwrite: bool = False,
+        infinite_horizon: bool = False,
     ) -> "ReplayStore":
         """A new, empty store opened for appending.
 
         ``failure_reward`` is the RAW failure reward of a sparse task (``TaskSpec.reward_neg``),
         None for dense tasks; see the module docstring for the reward convention.
+        ``infinite_horizon``: MC returns as with ``load_transitions(..., infinite_horizon=True)``.
         """
         _check_zarr_for_writing()
         path = Path(path)
@@ -299,6 +309,7 @@ class ReplayStore:
         config = StoreConfig(
             obs_dim, action_dim, float(gamma), float(reward_scale), float(reward_bias),
             None if failure_reward is None else float(failure_reward), task, chunk_rows,
+            infinite_horizon=bool(infinite_horizon),
         )  # fmt: skip
         path.mkdir(parents=True)
         lock_fd = _lock(path)
@@ -312,7 +323,8 @@ class ReplayStore:
 
     @classmethod
     def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
-        """A store with the dimensions and failure reward of an o2o task (makes the env once)."""
+        """A store with the dimensions and failure reward of an o2o task (makes the env once);
+        ``kwargs`` go to ``create`` (``gamma``, ``reward_scale``, ``infinite_horizon``, ...)."""
         from o2o.envs import get_task, make_env
 
         spec = get_task(task)
@@ -347,7 +359,8 @@ class ReplayStore:
             raise StoreError(f"{path} is not an o2o replay store (no o2o_replay attributes)")
         if attrs["version"] != FORMAT_VERSION:
             raise StoreError(f"{path} has store format version {attrs['version']}; this code reads {FORMAT_VERSION}")
-        config = StoreConfig(**{f.name: attrs[f.name] for f in dataclasses.fields(StoreConfig)})
+        known = {**_LATER_ATTRS, **attrs}  # a store made by older code lacks the later attributes
+        config = StoreConfig(**{f.name: known[f.name] for f in dataclasses.fields(StoreConfig)})
         lock_fd = _lock(path) if mode == "a" else None
         return _construct(cls, path, config, mode, lock_fd, abandon_idle_s)
 
@@ -595,8 +608,9 @@ class ReplayStore:
             raw = np.concatenate(episode.rewards)
             terminals = np.zeros(len(raw), np.float32)
             terminals[-1] = float(terminated)
+            cfg = self.config
             mc = trajectory_return_to_go(
-                self.config.scale_rewards(raw), terminals, self.config.gamma, self.config.scaled_failure_reward
+                cfg.scale_rewards(raw), terminals, cfg.gamma, cfg.scaled_failure_reward, cfg.infinite_horizon
             )
             self._rows.patch("mc_return", rows, mc)
             self._mc_filled.append((rows, mc))

@@ -69,7 +69,9 @@ class CalQLAgent(nn.Module):
         self.critic = CriticEnsemble(obs_dim, action_dim, net.critic_hidden, net.num_critics, net.orthogonal_init)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
-        self.log_alpha_prime = nn.Parameter(torch.zeros(()))
+        # Official JaxCQL conservative_sac.py: log_alpha_prime = Scalar(1.0) (alpha' = e at the start;
+        # CORL's cal_ql.py as well); log_alpha = Scalar(0.0).
+        self.log_alpha_prime = nn.Parameter(torch.ones(()))
         self.target_entropy = cfg.target_entropy if cfg.target_entropy is not None else -float(action_dim)
         self.to(device)
         self.optimizer = torch.optim.Adam(
@@ -194,6 +196,11 @@ class CalQLAgent(nn.Module):
     def load_training_state(self, state: dict) -> None:
         self.load_state_dict(state["agent"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The optimiser's saved state carries the learning rates it ran with; this agent's config
+        # may change them (fine-tuning), so the config wins.
+        lrs = (self.cfg.policy_lr, self.cfg.critic_lr, self.cfg.alpha_lr, self.cfg.alpha_prime_lr)
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
 
 
 def _fast_adam_kwargs(device: torch.device) -> dict:

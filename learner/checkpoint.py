@@ -81,10 +81,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, device="cpu", restore_rng: bool = False) -> tuple[CalQLAgent, AgentSpec, dict]:
-    """Agent (weights, targets, optimiser) + its spec + the raw payload (step, extra)."""
+def load_checkpoint(path: str | os.PathLike, device="cpu", restore_rng: bool = False,
+                    algo: dict | None = None) -> tuple[CalQLAgent, AgentSpec, dict]:  # fmt: skip
+    """Agent (weights, targets, optimiser) + its spec + the raw payload (step, extra).
+
+    ``algo`` replaces the checkpoint's algorithm settings (fine-tuning: see ``fine_tuning``)."""
     payload = torch.load(resolve_checkpoint(path), map_location=device, weights_only=True)
     spec = AgentSpec(**payload["spec"])
+    if algo is not None:
+        spec.algo = dict(algo)
     agent = spec.build_agent(device)
     agent.load_training_state(payload)
     if restore_rng:

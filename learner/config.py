@@ -1,7 +1,14 @@
 """Typed configuration schemas (Hydra structured configs): a typo or a wrong type fails at start-up.
 
-Defaults are the official Cal-QL settings (AntMaze column of ANCHORS.md) unless
-a field says otherwise; the `small` and `paper-*` presets in configs/ override them.
+Defaults are the settings every domain of the official Cal-QL code shares (gamma,
+learning rates, tau, 10 CQL actions, max-target backup, ...), with the AntMaze
+column's networks and CQL weight but none of its per-domain switches (no Lagrange,
+rewards unscaled): the `small` preset and the `paper` preset's domain columns
+(configs/paper_domain/) set those.
+
+Fine-tuning (`o2o-learner pretrained=...`) takes the whole `algo` and `net` from the
+checkpoint. Fields in ``DATA_FIELDS`` define the data and can never change there;
+every other `algo` field may be changed for fine-tuning by an explicit override.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ class NetworkConfig:
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
     """Hidden widths of each Q MLP."""
     num_critics: int = 2
+    """Q networks in the ensemble (targets take the min over them)."""
     orthogonal_init: bool = True
+    """Orthogonal weight init, as the official code (False: PyTorch's default init)."""
     log_std_multiplier: float = 1.0
     """Initial value of the policy's trainable log-std multiplier."""
     log_std_offset: float = -1.0
@@ -31,8 +40,11 @@ class CalQLConfig:
     calibrated: bool = True
     """Cal-QL: raise policy-action Q-values in the CQL term to the MC return. False = plain CQL."""
     discount: float = 0.99
+    """gamma, for the TD targets and the MC returns."""
     policy_lr: float = 1e-4
+    """Adam learning rate of the policy."""
     critic_lr: float = 3e-4
+    """Adam learning rate of the Q networks."""
     alpha_lr: float = 1e-4
     """Learning rate of the entropy temperature (the official code uses the policy lr)."""
     alpha_prime_lr: float = 3e-4
@@ -40,31 +52,53 @@ class CalQLConfig:
     tau: float = 5e-3
     """Target network soft-update rate."""
     reward_scale: float = 1.0
+    """Rewards become r * reward_scale + reward_bias before anything else (AntMaze 10, Adroit 10, Kitchen 1)."""
     reward_bias: float = 0.0
+    """See reward_scale (AntMaze -5, Adroit +5, Kitchen 0)."""
+    mc_infinite_horizon: bool = False
+    """MC return of a trajectory cut by a time limit starts from r_last / (1 - gamma) instead of 0
+    (the official ``infinite_horizon`` switch, on for Kitchen)."""
     auto_entropy: bool = True
     """Tune the SAC temperature to reach target_entropy; off = fixed alpha_multiplier."""
     target_entropy: float | None = None
     """None = -action_dim."""
     alpha_multiplier: float = 1.0
+    """Scales the SAC temperature (the fixed temperature when auto_entropy is off)."""
     backup_entropy: bool = False
     """Subtract alpha * log pi(a'|s') in the TD target."""
     cql_n_actions: int = 10
+    """Policy and uniform actions sampled per state for the CQL term and the max-target backup."""
     cql_importance_sample: bool = True
+    """Subtract the sampling log-density from each CQL action's Q-value (off for Kitchen)."""
     cql_lagrange: bool = False
-    """Tune the CQL weight with a Lagrange multiplier towards cql_target_action_gap."""
+    """Tune the CQL weight with a Lagrange multiplier towards cql_target_action_gap (on for AntMaze)."""
     cql_target_action_gap: float = 0.8
+    """Target of the CQL gap with cql_lagrange."""
     cql_alpha: float = 5.0
-    """CQL weight (min_q_weight): fixed weight, or the multiplier's scale with Lagrange."""
+    """CQL weight (min_q_weight): fixed weight, or the multiplier's scale with Lagrange. Set it for
+    fine-tuning to change the weight online (the official cql_min_q_weight_online; 0 = SAC online)."""
     cql_temp: float = 1.0
+    """Temperature of the CQL logsumexp."""
     cql_max_target_backup: bool = True
     """Backup the max over cql_n_actions next actions of min-Q (the official default)."""
     cql_clip_diff_min: float = -1e30
+    """Lower clip of the CQL gap per critic (the official default: no clip)."""
     cql_clip_diff_max: float = 1e30
+    """Upper clip of the CQL gap per critic (the official default: no clip)."""
+    offline_ratio: float = 0.5
+    """Fine-tuning: fraction of each batch drawn from the offline data (the official mixing_ratio:
+    0.5 for AntMaze and Adroit, 0.25 for Kitchen). Pretraining draws only offline data."""
     grad_clip: float | None = None
     """Max gradient norm of the critic (None = no clipping; the official code does not clip)."""
     compile: bool = False
     """torch.compile the update step (CUDA graphs on GPU with compile_mode=reduce-overhead)."""
     compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead or max-autotune."""
+
+
+DATA_FIELDS = ("discount", "reward_scale", "reward_bias", "mc_infinite_horizon")
+"""`algo` fields that define the data (rewards, MC returns, TD targets): fine-tuning keeps the
+checkpoint's, for offline and online rows alike, and refuses an override that differs."""
 
 
 @dataclasses.dataclass
@@ -72,7 +106,9 @@ class EvalConfig:
     every: int = 5000
     """Evaluate every N updates (0 = only at the end)."""
     episodes: int = 10
+    """Deterministic episodes per evaluation."""
     seed: int = 10_000
+    """Seed of the first evaluation episode's reset (episode i uses seed + i)."""
 
 
 @dataclasses.dataclass
@@ -84,23 +120,33 @@ class PretrainConfig:
     build_missing_dataset: bool = True
     """Build an o2o dataset id (o2o/<task>/<quality>-v0) locally if it is not there."""
     build_episodes: int = 300
+    """Episodes recorded when the dataset has to be built."""
     steps: int = 20_000
     """Gradient updates."""
     batch_size: int = 256
+    """Transitions per update."""
     seed: int = 0
+    """Seed of torch (networks, sampling)."""
     device: str = "auto"
     """auto = cuda when available, else cpu."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     log_every: int = 500
+    """Write averaged metrics every N updates."""
     checkpoint_every: int = 5000
+    """Write checkpoint.pt (and policy.onnx when pretraining) every N updates."""
     resume: str | None = None
     """A checkpoint file, or a run folder holding checkpoint.pt, to continue from."""
     out_dir: str = "runs/pretrain"
+    """Run folders go to <out_dir>/<task>/<time>."""
     progress: bool = True
+    """Show a progress bar."""
     algo: CalQLConfig = field(default_factory=CalQLConfig)
+    """The algorithm (Cal-QL / CQL) settings."""
     net: NetworkConfig = field(default_factory=NetworkConfig)
+    """Network shapes and initialisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation in the task's env."""
 
 
 @dataclasses.dataclass
@@ -119,8 +165,6 @@ class OnlineConfig(PretrainConfig):
     """Stop after this many online updates (0 = run until interrupted)."""
     utd: float = 1.0
     """Updates per trainable online transition (update-to-data ratio)."""
-    offline_ratio: float = 0.5
-    """Fraction of each batch drawn from the offline data (Cal-QL: 0.5; Kitchen 0.25)."""
     warmup_rows: int = 1000
     """Online rows to collect before the first online update."""
     max_updates_ahead: int = 1000

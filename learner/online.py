@@ -7,7 +7,9 @@ The learner binds ``endpoint``; actors (``o2o-actor``) connect, send transitions
 and receive each policy it publishes. Committed rows land in the Zarr store
 (``<run>/replay``); finished episodes (with their MC returns, so calibration stays
 on online) feed the sampling buffer, mixed with the offline data at
-``offline_ratio``. Updates follow ``utd`` with a samples-per-insert limiter.
+``algo.offline_ratio``. Updates follow ``utd`` with a samples-per-insert limiter. The
+algorithm settings are the checkpoint's, with what the command changes explicitly
+(``fine_tuning``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import hydra
@@ -33,10 +36,11 @@ from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.envs import get_task
 
 from .buffer import TransitionBuffer
-from .checkpoint import CHECKPOINT_NAME, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OnlineConfig, PretrainConfig
 from .divergence import DivergedError, check_losses, check_weights
 from .export_onnx import export_policy
+from .fine_tuning import explicit_keys, fine_tuning_algo
 from .ingest import IngestServer
 from .metrics import MetricsLogger, RunningMean
 from .online_data import OnlineData, UpdateLimiter, mixed_batch
@@ -101,37 +105,79 @@ def starting_checkpoint(cfg: OnlineConfig, run_dir: Path) -> Path:
 
 
 def open_store(cfg: OnlineConfig, run_dir: Path, task_name: str, algo) -> ReplayStore:
+    """The run's store (or ``cfg.store``), whose MC returns follow the agent's data settings."""
     path = Path(cfg.store) if cfg.store else run_dir / "replay"
-    if path.exists():
-        store = ReplayStore.open(path, "a", abandon_idle_s=cfg.abandon_idle_s)
-        log.info("opened replay store %s: %d committed rows", path, len(store))
-        return store
-    return ReplayStore.create_for_task(
-        path, task_name, gamma=algo.discount, reward_scale=algo.reward_scale, reward_bias=algo.reward_bias
-    )
+    wanted = {"gamma": algo.discount, "reward_scale": algo.reward_scale, "reward_bias": algo.reward_bias,
+              "infinite_horizon": algo.mc_infinite_horizon}  # fmt: skip
+    if not path.exists():
+        return ReplayStore.create_for_task(path, task_name, **wanted)
+    store = ReplayStore.open(path, "a", abandon_idle_s=cfg.abandon_idle_s)
+    wrong = {k: (getattr(store.config, k), v) for k, v in wanted.items() if getattr(store.config, k) != v}
+    if wrong:
+        store.close(commit=False)
+        shown = ", ".join(f"{k} {have!r} (the agent: {want!r})" for k, (have, want) in wrong.items())
+        raise StoreError(f"the replay store {path} computes MC returns with {shown}: give a store made for this "
+                         "checkpoint's data settings, or another store= folder")  # fmt: skip
+    log.info("opened replay store %s: %d committed rows", path, len(store))
+    return store
 
 
-def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def read_spec(path: Path) -> AgentSpec:
+    return AgentSpec(**torch.load(path, map_location="cpu", weights_only=True)["spec"])
+
+
+@dataclasses.dataclass
+class FineTuning:
+    """What an online run trains with (see ``prepare``)."""
+
+    run_dir: Path
+    agent: object  # CalQLAgent, with the checkpoint's algo plus the changes for fine-tuning
+    spec: AgentSpec
+    payload: dict  # the checkpoint's step and extra (online_updates, policy_version, run_id)
+    offline: TransitionBuffer
+    online: OnlineData
+    online_buffer: TransitionBuffer
+    store: ReplayStore
+
+
+def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> FineTuning:
+    """The agent, the offline and online data and the store of an online run.
+
+    ``explicit``: the dotted config keys the user set (see ``fine_tuning``). Offline rows,
+    online rows and the store's MC returns all follow the agent's data settings."""
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.resume) if cfg.resume else run_dir
     checkpoint_path = starting_checkpoint(cfg, run_dir)
-    agent, spec, payload = load_checkpoint(checkpoint_path, device, restore_rng=bool(cfg.resume))
-    extra = payload.get("extra", {})
-    if spec.task != cfg.task:
-        raise ValueError(f"the checkpoint {checkpoint_path} was trained on task {spec.task}, not task={cfg.task}")
+    saved = read_spec(checkpoint_path)
+    if saved.task != cfg.task:
+        raise ValueError(f"the checkpoint {checkpoint_path} was trained on task {saved.task}, not task={cfg.task}")
+    # The checkpoint's algorithm settings (calibration stays as pretrained), with what the user changed.
+    merged, changes = fine_tuning_algo(saved.algo, saved.net, cfg.algo, cfg.net, set(explicit))
+    for line in changes:
+        log.info("%s", line)
+    agent, spec, payload = load_checkpoint(checkpoint_path, device, restore_rng=bool(cfg.resume), algo=merged)
     task = get_task(spec.task)
-    algo = agent.cfg  # the checkpoint's algorithm settings: calibration stays as pretrained
+    algo = agent.cfg
     low, high = action_bounds(spec)
-
-    offline = TransitionBuffer.from_transitions(load_offline_data(cfg, task), low, high, device)
+    offline = TransitionBuffer.from_transitions(load_offline_data(cfg, task, algo), low, high, device)
     online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device)
     online = OnlineData(online_buffer, low, high, algo.reward_scale, algo.reward_bias, cfg.train_on_eval)
     store = open_store(cfg, run_dir, task.name, algo)
     if len(store):
         log.info("reloaded %d trainable rows from the store", online.load_store(store))
+    return FineTuning(run_dir, agent, spec, payload, offline, online, online_buffer, store)
+
+
+def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
+    """Fine-tune online; ``explicit``: the dotted config keys the user set (see ``fine_tuning``)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = prepare(cfg, run_dir, explicit)
+    run_dir, agent, spec, payload, store = run.run_dir, run.agent, run.spec, run.payload, run.store
+    offline, online, online_buffer, algo = run.offline, run.online, run.online_buffer, run.agent.cfg
+    extra = payload.get("extra", {})
+    task = get_task(spec.task)
 
     updates = int(extra.get("online_updates", 0))
     limiter = UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
@@ -180,7 +226,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path) -> dict:
                 continue
             # Short bursts: new data, the fleet's hold and its stats are looked at between them.
             for _ in range(min(allowed, UPDATE_BURST, cfg.log_every - updates % cfg.log_every)):
-                running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, cfg.offline_ratio)))
+                running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, algo.offline_ratio)))
                 updates += 1
                 done["updates"] = updates
                 bar.update(1)
@@ -260,7 +306,8 @@ class FleetMonitor:
 def _hydra_main(dict_cfg: DictConfig) -> None:
     cfg: OnlineConfig = OmegaConf.to_object(dict_cfg)
     try:
-        result = run_online(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        result = run_online(cfg, Path(hydra_cfg.runtime.output_dir), explicit_keys(hydra_cfg.overrides.task))
     except (DatasetError, StoreError, DivergedError, KeyError, ValueError, FileNotFoundError, OSError,
             RuntimeError) as err:  # fmt: skip
         print(f"o2o-learner: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)

@@ -13,6 +13,7 @@ import queue
 import numpy as np
 import torch
 
+from o2o.datasets.mc_return import scale_rewards
 from o2o.datasets.replay_store import CommitEvent, ReplayStore
 
 from .buffer import FIELDS, Batch, TransitionBuffer, normalize_actions
@@ -118,7 +119,7 @@ class OnlineData:
 
     def add_rows(self, obs, action, raw_reward, next_obs, terminated, mc_return) -> None:
         """Trainable rows in store units (env actions, raw rewards) into the device buffer."""
-        reward = (np.asarray(raw_reward, np.float32) * self.reward_scale + self.reward_bias).astype(np.float32)
+        reward = scale_rewards(raw_reward, self.reward_scale, self.reward_bias)  # as offline rows and the store
         self.buffer.add(
             obs=obs,
             action=normalize_actions(action, self.low, self.high),

@@ -31,7 +31,7 @@ from o2o.envs import TaskSpec, get_task, make_env
 from .buffer import TransitionBuffer
 from .calql import CalQLAgent
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, save_checkpoint
-from .config import PretrainConfig
+from .config import CalQLConfig, PretrainConfig
 from .divergence import DivergedError, check_losses
 from .evaluation import evaluate
 from .export_onnx import export_policy
@@ -50,8 +50,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_offline_data(cfg: PretrainConfig, task: TaskSpec) -> Transitions:
-    """The configured dataset as transitions; o2o's own ids are built on first use."""
+def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | None = None) -> Transitions:
+    """The configured dataset as transitions; o2o's own ids are built on first use.
+
+    ``algo`` (default ``cfg.algo``) gives the data settings: fine-tuning passes the checkpoint's."""
+    algo = algo or cfg.algo
     built = parse_dataset_id(cfg.dataset)
     if built and cfg.build_missing_dataset:
         try:
@@ -63,7 +66,8 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec) -> Transitions:
     if built and built[0] != task.name:
         raise DatasetError(f"dataset {cfg.dataset} was built for task {built[0]}, not {task.name}")
     return load_transitions(
-        cfg.dataset, task, gamma=cfg.algo.discount, reward_scale=cfg.algo.reward_scale, reward_bias=cfg.algo.reward_bias
+        cfg.dataset, task, gamma=algo.discount, reward_scale=algo.reward_scale, reward_bias=algo.reward_bias,
+        infinite_horizon=algo.mc_infinite_horizon,
     )
 
 

@@ -54,11 +54,41 @@ def test_only_policy_action_values_are_clipped_never_random_ones():
     assert m["bound_rate"].item() == 1.0
 
 
-def test_clipped_values_use_the_importance_sampled_policy_log_prob():
+def test_clipped_values_use_the_importance_sampled_policy_log_prob(monkeypatch):
+    """Official JaxCQL/conservative_sac.py: lines 236-240 clip the policy-action values to the MC
+    return, then lines 252-265 subtract log pi (q_pi - log_pi) and log(0.5^|A|) from the random ones.
+
+    The sampler's log-probs are replaced by fixed, asymmetric values (actions stay the real samples):
+    with every policy value clipped to a bound b far above all Q, the random terms vanish and
+    gap = b + log(sum_j exp(-L_cur_j) + sum_j exp(-L_next_j)) - mean Q(s, a_data). A flipped sign
+    gives sum exp(+L), no correction log(2n), the correction before the clip max(q - L, b) = b: log(2n).
+    """
+    from o2o.learner import calql
+
     agent = make_agent(cql_importance_sample=True, calibrated=True)
-    m = losses(agent, make_batch(1000.0))
-    # The gap follows the bound (policy values) and not the unclipped random values.
-    assert m["cql_gap"].item() > 900
+    bound = 1000.0
+    batch = make_batch(bound)
+    log_pi_cur = torch.linspace(-4.0, 1.0, N)
+    log_pi_next = torch.linspace(-1.0, 2.0, N)  # the actions at s' (CQL and target backup)
+    with torch.no_grad():
+        mean_at_s = agent.policy.mean_and_log_std(agent.normalizer(batch.obs))[0]
+    real_sampler = calql.sample_tanh_gaussian
+
+    def fixed_log_prob_sampler(mean, log_std, n=None):
+        action, log_prob = real_sampler(mean, log_std, n)
+        fixed = log_pi_cur if torch.allclose(mean, mean_at_s) else log_pi_next
+        return action, fixed.repeat(mean.shape[0])
+
+    monkeypatch.setattr(calql, "sample_tanh_gaussian", fixed_log_prob_sampler)
+    m = losses(agent, batch)
+    assert m["bound_rate"].item() == 1.0
+    with torch.no_grad():
+        q_data = agent.critic(agent.normalizer(batch.obs), batch.action).mean().item()
+    expected = bound + torch.logsumexp(torch.cat([-log_pi_cur, -log_pi_next]), 0).item() - q_data
+    assert m["cql_gap"].item() == pytest.approx(expected, abs=2e-3)
+    # The alternatives this rules out are all more than 1 away.
+    for wrong in (torch.cat([log_pi_cur, log_pi_next]), torch.zeros(2 * N)):
+        assert abs(bound + torch.logsumexp(wrong, 0).item() - q_data - expected) > 1.0
 
 
 def test_calibration_off_is_plain_cql():
@@ -75,14 +105,50 @@ def test_calibration_off_is_plain_cql():
 
 
 def test_update_changes_each_part_only_through_its_own_loss():
-    agent = make_agent(cql_lagrange=True)
+    """Official conservative_sac.py line 318: value_and_multi_grad takes the gradient of each loss
+    (policy, qf1, qf2, log_alpha, log_alpha_prime) w.r.t. its own parameters only. The fused
+    backward of losses() must give, per parameter group, exactly torch.autograd.grad of that group's
+    loss taken alone (from the slow reference in test_calql_math, built with full graphs).
+    """
+    from test_calql_math import fused_grads
+    from test_calql_math import make_agent as make_tiny_agent
+    from test_calql_math import make_batch as make_tiny_batch
+    from test_calql_math import reference_losses
+
+    agent = make_tiny_agent(cql_lagrange=True, backup_entropy=True, calibrated=True)
+    with torch.no_grad():  # away from 0, where log_alpha * log_pi would hide a policy-gradient leak
+        agent.log_alpha.fill_(-0.5)
+        agent.log_alpha_prime.fill_(0.3)
+    batch = make_tiny_batch()
+    _, metrics, grads = fused_grads(agent, batch)
+    assert 0.0 < metrics["bound_rate"].item() < 1.0  # some policy values clipped, some not
+    ref = reference_losses(agent, batch)
+    groups = {
+        "policy": ("policy_loss", dict(agent.policy.named_parameters())),
+        "critic": ("critic_loss", dict(agent.critic.named_parameters())),
+        "log_alpha": ("alpha_loss", {"": agent.log_alpha}),
+        "log_alpha_prime": ("alpha_prime_loss", {"": agent.log_alpha_prime}),
+    }
+    for group, (loss_name, params) in groups.items():
+        expected = torch.autograd.grad(ref[loss_name], list(params.values()), retain_graph=True)
+        for (name, _), want in zip(params.items(), expected):
+            key = f"{group}.{name}" if name else group
+            torch.testing.assert_close(grads[key], want, rtol=1e-4, atol=1e-5, msg=f"{key} <- {loss_name}")
+    assert all(grads[k] is None for k in grads if k.startswith("target_critic."))
+    # The check is sensitive: each loss WOULD move the other groups if its gradient leaked.
+    for loss_name, other in [("policy_loss", agent.critic), ("critic_loss", agent.policy)]:
+        leak = torch.autograd.grad(ref[loss_name], list(other.parameters()), retain_graph=True, allow_unused=True)
+        assert max(g.abs().max().item() for g in leak if g is not None) > 1e-3, loss_name
+    for loss_name, other in [("alpha_loss", agent.policy), ("alpha_prime_loss", agent.critic)]:
+        leak = torch.autograd.grad(ref[loss_name], list(other.parameters()), retain_graph=True, allow_unused=True)
+        assert max(g.abs().max().item() for g in leak if g is not None) > 1e-3, loss_name
+
+    # One update moves every trained part, the targets by a soft update, and never the normaliser.
     before = {k: v.clone() for k, v in agent.state_dict().items()}
-    metrics = agent.update(make_batch(0.0))
+    metrics = agent.update(batch)
     after = agent.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert any(k.startswith("policy.") for k in changed)
-    assert any(k.startswith("critic.") for k in changed)
-    assert any(k.startswith("target_critic.") for k in changed)  # soft update
+    assert any(k.startswith("target_critic.") for k in changed)
     assert {"log_alpha", "log_alpha_prime"} <= changed
     assert not any(k.startswith("normalizer.") for k in changed)
     assert all(torch.isfinite(v) for v in metrics.values())

@@ -12,14 +12,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from o2o.learner import export_onnx
 from o2o.learner.checkpoint import AgentSpec, save_checkpoint
 from o2o.learner.export_onnx import (
+    PARITY_TOLERANCE,
     OnnxExportError,
     export_policy,
     export_policy_verified,
     main,
     session_providers,
 )
+from o2o.learner.networks import TanhGaussianPolicy
 
 OBS_DIM, ACTION_DIM = 7, 3
 LOW = np.array([-2.0, -1.0, 0.0], np.float32)
@@ -81,9 +84,8 @@ def agent(spec):
 @pytest.fixture(scope="module", params=["dynamo", "torchscript"])
 def exported(request, tmp_path_factory, agent, spec):
     path = tmp_path_factory.mktemp(request.param) / "policy.onnx"
-    written, error = export_policy_verified(agent, spec, path, version=4, step=1234, exporter=request.param)
+    written, _ = export_policy_verified(agent, spec, path, version=4, step=1234, exporter=request.param)
     assert written == path and path.is_file()
-    assert error <= TOL
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return path, session
 
@@ -193,6 +195,55 @@ def test_non_finite_policy_is_refused_and_the_old_file_kept(tmp_path, spec):
         export_policy(agent, spec, path, exporter="torchscript")
     assert path.read_bytes() == b"previous policy"
     assert [p.name for p in tmp_path.iterdir()] == ["policy.onnx"]
+
+
+class ExportSkewedPolicy(TanhGaussianPolicy):
+    """A policy whose exported graph really differs from its eager forward: while an ONNX export
+    traces it, it adds ``delta`` to the squashed action (so ``delta * (high - low) / 2`` in env units)."""
+
+    delta = 0.0
+
+    def action_from_noise(self, obs, noise):
+        action, log_prob = super().action_from_noise(obs, noise)
+        if torch.onnx.is_in_onnx_export():
+            action = action + self.delta
+        return action, log_prob
+
+
+def make_skewed_agent(spec, delta: float):
+    agent = make_agent(spec, seed=3)
+    agent.policy.__class__ = type("Skewed", (ExportSkewedPolicy,), {"delta": delta})
+    return agent
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_whose_onnx_output_differs_from_torch_is_refused(tmp_path, spec, exporter):
+    """The parity check fails for real: onnxruntime's actions differ from torch's by 2e-4 > 1e-5."""
+    path = tmp_path / "policy.onnx"
+    path.write_bytes(b"previous policy")
+    delta = 1e-4  # largest env-unit difference: delta * max(high - low) / 2 = 2e-4
+    with pytest.raises(OnnxExportError, match="differs from torch by") as info:
+        export_policy(make_skewed_agent(spec, delta), spec, path, exporter=exporter)
+    reported = float(str(info.value).split("differs from torch by ")[1].split()[0])
+    assert reported == pytest.approx(delta * np.max(HIGH - LOW) / 2, abs=2e-5)
+    assert path.read_bytes() == b"previous policy"
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.onnx"]  # the checked temporary file is gone
+
+
+def test_parity_tolerance_is_the_threshold_and_the_reported_error_is_measured(tmp_path, spec, monkeypatch):
+    """The same skewed export passes under a looser tolerance, reporting the difference it measured,
+    which an independent onnxruntime run of the written file confirms."""
+    assert PARITY_TOLERANCE == TOL
+    monkeypatch.setattr(export_onnx, "PARITY_TOLERANCE", 1e-3)
+    agent = make_skewed_agent(spec, 1e-4)
+    path, error = export_policy_verified(agent, spec, tmp_path / "policy.onnx", exporter="torchscript")
+    assert error == pytest.approx(2e-4, abs=2e-5)
+    obs = sample_obs(agent, 16, seed=16)
+    noise = np.random.default_rng(16).standard_normal((16, ACTION_DIM)).astype(np.float32)
+    with torch.no_grad():
+        squashed, _ = agent.policy.action_from_noise(agent.normalizer(torch.from_numpy(obs)), torch.from_numpy(noise))
+    got = run(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), obs, noise)
+    np.testing.assert_allclose(got - rescale(squashed), np.broadcast_to((HIGH - LOW) / 2 * 1e-4, got.shape), atol=2e-5)
 
 
 def test_spec_that_does_not_match_the_agent_is_refused(tmp_path, spec, agent):
