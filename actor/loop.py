@@ -23,7 +23,7 @@ import time
 import gymnasium as gym
 import numpy as np
 
-from o2o.datasets.wire import TransitionChunk
+from o2o.transport.wire import TransitionChunk
 
 from .config import ActorConfig
 from .onnx_policy import Exploration, OnnxPolicy

@@ -27,13 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from o2o.envs import FlattenDictObservation, get_task, make_env
+from o2o.transport.link import Link
+from o2o.transport.spool import Spool, SpoolError
 
 from .config import ActorConfig, validate
-from .link import Link
 from .loop import Actor
 from .onnx_policy import OnnxPolicy, PolicyExpectation, PolicyMismatch
-from .seams import FixedPolicySource, MemorySink, PolicySource, TransitionSink
-from .spool import Spool, SpoolError
+from .seams import FixedPolicySource, MemorySink, PolicyBuilder, PolicySource, TransitionSink
 
 log = logging.getLogger("o2o.actor")
 
@@ -104,7 +104,8 @@ def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, L
     except BaseException:
         env.close()
         raise
-    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, build_policy, cfg.link, initial)
+    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, PolicyBuilder(build_policy, initial),
+                cfg.link)  # fmt: skip
     return env, link, link, link.start()
 
 

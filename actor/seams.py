@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from o2o.datasets.wire import TransitionChunk, is_newer_policy
+from o2o.transport.wire import TransitionChunk, is_newer_policy
 
 from .onnx_policy import OnnxPolicy, PolicyMismatch
 

@@ -106,7 +106,7 @@ def bench_inference(onnx_path: Path, torch_module, obs_dim: int, action_dim: int
 def serve(store_path: str, endpoint_out, stop) -> None:
     """A learner's ingest side in its own process: IngestServer + Zarr store, until told to stop."""
     from o2o.datasets.replay_store import ReplayStore
-    from o2o.learner.ingest import IngestServer
+    from o2o.transport.ingest import IngestServer
 
     store = ReplayStore.create_for_task(store_path, TASK)
     server = IngestServer(store).start()
@@ -228,7 +228,7 @@ def bench_throughput(onnx_path: Path, steps: int, repeats: int) -> dict:
 
 def bench_hot_swap(onnx_path: Path, swaps: int, control_hz: float = 0.0) -> dict:
     from o2o.datasets.replay_store import ReplayStore
-    from o2o.learner.ingest import IngestServer
+    from o2o.transport.ingest import IngestServer
 
     onnx = onnx_path.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,10 +30,10 @@ import numpy as np
 import zmq
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore
 from o2o.datasets.zarr_table import DEFAULT_COMPRESSOR
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 
 SPAWN = mp.get_context("spawn")
 TASK = "bench"

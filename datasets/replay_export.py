@@ -56,7 +56,7 @@ def store_episodes(store: "ReplayStore", include_eval: bool = False) -> list[dic
 def export_minari(
     store: "ReplayStore",
     dataset_id: str,
-    task: str | None,
+    task: str | None = None,
     include_eval: bool = False,
     env: "gym.Env | None" = None,
     algorithm_name: str = "o2o online fine-tuning",
@@ -67,6 +67,7 @@ def export_minari(
 
     from .minari_io import write_dataset
 
+    task = task or store.config.task
     if task is None:
         raise ValueError(f"{store.path} records no task: pass the task name to export it")
     spec = get_task(task)

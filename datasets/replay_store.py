@@ -73,7 +73,7 @@ import numpy as np
 import zarr
 
 from .mc_return import scale_rewards, trajectory_return_to_go
-from .wire import ARRAY_NAMES, MAX_INT32, TransitionChunk
+from .rows import ARRAY_NAMES, MAX_INT32, TransitionChunk
 from .zarr_table import (
     DEFAULT_COMPRESSOR,
     ZARR_ATOMIC_WRITES,
@@ -765,14 +765,6 @@ class ReplayStore:
             if np.isfinite(cols["mc_return"][mask]).any():
                 self._rows.patch("mc_return", rows, np.full(len(rows), np.nan, np.float32))
                 self._dirty = True
-
-    # ------------------------------------------------------------ export
-
-    def export_minari(self, dataset_id: str, task: str | None = None, include_eval: bool = False, **kwargs):
-        """Write the committed, complete episodes as a Minari dataset; see ``replay_export``."""
-        from .replay_export import export_minari
-
-        return export_minari(self, dataset_id, task or self.config.task, include_eval=include_eval, **kwargs)
 
 
 def _check_zarr_for_writing() -> None:

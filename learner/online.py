@@ -34,6 +34,7 @@ from tqdm import tqdm
 from o2o.datasets.minari_io import DatasetError
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.envs import get_task
+from o2o.transport.ingest import IngestServer
 
 from .buffer import TransitionBuffer
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -41,7 +42,6 @@ from .config import OnlineConfig, PretrainConfig
 from .divergence import DivergedError, check_losses, check_weights
 from .export_onnx import export_policy
 from .fine_tuning import explicit_keys, fine_tuning_algo
-from .ingest import IngestServer
 from .metrics import MetricsLogger, RunningMean
 from .online_data import OnlineData, UpdateLimiter, mixed_batch
 from .pretrain import load_offline_data, pretrain, resolve_device

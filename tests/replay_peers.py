@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import zmq
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore
 
 OBS_DIM, ACT_DIM = 5, 3
@@ -183,7 +183,7 @@ def run_actor(endpoint: str, actor_id: str, n_chunks: int, window: int, out) -> 
 
 def serve_until_killed(path: str, endpoint: str, kill_after_rows: int) -> None:
     """An ingest server process that SIGKILLs itself right after a commit reaches ``kill_after_rows``."""
-    from o2o.learner.ingest import IngestServer
+    from o2o.transport.ingest import IngestServer
 
     store = ReplayStore.open(path, "a")
 

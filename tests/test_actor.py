@@ -20,9 +20,9 @@ from o2o.actor.loop import Actor
 from o2o.actor.main import assemble, build_env, wait_for_learner
 from o2o.actor.onnx_policy import Exploration, OnnxPolicy, PolicyExpectation, PolicyMismatch
 from o2o.actor.seams import FixedPolicySource, MemorySink
-from o2o.actor.spool import Spool, SpoolError, SpoolFull
+from o2o.transport.spool import Spool, SpoolError, SpoolFull
 from o2o.datasets.replay_store import ReplayStore
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 
 PUSHER_OBS, PUSHER_ACT = 23, 7
 
@@ -116,7 +116,7 @@ def test_actor_process_never_imports_torch(tmp_path, server):
     script = textwrap.dedent(f"""
         import atexit, sys
         atexit.register(lambda: print("TORCH_MODULES", sorted(m for m in sys.modules if m.split(".")[0] == "torch")))
-        import o2o.actor.config, o2o.actor.link, o2o.actor.loop, o2o.actor.onnx_policy, o2o.actor.seams, o2o.actor.spool
+        import o2o.actor.config, o2o.transport.link, o2o.actor.loop, o2o.actor.onnx_policy, o2o.actor.seams, o2o.transport.spool
         from o2o.actor.main import main
         sys.argv = ["o2o-actor", "task=pusher", "learner={server.endpoint}", "actor_id=no-torch", "max_episodes=2",
                     "spool.dir={tmp_path}/spool", "stats_file={tmp_path}/stats.json"]

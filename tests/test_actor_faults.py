@@ -24,13 +24,14 @@ import zmq
 from test_actor import PUSHER_ACT, PUSHER_OBS, as_bytes, config, export, frames_of, free_endpoint, wait_for
 
 from o2o.actor.config import LinkConfig
-from o2o.actor.link import Link
+from o2o.transport.link import Link
 from o2o.actor.loop import Actor
 from o2o.actor.main import EXIT_STOPPED, assemble, wait_for_learner
-from o2o.actor.spool import ACKED_FILE, Spool
-from o2o.datasets import wire
+from o2o.actor.seams import PolicyBuilder
+from o2o.transport.spool import ACKED_FILE, Spool
+from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 
 TESTS = Path(__file__).parent
 
@@ -118,7 +119,7 @@ def make_chunk(seq: int, rows: int = 4, obs_dim: int = 3, action_dim: int = 2) -
 def bare_link(endpoint: str, spool: Spool, dims: tuple[int, int] = (3, 2), **link) -> Link:
     """A Link of actor f1 (3-d observations, 2-d actions unless ``dims``) without env or policy."""
     cfg = LinkConfig(heartbeat_s=0.1, timeout_s=0.5, drain_s=0.0, **link)
-    return Link(endpoint, "f1", "pusher", *dims, spool, build_policy=None, cfg=cfg).start()
+    return Link(endpoint, "f1", "pusher", *dims, spool, PolicyBuilder(None), cfg=cfg).start()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_a_stale_acked_mark_does_not_drop_the_chunks_of_a_new_numbering(tmp_path
     else:  # killed once its chunks are on disk: no close, no atexit
         script = textwrap.dedent(f"""
             import os, signal
-            from o2o.actor.spool import Spool
+            from o2o.transport.spool import Spool
             spool = Spool(memory_chunks=1, folder={str(tmp_path)!r})
             for seq in range(11):
                 spool.put(seq, [bytes([seq]) * 100])
@@ -352,7 +353,7 @@ def test_a_refused_hello_is_retried_then_stops_the_actor(tmp_path, caplog, reaso
     cfg = config(tmp_path, peer.endpoint, actor_id="f1", link={"id_in_use_timeout_s": 1.0, "connect_timeout_s": 20.0})
     link = bare_link(peer.endpoint, Spool(), id_in_use_timeout_s=1.0)
     try:
-        with caplog.at_level(logging.WARNING, logger="o2o.actor.link"):
+        with caplog.at_level(logging.WARNING, logger="o2o.transport.link"):
             with pytest.raises(ConnectionError, match="f1") as refused:
                 wait_for_learner(link, cfg)
         assert len(peer.hellos) >= 3  # retried every heartbeat

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from o2o.datasets.replay_store import ReplayStore
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 
 TASK = "pointmaze-umaze"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
 from o2o.datasets.minari_io import load_transitions
 from o2o.envs import get_task

@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 from replay_peers import (
     ACT_DIM,
     OBS_DIM,
@@ -231,7 +231,7 @@ def test_data_plane_imports_no_torch():
     import sys
 
     code = (
-        "import sys, o2o.datasets.wire, o2o.datasets.replay_store, o2o.datasets.replay_export, o2o.learner.ingest; "
+        "import sys, o2o.transport.wire, o2o.datasets.replay_store, o2o.datasets.replay_export, o2o.transport.ingest; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zmq
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 from replay_peers import ACT_DIM, OBS_DIM, SpoolSender, make_chunk
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.mc_return import mc_returns, scaled_failure_reward, trajectory_ends, trajectory_return_to_go
 from o2o.datasets.minari_io import DatasetError, load_transitions, write_dataset
+from o2o.datasets.replay_export import export_minari
 from o2o.datasets.replay_store import ReplayStore
 from o2o.envs import get_task, make_env
 
@@ -211,7 +212,7 @@ def test_store_mc_returns_match_load_transitions_with_infinite_horizon(tmp_path)
     assert store.config.infinite_horizon  # saved in the attrs
     rows = store.read()
 
-    store.export_minari("o2o/test/mcofficial-ih-v0")
+    export_minari(store, "o2o/test/mcofficial-ih-v0")
     data = load_transitions("o2o/test/mcofficial-ih-v0", task, infinite_horizon=True, **kwargs)
     order = np.lexsort(data.obs.T)
     np.testing.assert_array_equal(data.obs[order], rows["obs"][np.lexsort(rows["obs"].T)])

@@ -3,7 +3,7 @@ with the store's Cal-QL MC returns; eval rows are not trained on; batches mix by
 
 import numpy as np
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
 from o2o.datasets.replay_store import ReplayStore
 from o2o.learner.buffer import TransitionBuffer

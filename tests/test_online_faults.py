@@ -23,7 +23,7 @@ from o2o.envs import make_env
 from o2o.learner.checkpoint import AgentSpec, load_checkpoint, save_checkpoint
 from o2o.learner.config import CalQLConfig, NetworkConfig
 from o2o.learner.divergence import DivergedError, non_finite_tensors
-from o2o.learner.ingest import IngestServer
+from o2o.transport.ingest import IngestServer
 from o2o.learner.online import PolicyPublisher
 
 TASK = "pointmaze-umaze"

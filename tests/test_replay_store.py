@@ -7,8 +7,9 @@ import signal
 import numpy as np
 import pytest
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
+from o2o.datasets.replay_export import export_minari
 from o2o.datasets.replay_store import ReplayStore, SeqGapError, StoreError
 from replay_peers import ACT_DIM, OBS_DIM, expected_rows, make_chunk, read_while_written, write_forever
 
@@ -202,7 +203,7 @@ def test_export_minari_round_trips_through_load_transitions(tmp_path):
     store.append(wire.TransitionChunk(**{**chunk.__dict__, "eval": True}))
     store.commit()
 
-    dataset = store.export_minari("o2o/test/replay-v0")
+    dataset = export_minari(store, "o2o/test/replay-v0")
     loaded = minari.load_dataset("o2o/test/replay-v0")
     assert loaded.total_episodes == dataset.total_episodes == 12  # 6 complete episodes each; eval excluded
     data = load_transitions("o2o/test/replay-v0", task, gamma=0.95, reward_scale=3.0, reward_bias=-1.0)
@@ -213,4 +214,4 @@ def test_export_minari_round_trips_through_load_transitions(tmp_path):
     order_loaded = np.lexsort(data.obs.T)
     np.testing.assert_array_equal(data.obs[order_loaded], rows["obs"][exported][order_store])
     np.testing.assert_array_equal(data.mc_return[order_loaded], rows["mc_return"][exported][order_store])
-    assert len(store.export_minari("o2o/test/replay-eval-v0", include_eval=True).episode_indices) == 13
+    assert len(export_minari(store, "o2o/test/replay-eval-v0", include_eval=True).episode_indices) == 13

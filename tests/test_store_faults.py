@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.datasets.zarr_table import AppendTable, ColumnSpec
 from replay_peers import ACT_DIM, OBS_DIM, expected_rows, make_chunk

@@ -4,7 +4,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from o2o.datasets import wire
+from o2o.transport import wire
 from replay_peers import ACT_DIM, OBS_DIM, make_chunk
 
 SPEC = wire.ChunkSpec(OBS_DIM, ACT_DIM, max_rows=100)

@@ -56,8 +56,8 @@ from collections.abc import Callable
 import zmq
 
 from o2o.datasets.replay_store import CommitEvent, ReplayStore, SeqGapError, StoreError
-from o2o.datasets.wakeup import Waker
-from o2o.datasets.wire import (
+from o2o.transport.wakeup import Waker
+from o2o.transport.wire import (
     ACTOR_ID_IN_USE,
     BAD_FRAMES,
     BAD_SPEC,

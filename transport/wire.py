@@ -66,11 +66,13 @@ from typing import Any, Union
 import msgpack
 import numpy as np
 
+# The row schema (names, order, TransitionChunk) is datasets/rows.py: one for wire, store and buffer.
+from o2o.datasets.rows import ARRAY_NAMES, FLAG_ARRAYS, FLOAT_ARRAYS, MAX_INT32, TransitionChunk
+
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ACTOR_ID_LEN = 128
 MAX_POLICY_BYTES = 512 * 1024 * 1024
-MAX_INT32 = 2**31 - 1  # policy_version and episode step are int32 columns in the replay store
 MAX_RUN_ID_LEN = 64
 
 # Stable rejection reason codes.
@@ -158,37 +160,6 @@ class ChunkSpec:
     def max_frame_bytes(self) -> int:
         """Largest frame a valid chunk holds (for ZeroMQ's MAXMSGSIZE guard)."""
         return max(MAX_HEADER_BYTES, self.max_rows * max(self.obs_dim, self.action_dim) * 4)
-
-
-ARRAY_NAMES = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
-FLOAT_ARRAYS = ("obs", "action", "reward", "next_obs")
-FLAG_ARRAYS = ("terminated", "truncated", "success")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TransitionChunk:
-    """``n`` consecutive transitions of one actor (see the module docstring for the fields).
-
-    Decoded chunks hold read-only arrays that view the received frames (no copy).
-    """
-
-    actor_id: str
-    seq: int
-    policy_version: int
-    episode_id: int
-    step: int
-    obs: np.ndarray
-    action: np.ndarray
-    reward: np.ndarray
-    next_obs: np.ndarray
-    terminated: np.ndarray
-    truncated: np.ndarray
-    success: np.ndarray
-    eval: bool = False
-
-    @property
-    def n(self) -> int:
-        return len(self.reward)
 
 
 @dataclasses.dataclass(frozen=True)

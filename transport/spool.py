@@ -40,7 +40,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-log = logging.getLogger("o2o.actor.spool")
+log = logging.getLogger("o2o.transport.spool")
 
 FILE_MAGIC = b"O2OSPOOL"
 FILE_VERSION = 1

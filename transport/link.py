@@ -1,4 +1,4 @@
-"""The actor's ZeroMQ link to the learner (learner/ingest.py), in a background thread.
+"""The actor's ZeroMQ link to the learner (transport/ingest.py), in a background thread.
 
 One DEALER socket connects to the learner's ROUTER. The control loop only calls
 ``add(chunk)`` (a queue put) and ``latest()`` (an attribute read); this thread
@@ -16,7 +16,7 @@ does the rest:
 * chunks go from the spool to the socket in seq order, at most ``max_in_flight``
   unacked at a time; ``resend`` rewinds.
 * ``policy`` messages (sha256 checked by the wire decoder) go to a
-  ``PolicyBuilder`` that makes the new session off this thread; ``latest()``
+  ``PolicyTaker`` (the actor's ``PolicyBuilder``) that makes the new session off this thread; ``latest()``
   hands it to the loop. Versions count within a learner run (``run_id``): another
   run's policy is taken whatever its version (``wire.is_newer_policy``).
 * a spool that cannot write to disk (ENOSPC...) stops the actor safely
@@ -37,12 +37,12 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from typing import Protocol
 
 import zmq
 
-from o2o.datasets.wakeup import Waker
-from o2o.datasets.wire import (
+from o2o.transport.wakeup import Waker
+from o2o.transport.wire import (
     ACTOR_ID_IN_USE,
     BAD_SPEC,
     MAX_POLICY_BYTES,
@@ -63,11 +63,22 @@ from o2o.datasets.wire import (
 )
 
 from .config import LinkConfig
-from .onnx_policy import OnnxPolicy
-from .seams import PolicyBuilder
 from .spool import Spool
 
-log = logging.getLogger("o2o.actor.link")
+
+class PolicyTaker(Protocol):
+    """Where received policies go (the actor's ``PolicyBuilder``): built off the link thread."""
+
+    built: int
+    refused: int
+
+    def submit(self, version: int, onnx: bytes, run_id: str = "") -> None: ...
+
+    def latest(self): ...  # the policy in use (with .version), or None
+
+    def close(self) -> None: ...
+
+log = logging.getLogger("o2o.transport.link")
 
 LOG_EVERY_S = 5.0  # at most one line per kind of repeated warning per interval
 
@@ -95,9 +106,8 @@ class Link:
         obs_dim: int,
         action_dim: int,
         spool: Spool,
-        build_policy: Callable[[bytes, int], OnnxPolicy],
+        policies: PolicyTaker,
         cfg: LinkConfig | None = None,
-        initial_policy: OnnxPolicy | None = None,
     ):
         self.endpoint = endpoint
         self.actor_id = actor_id
@@ -106,8 +116,9 @@ class Link:
         self.action_dim = action_dim
         self.spool = spool
         self.cfg = cfg or LinkConfig()
-        self.policies = PolicyBuilder(build_policy, initial_policy)
-        self._received_version = initial_policy.version if initial_policy else -1
+        self.policies = policies
+        held = policies.latest()
+        self._received_version = held.version if held is not None else -1
         self._received_run = ""  # learner run of the held policy ("" = none, or a policy file)
         self.instance = uuid.uuid4().hex  # this process, for the learner (kept across reconnects)
         self._context = zmq.Context()
@@ -186,7 +197,7 @@ class Link:
         self._inbox.put((chunk.seq, encode_chunk(chunk)))
         self._waker.wake()
 
-    def latest(self) -> OnnxPolicy | None:
+    def latest(self):
         return self.policies.latest()
 
     def stop_reason(self) -> str | None:
