@@ -39,8 +39,6 @@ class PolicyConfig:
 class ActorConfig:
     task: str = "pointmaze-umaze"
     """o2o task name (envs/tasks.py): the env, and what the learner and policy must match."""
-    dataset: str | None = None
-    """Set by the task config group (configs/task/, shared with o2o-pretrain); the actor ignores it."""
     env: str | None = None
     """A user's env instead of the task's: import path "package.module:ClassName" of a
     gymnasium.Env subclass (e.g. a robot), built with env_kwargs."""
@@ -63,6 +61,7 @@ class ActorConfig:
     eval_every: int = 0
     """After every N training episodes, run eval_episodes deterministic episodes flagged eval (0 = never)."""
     eval_episodes: int = 1
+    """Deterministic episodes in each evaluation (see eval_every)."""
     max_steps: int = 0
     """Stop after this many env steps (0 = no limit)."""
     max_episodes: int = 0
@@ -72,9 +71,13 @@ class ActorConfig:
     stats_file: str | None = None
     """Write the final counters as JSON here at exit."""
     log_level: str = "INFO"
+    """Python logging level of the actor's log (DEBUG, INFO, WARNING, ...)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The ONNX policy the actor acts with, and its exploration."""
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    """Where unacked transitions wait (memory, then disk)."""
     link: LinkConfig = field(default_factory=LinkConfig)
+    """The connection to the learner: heartbeats, timeouts, flow control."""
 
 
 CHOICES = {

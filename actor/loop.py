@@ -1,10 +1,13 @@
 """The control loop: act with the newest policy, step the env, hand transitions to a sink.
 
-Reads top to bottom: (hold / begin episode / swap policy) -> act -> clip -> step ->
-record -> (flush chunk) -> (episode end) -> pace. It knows nothing about sockets:
-transitions go to a ``TransitionSink`` (which may also hold the loop between
-episodes: the learner's flow control) and policies come from a ``PolicySource``
-(actor/seams.py).
+Reads top to bottom: (stop? / room? / hold / begin episode / swap policy) -> act ->
+clip -> step -> record -> (flush chunk) -> (episode end) -> pace. It knows nothing
+about sockets or robots: transitions go to a ``TransitionSink`` (whose status may
+also hold the loop between episodes: the learner's flow control) and policies come
+from a ``PolicySource`` (actor/seams.py); the env is any checked gymnasium env
+(envs/robot.py), a MuJoCo task's or a robot's. Every wait (for spool room, for the
+end of a hold, for a first policy) is one ``_wait`` on the sink's ``changed``
+condition, so an ack, a release or a stop request ends it at once.
 
 Chunks never span episodes and carry one policy version: a chunk is sent when
 it holds ``chunk_rows`` rows, at each episode end, and before a policy swap.
@@ -19,17 +22,23 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
 
+from o2o.envs import hold_env
 from o2o.transport.wire import TransitionChunk
 
 from .config import ActorConfig
 from .onnx_policy import Exploration, OnnxPolicy
-from .seams import PolicySource, TransitionSink
+from .seams import PolicySource, SinkStatus, TransitionSink
 
 log = logging.getLogger("o2o.actor")
+
+# A wait re-checks at least this often: only a wake-up that lands between its check and its
+# sleep (a signal handler's) is missed, and then for no longer than this.
+WAIT_RECHECK_S = 0.1
 
 
 class NonFinite(FloatingPointError):
@@ -93,7 +102,7 @@ class Actor:
         space = env.action_space
         self.low, self.high = space.low.astype(np.float32), space.high.astype(np.float32)
         obs_dim, action_dim = env.observation_space.shape[0], space.shape[0]
-        seeds = np.random.SeedSequence([cfg.seed, sink.next_seq])  # a restarted actor draws new noise
+        seeds = np.random.SeedSequence([cfg.seed, sink.status().next_seq])  # a restarted actor draws new noise
         self.explore = Exploration(action_dim, cfg.policy.noise_scale, seeds.spawn(1)[0])
         self.reset_rng = np.random.default_rng(seeds.spawn(1)[0])
         self.rows = ChunkRows(cfg.chunk_rows, obs_dim, action_dim)
@@ -112,8 +121,11 @@ class Actor:
         return self.policy.version if self.policy is not None else -1
 
     def request_stop(self) -> None:
-        """Ask ``run`` to return after the current step (safe from a signal handler)."""
+        """Ask ``run`` to return after the current step, or at once from a wait (safe from a signal
+        handler: the condition's lock is reentrant)."""
         self.stop_requested = True
+        with self.sink.changed:
+            self.sink.changed.notify_all()
 
     def run(self, max_steps: int = 0, max_episodes: int = 0) -> str:
         """Step until ``max_steps`` more steps / ``max_episodes`` more episodes (0 = no limit) or a
@@ -122,26 +134,9 @@ class Actor:
         end_episodes = self.stats.episodes + max_episodes if max_episodes else None
         self._tick = self._last_log = time.perf_counter()
         self._log_steps = self.stats.steps
-        reason = "done"
         while True:
-            if self.stop_requested:
-                reason = "stop requested"
-                break
-            if (end_steps and self.stats.steps >= end_steps) or (end_episodes and self.stats.episodes >= end_episodes):
-                break
-            # Room is checked as a chunk starts: once begun, a chunk is always taken (never dropped).
-            if (why := self.sink.stop_reason() or (self._room() if self.rows.n == 0 else None)) is not None:
-                reason = why
-                break
-            if self.obs is None:
-                if self.sink.held() and not self._wait_while_held():
-                    reason = self.sink.stop_reason() or "stop requested"
-                    break
-                self._begin_episode()
-            elif self.cfg.policy.swap == "step":
-                self._maybe_swap()
-            if self.policy is None and not self.cfg.policy.act_before_policy and not self._wait_for_policy():
-                reason = self.sink.stop_reason() or "stop requested"
+            reason = self._before_step(end_steps, end_episodes)
+            if reason is not None:
                 break
             try:
                 self._step()
@@ -152,6 +147,29 @@ class Actor:
                 self._log_progress()
         self._flush()
         return reason
+
+    def _before_step(self, end_steps: int | None, end_episodes: int | None) -> str | None:
+        """Whatever must happen between two steps; None when the next step may go, else why to stop."""
+        if self.stop_requested:
+            return "stop requested"
+        if (end_steps and self.stats.steps >= end_steps) or (end_episodes and self.stats.episodes >= end_episodes):
+            return "done"
+        status = self.sink.status()
+        if status.stop is not None:
+            return status.stop
+        # Room is checked as a chunk starts: once begun, a chunk is always taken (never dropped).
+        if self.rows.n == 0 and not status.room and (why := self._out_of_room()) is not None:
+            return why
+        if self.obs is None:
+            # The learner holds actors between episodes only: an episode is never cut by a hold.
+            if status.held and (why := self._held()) is not None:
+                return why
+            self._begin_episode()
+        elif self.cfg.policy.swap == "step":
+            self._maybe_swap()
+        if self.policy is None and not self.cfg.policy.act_before_policy:
+            return self._wait_for_policy()
+        return None
 
     def _step(self) -> None:
         evaluating = self._eval_left > 0
@@ -184,7 +202,7 @@ class Actor:
     def _flush(self) -> None:
         if self.rows.n == 0:
             return
-        seq = self.sink.next_seq
+        seq = self.sink.status().next_seq
         if self.episode_id is None:
             self.episode_id = seq
         if self.stats.first_seq is None:
@@ -232,36 +250,46 @@ class Actor:
             self.stats.swaps.append([new.version, self.stats.steps, time.time(), new.received_at, new.built_at])
             log.info("acting with policy version %d from step %d", new.version, self.stats.steps)
 
-    def _wait_for_policy(self) -> bool:
-        log.info("waiting for the learner's first policy (or set policy.path / policy.act_before_policy=true)")
-        while self.policies.latest() is None:
-            if self.stop_requested or self.sink.stop_reason():
-                return False
-            time.sleep(0.005)
-        self.policy = None
-        self._maybe_swap()
-        self._tick = time.perf_counter()
-        return True
+    def _wait(self, ready: Callable[[SinkStatus], bool]) -> str | None:
+        """Block until ``ready(sink status)``: None, or why to stop instead (the sink's reason first).
 
-    def _wait_while_held(self) -> bool:
-        """The learner is ahead of its updates (samples-per-insert): wait between episodes. False = stop."""
+        The checks run holding ``changed``, and whoever changes what they read notifies it after
+        the change (the link after each turn of its thread, the policy builder after each
+        policy, ``request_stop``), so no wake-up falls between a check and the wait."""
+        changed = self.sink.changed
+        with changed:
+            while True:
+                status = self.sink.status()
+                if status.stop is not None:
+                    return status.stop
+                if self.stop_requested:
+                    return "stop requested"
+                if ready(status):
+                    break
+                changed.wait(WAIT_RECHECK_S)
+        self._tick = time.perf_counter()  # pace from here: a wait is no overrun
+        return None
+
+    def _wait_for_policy(self) -> str | None:
+        log.info("waiting for the learner's first policy (or set policy.path / policy.act_before_policy=true)")
+        why = self._wait(lambda _: self.policies.latest() is not None)
+        if why is None:
+            self._maybe_swap()
+        return why
+
+    def _held(self) -> str | None:
+        """The learner is ahead of its updates (samples-per-insert): wait between episodes."""
         log.info("the learner holds this actor between episodes (it is ahead of the learner's updates)")
         self.stats.holds += 1
         self.holding = True
         start = time.perf_counter()
-        while self.sink.held():
-            if self.stop_requested or self.sink.stop_reason():
-                break
-            time.sleep(0.005)
+        why = self._wait(lambda status: not status.held)
         self.holding = False
         self.stats.held_s += time.perf_counter() - start
-        self._tick = time.perf_counter()
-        return not (self.stop_requested or self.sink.stop_reason())
+        return why
 
-    def _room(self) -> str | None:
-        """None when the sink can take another chunk (after a pause if need be), else why to stop."""
-        if self.sink.has_room():
-            return None
+    def _out_of_room(self) -> str | None:
+        """The spool is full: stop (``spool.on_full=stop``) or pause mid-episode until the learner acks."""
         depth = self.sink.summary().get("spool_depth")
         if self.cfg.spool.on_full == "stop":
             log.error("spool full (%s unacked chunks): stopping safely (spool.on_full=stop). "
@@ -270,19 +298,13 @@ class Actor:
         log.warning("spool full (%s unacked chunks): env paused until the learner acks (spool.on_full=pause)", depth)
         self.stats.pauses += 1
         self.paused = True
-        hold = getattr(self.env.unwrapped, "hold", None)
-        if callable(hold):  # a robot env may define hold(): keep still while paused
-            hold()
+        hold_env(self.env)  # an env that can (a robot's envs.HoldableEnv) keeps still meanwhile
         start = time.perf_counter()
-        while not self.sink.has_room():
-            if self.stop_requested or self.sink.stop_reason():
-                self.paused = False
-                return self.sink.stop_reason() or "stop requested"
-            time.sleep(0.01)
+        why = self._wait(lambda status: status.room)
         self.paused = False
-        log.warning("spool has room again: resuming after a %.1f s pause", time.perf_counter() - start)
-        self._tick = time.perf_counter()
-        return None
+        if why is None:
+            log.warning("spool has room again: resuming after a %.1f s pause", time.perf_counter() - start)
+        return why
 
     def _pace(self) -> None:
         if not self.period:

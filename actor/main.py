@@ -10,7 +10,6 @@ Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT), 2 bad configurat
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import signal
@@ -26,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from o2o.envs import FlattenDictObservation, get_task, make_env
+from o2o.envs import make_actor_env
 from o2o.transport.link import Link
 from o2o.transport.spool import Spool, SpoolError
 
@@ -43,46 +42,11 @@ EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 
 
-def load_env_class(path: str) -> type[gym.Env]:
-    """The class named by ``package.module:ClassName`` (a gymnasium.Env subclass)."""
-    module_name, sep, class_name = path.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ValueError(f"env={path!r}: expected an import path 'package.module:ClassName'")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"env={path!r}: cannot import it ({err}); is its package installed / on PYTHONPATH?") from None
-    if not (isinstance(cls, type) and issubclass(cls, gym.Env)):
-        raise ValueError(f"env={path!r} is {cls!r}, not a gymnasium.Env subclass")
-    return cls
-
-
-def build_env(cfg: ActorConfig) -> gym.Env:
-    """The task's env, or the user's env class; flat float32 observations, an info['success'] flag."""
-    if cfg.env is None:
-        env = make_env(cfg.task, **dict(cfg.env_kwargs))
-    else:
-        env = load_env_class(cfg.env)(**dict(cfg.env_kwargs))
-        if isinstance(env.observation_space, gym.spaces.Dict):
-            env = FlattenDictObservation(env)
-    if cfg.max_episode_steps:
-        env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
-    obs_space, act_space = env.observation_space, env.action_space
-    if not (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1):
-        raise ValueError(f"the env's action space is {act_space}: o2o actors need a 1-D Box")
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
-        raise ValueError(f"the env's observation space is {obs_space}: o2o actors need a 1-D Box (or a Dict of them)")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise ValueError(f"the env's action space {act_space} is unbounded: actions could not be clipped")
-    return env
-
-
 def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, Link | None]:
     """The env, the sink and the policy source for ``cfg`` (a started ``Link``, or a dry run's)."""
     validate(cfg)
-    if cfg.env is None:
-        get_task(cfg.task)  # an unknown task name fails here, with suggestions
-    env = build_env(cfg)
+    # A task's MuJoCo env or a user's robot: the same loop drives either (envs/robot.py checks it).
+    env = make_actor_env(cfg.task, cfg.env, dict(cfg.env_kwargs), cfg.max_episode_steps)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     expect = PolicyExpectation(cfg.task, obs_dim, action_dim)
 
@@ -104,8 +68,9 @@ def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, L
     except BaseException:
         env.close()
         raise
-    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, PolicyBuilder(build_policy, initial),
-                cfg.link)  # fmt: skip
+    changed = threading.Condition()  # the loop's one wake-up: notified by the link and by each built policy
+    builder = PolicyBuilder(build_policy, initial, changed)
+    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, builder, cfg.link, changed)
     return env, link, link, link.start()
 
 

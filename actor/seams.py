@@ -1,8 +1,8 @@
 """The control loop's two seams (as small as Acme's): a sink for transitions and a source of policies.
 
-The loop never sees a socket: ``Link`` implements both seams over ZeroMQ; a dry
-run (no learner) uses ``MemorySink`` and ``FixedPolicySource``. ``PolicyBuilder``
-turns received ONNX bytes into sessions off the control thread.
+The loop never sees a socket: ``Link`` (transport/link.py) implements both seams over
+ZeroMQ; a dry run (no learner) uses ``MemorySink`` and ``FixedPolicySource``.
+``PolicyBuilder`` turns received ONNX bytes into sessions off the control thread.
 """
 
 from __future__ import annotations
@@ -13,32 +13,33 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+# SinkStatus lives beside Link: transport may not import the actor (the dependency direction).
+from o2o.transport.link import SinkStatus
 from o2o.transport.wire import TransitionChunk, is_newer_policy
 
 from .onnx_policy import OnnxPolicy, PolicyMismatch
 
 log = logging.getLogger("o2o.actor")
 
+__all__ = ["TransitionSink", "SinkStatus", "PolicySource", "MemorySink", "FixedPolicySource", "PolicyBuilder"]
+
 
 class TransitionSink(Protocol):
-    @property
-    def next_seq(self) -> int:
-        """The seq the next chunk must carry."""
+    """Where the loop's chunks go: the learner's ``Link``, or ``MemorySink`` in a dry run."""
 
-    def has_room(self) -> bool:
-        """Can one more chunk be accepted without dropping anything?"""
+    changed: threading.Condition
+    """Notified whenever ``status()``, or the policy source paired with this sink, may have
+    changed: the loop waits on it instead of polling. Any thread may notify it, and so may a
+    signal handler on the waiting thread: ``threading.Condition()``'s lock is reentrant."""
+
+    def status(self) -> SinkStatus:
+        """What the loop may do now: the next chunk's seq, room for it, a hold, or why to stop."""
 
     def add(self, chunk: TransitionChunk) -> None:
-        """Take a chunk (``chunk.seq == next_seq``); never blocks on the network."""
-
-    def stop_reason(self) -> str | None:
-        """Why the loop must stop now (e.g. the learner is lost and the config says stop), else None."""
-
-    def held(self) -> bool:
-        """Flow control: True while the consumer asks the loop not to begin another episode."""
+        """Take a chunk (``chunk.seq == status().next_seq``); never blocks on the network."""
 
     def summary(self) -> dict:
-        """Counters for progress lines (e.g. ``spool_depth``)."""
+        """Counters for progress lines (e.g. ``spool_depth``, ``learner_lost``)."""
 
 
 class PolicySource(Protocol):
@@ -48,21 +49,18 @@ class PolicySource(Protocol):
 
 class MemorySink:
     """A sink without a learner (dry runs, tests): counts chunks and rows; keeps the chunks
-    themselves only if ``keep`` (memory grows without bound then)."""
+    themselves only if ``keep`` (memory grows without bound then). Never full, held or stopped."""
 
     def __init__(self, first_seq: int = 0, keep: bool = False):
+        self.changed = threading.Condition()
         self._next_seq = first_seq
         self.keep = keep
         self.chunks: list[TransitionChunk] = []
         self.n_chunks = 0
         self.n_rows = 0
 
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
-    def has_room(self) -> bool:
-        return True
+    def status(self) -> SinkStatus:
+        return SinkStatus(self._next_seq, room=True, held=False, stop=None)
 
     def add(self, chunk: TransitionChunk) -> None:
         if chunk.seq != self._next_seq:
@@ -72,12 +70,6 @@ class MemorySink:
         self.n_rows += chunk.n
         if self.keep:
             self.chunks.append(chunk)
-
-    def stop_reason(self) -> str | None:
-        return None
-
-    def held(self) -> bool:
-        return False
 
     def summary(self) -> dict:
         return {"spool_depth": 0, "chunks": self.n_chunks, "rows": self.n_rows}
@@ -100,11 +92,14 @@ class PolicyBuilder:
     "newer" as ``wire.is_newer_policy``: another learner run's policy always is);
     a policy that does not fit the actor is refused with an error line and
     counted, and the previous policy stays in use. A built policy carries the
-    ``run_id`` of the learner run that sent it.
+    ``run_id`` of the learner run that sent it; ``changed`` (the sink's, so a loop waiting for
+    a first policy wakes at once) is notified after each one.
     """
 
-    def __init__(self, build: Callable[[bytes, int], OnnxPolicy], initial: OnnxPolicy | None = None):
+    def __init__(self, build: Callable[[bytes, int], OnnxPolicy], initial: OnnxPolicy | None = None,
+                 changed: threading.Condition | None = None):  # fmt: skip
         self._build = build
+        self.changed = changed
         self._latest = initial
         self._pending: tuple[str, int, bytes, float] | None = None
         self._cond = threading.Condition()
@@ -149,6 +144,9 @@ class PolicyBuilder:
             policy.run_id = run_id
             self._latest = policy
             self.built += 1
+            if self.changed is not None:
+                with self.changed:
+                    self.changed.notify_all()
 
     def close(self) -> None:
         with self._cond:

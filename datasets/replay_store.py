@@ -45,6 +45,13 @@ lost chunk) keep ``mc_return = NaN``: filter them with ``np.isfinite``. Note
 that rewards used for training must be scaled the same way: the store gives
 raw rewards.
 
+Rows for the learner: a commit event (``commit(collect=True)``, ``last_commit``) carries
+``closed``, the rows of every episode that this commit closed with an MC return, with the
+columns the learner trains on (``LEARNER_COLUMNS`` + ``mc_return``). The open episodes keep
+those columns in memory until they close (bounded by the open episodes: one per actor, and
+idle ones are abandoned, see below), so the learner needs no copy of rows still waiting for
+their episode's end; a reopening writer reads the open episodes' rows back.
+
 Idle actors: an actor that stopped in the middle of an episode would keep it open
 forever, and a reopening writer reads every row from the oldest open episode on.
 ``abandon_idle_episodes`` closes (as abandoned) the episodes of actors that staged
@@ -91,6 +98,9 @@ EPISODE_CHUNK_ROWS = 4096
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 DEFAULT_ABANDON_IDLE_S = 3600.0
 MAX_INT64 = 2**63 - 1
+# Columns an open episode keeps in memory and a commit event hands the learner in ``closed``
+# (with ``mc_return``): what a trainable row needs, nothing the learner must join back later.
+LEARNER_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "eval")
 
 
 def row_columns(obs_dim: int, action_dim: int) -> dict[str, ColumnSpec]:
@@ -190,11 +200,15 @@ class CommitEvent:
     """... and those values (already included in ``rows`` for rows >= start)."""
     episodes: dict[str, np.ndarray]
     """Episodes closed in this commit (``EPISODE_COLUMNS``)."""
+    closed: dict[str, np.ndarray]
+    """The rows of the episodes this commit closed with an MC return, episode after episode in
+    the order they closed: ``LEARNER_COLUMNS`` (raw rewards) and ``mc_return``; row ``i`` is store
+    row ``mc_rows[i]``. Everything the learner needs to train on them, without looking back."""
 
 
 @dataclasses.dataclass
 class _Episode:
-    """An open episode of one actor: where its rows are and their raw rewards."""
+    """An open episode of one actor: where its rows are and their ``LEARNER_COLUMNS``."""
 
     episode_id: int
     start_row: int
@@ -210,7 +224,9 @@ class _Episode:
     end_row: int = -1
     reward_sum: float = 0.0
     ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
+    # The episode's rows (``LEARNER_COLUMNS``), one dict per staged segment: the MC return
+    # needs its rewards, and a commit that closes it hands these rows to the learner.
+    parts: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         fields = ("episode_id", "start_row", "next_step", "policy_version_start", "policy_version_end",
@@ -223,6 +239,9 @@ class _Episode:
 
     def rows(self) -> np.ndarray:
         return np.concatenate([np.arange(a, b) for a, b in self.ranges]) if self.ranges else np.zeros(0, np.int64)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.concatenate([part[name] for part in self.parts])
 
 
 @dataclasses.dataclass
@@ -265,7 +284,8 @@ class ReplayStore:
             self._group["episodes"], EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, record["episodes"], writable=mode == "a"
         )
         self._load_record(record)
-        self._mc_filled: list[tuple[np.ndarray, np.ndarray]] = []
+        # Episodes closed with an MC return since the last commit: (rows, mc_return, parts).
+        self._mc_filled: list[tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]] = []
         self._dirty = False
         if mode == "a":
             self._resume(record.get("time"), abandon_idle_s)
@@ -514,13 +534,22 @@ class ReplayStore:
         seg_ends = np.concatenate([seg_starts[1:], [n]])
         for k, (a, b) in enumerate(zip(seg_starts.tolist(), seg_ends.tolist())):
             last = b - 1
+            # Copies in the columns' dtypes: a decoded chunk views the received frames.
+            part = {
+                "obs": np.array(chunk.obs[a:b], np.float32),
+                "action": np.array(chunk.action[a:b], np.float32),
+                "reward": np.array(chunk.reward[a:b], np.float32),
+                "next_obs": np.array(chunk.next_obs[a:b], np.float32),
+                "terminated": np.array(chunk.terminated[a:b], bool),
+                "eval": np.full(b - a, bool(chunk.eval)),
+            }
             self._track(
                 actor,
                 chunk,
                 episode_id=chunk.episode_id + k,
                 step=int(step[a]),
                 rows=(start + a, start + b),
-                rewards=np.array(chunk.reward[a:b], np.float32),
+                part=part,
                 ended=bool(done[last]),
                 terminated=bool(chunk.terminated[last]),
                 success=bool(chunk.success[last]),
@@ -571,7 +600,7 @@ class ReplayStore:
             self._dirty = True
 
     def _track(self, actor: _Actor, chunk: TransitionChunk, *, episode_id: int, step: int,
-               rows: tuple[int, int], rewards: np.ndarray, ended: bool, terminated: bool, success: bool) -> None:  # fmt: skip
+               rows: tuple[int, int], part: dict[str, np.ndarray], ended: bool, terminated: bool, success: bool) -> None:  # fmt: skip
         episode = actor.episode
         restarted = step == 0 and episode is not None and episode.next_step > 0  # e.g. an actor restart
         if episode is not None and (episode.episode_id != episode_id or restarted):
@@ -590,11 +619,11 @@ class ReplayStore:
         elif step != episode.next_step:
             episode.contiguous = False  # steps are missing: no MC return for this episode
         episode.ranges.append(rows)
-        episode.rewards.append(rewards)
+        episode.parts.append(part)
         episode.length += rows[1] - rows[0]
         episode.end_row = rows[1] - 1
-        episode.reward_sum += float(rewards.astype(np.float64).sum())
-        episode.next_step = step + len(rewards)
+        episode.reward_sum += float(part["reward"].astype(np.float64).sum())
+        episode.next_step = step + rows[1] - rows[0]
         episode.policy_version_end = chunk.policy_version
         episode.success = success
         if ended:
@@ -605,15 +634,19 @@ class ReplayStore:
         actor.episode = None
         if ended and episode.contiguous:
             rows = episode.rows()
-            raw = np.concatenate(episode.rewards)
+            raw = episode.column("reward")
             terminals = np.zeros(len(raw), np.float32)
             terminals[-1] = float(terminated)
             cfg = self.config
+            # Cal-QL's MC return-to-go (official calc_return_to_go, see mc_return.py): scaled
+            # rewards, G_t = r_t + gamma * G_{t+1} * (1 - terminal_t), the all-failure rule of
+            # sparse tasks and, for Kitchen, the infinite-horizon tail of truncated episodes.
             mc = trajectory_return_to_go(
                 cfg.scale_rewards(raw), terminals, cfg.gamma, cfg.scaled_failure_reward, cfg.infinite_horizon
             )
             self._rows.patch("mc_return", rows, mc)
-            self._mc_filled.append((rows, mc))
+            # Kept until the commit, whose event hands these rows to the learner (``closed``).
+            self._mc_filled.append((rows, mc, episode.parts))
         self._episodes.stage(
             {
                 "actor": actor.code,
@@ -692,10 +725,14 @@ class ReplayStore:
 
     def _event(self, start: int, stop: int, old_episodes: int) -> CommitEvent:
         if self._mc_filled:
-            mc_rows = np.concatenate([r for r, _ in self._mc_filled])
-            mc_values = np.concatenate([v for _, v in self._mc_filled])
+            mc_rows = np.concatenate([r for r, _, _ in self._mc_filled])
+            mc_values = np.concatenate([v for _, v, _ in self._mc_filled])
+            parts = [part for _, _, episode_parts in self._mc_filled for part in episode_parts]
+            closed = {name: np.concatenate([part[name] for part in parts]) for name in LEARNER_COLUMNS}
         else:
             mc_rows, mc_values = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            closed = {name: values[:0] for name, values in self._rows.read(0, 0, list(LEARNER_COLUMNS)).items()}
+        closed["mc_return"] = mc_values
         return CommitEvent(
             start=start,
             stop=stop,
@@ -703,6 +740,7 @@ class ReplayStore:
             mc_rows=mc_rows,
             mc_return=mc_values,
             episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end),
+            closed=closed,
         )
 
     def _record(self, commit: int, now: float) -> dict:
@@ -742,13 +780,14 @@ class ReplayStore:
             self.commit()
 
     def _rebuild_open_episodes(self) -> None:
-        """After a reopen: find the committed rows of each open episode, and clear any
-        MC return an interrupted commit wrote for them (their end was never committed)."""
+        """After a reopen: find the committed rows of each open episode (their ``LEARNER_COLUMNS``
+        back into memory), and clear any MC return an interrupted commit wrote for them (their
+        end was never committed)."""
         open_actors = [a for a in self._actors.values() if a.episode is not None]
         if not open_actors:
             return
         first = min(a.episode.start_row for a in open_actors)
-        cols = self.read(first, len(self), ["actor", "episode_id", "reward", "mc_return"])
+        cols = self.read(first, len(self), ["actor", "episode_id", "mc_return", *LEARNER_COLUMNS])
         for actor in open_actors:
             episode = actor.episode
             mask = (cols["actor"] == actor.code) & (cols["episode_id"] == episode.episode_id)
@@ -756,8 +795,8 @@ class ReplayStore:
             rows = np.flatnonzero(mask) + first
             bounds = np.flatnonzero(np.diff(rows) != 1) + 1
             episode.ranges = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, bounds) if len(r)]
-            rewards = cols["reward"][mask].astype(np.float32)
-            episode.rewards = [rewards]
+            episode.parts = [{name: cols[name][mask] for name in LEARNER_COLUMNS}]
+            rewards = episode.parts[0]["reward"]
             # From the rows themselves (records of older versions lack these).
             episode.length = len(rows)
             episode.end_row = int(rows[-1]) if len(rows) else episode.start_row

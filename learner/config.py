@@ -136,7 +136,8 @@ class PretrainConfig:
     checkpoint_every: int = 5000
     """Write checkpoint.pt (and policy.onnx when pretraining) every N updates."""
     resume: str | None = None
-    """A checkpoint file, or a run folder holding checkpoint.pt, to continue from."""
+    """A run folder (or the checkpoint.pt in it) to continue exactly: weights, optimiser, RNG and
+    step as saved. An online run also goes on in that folder, with its replay store."""
     out_dir: str = "runs/pretrain"
     """Run folders go to <out_dir>/<task>/<time>."""
     progress: bool = True
@@ -153,10 +154,12 @@ class PretrainConfig:
 class OnlineConfig(PretrainConfig):
     """Online fine-tuning: every pretraining field (task, dataset, algo, net...) plus these."""
 
+    log_every: int = 200
+    """Write averaged metrics every N updates (more often than pretraining: online returns and policy lag)."""
+    out_dir: str = "runs/online"
+    """Run folders go to <out_dir>/<task>/<time>."""
     pretrained: str | None = None
     """Checkpoint (or run folder) to start from; None = pretrain first for `steps` updates."""
-    resume: str | None = None
-    """An online run folder to continue after a crash or stop (its store is the source of truth)."""
     endpoint: str = "tcp://127.0.0.1:5555"
     """Where actors connect (ZeroMQ ROUTER). Use tcp://0.0.0.0:5555 to accept remote actors."""
     store: str | None = None

@@ -1,19 +1,27 @@
 """`o2o-launch`: a learner and N simulated actors on this machine, on loopback.
 
     o2o-launch                                  # pointmaze-umaze: pretrain, then 2 actors fine-tune online
-    o2o-launch task=pusher actors=3 online_updates=5000
-    o2o-launch pretrained=runs/pretrain/pusher/<time> task=pusher
-    o2o-launch learner_overrides='[algo.cql_alpha=1.0]' actor_overrides='[policy.noise_scale=0.5]'
+    o2o-launch task=pusher actors=3 learner.online_updates=5000
+    o2o-launch task=pusher learner.pretrained=runs/pretrain/pusher/<time>
+    o2o-launch learner.utd=0.5 learner.algo.cql_alpha=1.0 actor.policy.noise_scale=0.5
 
-Each process is the real command (`o2o-learner`, `o2o-actor`) started as a
-subprocess; their logs go to <run>/learner.log and <run>/actor-<i>.log. A
-progress line shows updates, committed rows, returns and the policy version.
+`learner.*` is o2o-learner's config (OnlineConfig, learner/config.py) and `actor.*` every
+o2o-actor's (ActorConfig, actor/config.py); `task=` and `preset=` pick the learner's config
+groups as on its own command line, and the task is the actors' too. configs/launch.yaml holds
+(and explains) where the launcher's defaults differ from those commands'.
+
+Each process is the real command (`o2o-learner`, `o2o-actor`) started as a subprocess, given
+the settings that differ from its own defaults; their logs (first line: the command) go to
+<run>/learner.log and <run>/actor-<i>.log. A progress line shows updates, committed rows,
+returns and the policy version.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,50 +30,131 @@ import threading
 import time
 from dataclasses import field
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+
+from o2o.actor.config import ActorConfig, validate
+from o2o.learner.config import OnlineConfig
+from o2o.learner.fine_tuning import explicit_keys
 
 
 @dataclasses.dataclass
 class LaunchConfig:
-    task: str = "pointmaze-umaze"
-    dataset: str = "o2o/pointmaze-umaze/mixed-v0"
-    """Offline dataset (set by the task group)."""
-    build_missing_dataset: bool = True
+    """o2o-launch's own settings, with the learner's and the actors' nested (never copied)."""
+
+    learner: OnlineConfig = field(default_factory=OnlineConfig)
+    """o2o-learner's settings (learner/config.py), e.g. learner.utd=0.5 learner.algo.cql_alpha=1.0."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """Every o2o-actor's settings (actor/config.py), e.g. actor.policy.noise_scale=0.5; actor i is
+    named <actor_id>-<i> and seeded with seed * 1000 + i."""
     actors: int = 2
     """Simulated actor processes."""
-    pretrained: str | None = None
-    """Start from this checkpoint / run folder; None = pretrain for pretrain_steps first."""
-    pretrain_steps: int = 2000
-    online_updates: int = 2000
-    utd: float = 1.0
-    """Learner updates per online transition."""
-    eval_every: int = 10
-    """Each actor runs a deterministic evaluation episode (tagged eval, not trained on) every N episodes."""
-    max_rows_ahead: int = 500
-    """Transitions the actors may run ahead of updates / utd before the learner holds them."""
-    publish_every: int = 250
-    """The learner publishes a new policy to the actors every N updates."""
-    control_hz: float = 50.0
-    """Sim actors step at this rate, as robots would (0 = as fast as the CPU allows: a fast sim
-    then outruns the learner within a second and spends the run held)."""
     port: int = 0
     """Learner port on 127.0.0.1 (0 = a free one)."""
-    seed: int = 0
-    out_dir: str = "runs/launch"
-    learner_overrides: list[str] = field(default_factory=list)
-    """Extra `key=value` overrides for o2o-learner (e.g. algo.cql_alpha=1.0)."""
-    actor_overrides: list[str] = field(default_factory=list)
-    """Extra `key=value` overrides for every o2o-actor (e.g. policy.noise_scale=0.5)."""
     refresh_s: float = 2.0
     """Progress refresh period."""
 
 
 ConfigStore.instance().store(name="launch_schema", node=LaunchConfig)
+
+GROUPS = ("task", "preset")
+"""o2o-learner's config groups; launch.yaml composes them under `learner` (Hydra: task@learner)."""
+
+SET_BY_LAUNCHER = {
+    "learner.task": "task=NAME sets the task (and its dataset) for the learner and the actors",
+    "actor.task": "task=NAME sets the task (and its dataset) for the learner and the actors",
+    "learner.endpoint": "the learner listens on 127.0.0.1 (port=N picks the port)",
+    "actor.learner": "the actors connect to the launched learner (port=N picks the port)",
+    "learner.progress": "o2o-launch shows the progress",
+    "actor.spool.dir": "the actors spool under <run>/spool",
+}
+"""Keys the launcher sets for each process: refused on its command line, with what to use."""
+
+FINE_TUNING_SECTIONS = ("algo", "net")
+"""The learner takes these from the checkpoint unless its command line sets them (fine_tuning.py),
+so they are passed only when given to o2o-launch, never because a preset changed them."""
+
+
+def hydra_overrides(args: list[str]) -> list[str]:
+    """`task=X` / `preset=X`, as on o2o-learner's command line, for launch.yaml's `task@learner` groups."""
+    return [re.sub(rf"^({'|'.join(GROUPS)})=", r"\1@learner=", arg) for arg in args]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a structured config's leaves; dicts and lists stay whole values."""
+    leaves = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            leaves.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            leaves[f"{prefix}{f.name}"] = value
+    return leaves
+
+
+_parser = OverridesParser.create()
+
+
+def hydra_value(value: Any, nested: bool = False) -> str:
+    """`value` written in Hydra's override grammar, so the target reads back the same value and type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v, nested=True) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v, nested=True)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        try:  # bare when Hydra reads it back as this string (paths, endpoints), else quoted
+            if not nested and _parser.parse_override(f"k={value}").value() == value:
+                return value
+        except HydraException:  # not valid bare (a quote, an '=')
+            pass
+        # In a quoted value Hydra unescapes backslashes only before a quote or the closing quote.
+        escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+        return f"'{escaped}'"
+    raise TypeError(f"cannot write {value!r} as a Hydra override")
+
+
+def given(key: str, explicit: set[str]) -> bool:
+    """Whether the command line set `key` or a config node above it (learner.algo=...)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in explicit for i in range(1, len(parts) + 1))
+
+
+def command_overrides(section: str, cfg: Any, explicit: set[str], set_after: tuple[str, ...],
+                      only_if_given: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """`key=value` for each field of ``cfg`` (launch config ``section``) that differs from its schema's
+    default or was given on the command line, but those in ``set_after`` (the launcher adds them) and
+    those under ``only_if_given`` unless given."""
+    defaults = flatten(type(cfg)())
+    args = []
+    for key, value in flatten(cfg).items():
+        full = f"{section}.{key}"
+        if key in set_after or (key.split(".")[0] in only_if_given and not given(full, explicit)):
+            continue
+        if given(full, explicit) or value != defaults[key]:
+            force = "++" if isinstance(value, dict) else ""  # a free-form dict (env_kwargs) takes new keys only so
+            args.append(f"{force}{key}={hydra_value(value)}")
+    return args
+
+
+def check(cfg: LaunchConfig, explicit: set[str]) -> None:
+    """Refuse what the launcher sets itself, and a bad actor config (else every actor exits and is restarted)."""
+    for key, use in SET_BY_LAUNCHER.items():
+        if given(key, explicit):
+            raise ValueError(f"{key} is set by o2o-launch: {use}")
+    validate(dataclasses.replace(cfg.actor, actor_id=f"{cfg.actor.actor_id}-0"))
 
 
 def free_port() -> int:
@@ -74,22 +163,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def learner_command(cfg: LaunchConfig, run_dir: Path, endpoint: str) -> list[str]:
-    start = [f"pretrained={cfg.pretrained}"] if cfg.pretrained else [f"steps={cfg.pretrain_steps}"]
+def learner_command(cfg: LaunchConfig, groups: dict[str, str], explicit: set[str], run_dir: Path,
+                    endpoint: str) -> list[str]:  # fmt: skip
     return [
-        sys.executable, "-m", "o2o.learner.online",
-        f"task={cfg.task}", f"dataset={cfg.dataset}", f"build_missing_dataset={cfg.build_missing_dataset}",
-        *start, f"online_updates={cfg.online_updates}", f"endpoint={endpoint}", f"seed={cfg.seed}",
-        f"utd={cfg.utd}", f"max_rows_ahead={cfg.max_rows_ahead}", f"publish_every={cfg.publish_every}",
-        "progress=false", f"hydra.run.dir={run_dir}", *cfg.learner_overrides,
+        sys.executable, "-m", "o2o.learner.online", *(f"{group}={choice}" for group, choice in groups.items()),
+        *command_overrides("learner", cfg.learner, explicit, ("task", "endpoint", "progress"), FINE_TUNING_SECTIONS),
+        f"endpoint={endpoint}", "progress=false", f"hydra.run.dir={hydra_value(str(run_dir))}",
     ]  # fmt: skip
 
 
-def actor_command(cfg: LaunchConfig, run_dir: Path, endpoint: str, index: int) -> list[str]:
+def actor_command(cfg: LaunchConfig, explicit: set[str], run_dir: Path, endpoint: str, index: int) -> list[str]:
+    actor = cfg.actor
     return [
         sys.executable, "-m", "o2o.actor.main",
-        f"task={cfg.task}", f"learner={endpoint}", f"actor_id=actor-{index}", f"seed={cfg.seed * 1000 + index}",
-        f"spool.dir={run_dir / 'spool'}", f"control_hz={cfg.control_hz}", "log_every_s=10", f"eval_every={cfg.eval_every}", *cfg.actor_overrides,
+        *command_overrides("actor", actor, explicit, ("task", "learner", "actor_id", "seed", "spool.dir")),
+        f"task={hydra_value(cfg.learner.task)}", f"learner={endpoint}",
+        f"actor_id={hydra_value(f'{actor.actor_id}-{index}')}", f"seed={actor.seed * 1000 + index}",
+        f"spool.dir={hydra_value(str(run_dir / 'spool'))}",
     ]  # fmt: skip
 
 
@@ -187,27 +277,39 @@ def _wait_or_kill(proc: subprocess.Popen, timeout_s: float, urgent: threading.Ev
             pass
 
 
-def launch(cfg: LaunchConfig, run_dir: Path) -> int:
+def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: set[str]) -> int:
+    """Run the learner and the actors until the learner is done; ``groups``: the learner's config
+    group choices (task, preset); ``explicit``: the keys given on the command line."""
     run_dir.mkdir(parents=True, exist_ok=True)
     endpoint = f"tcp://127.0.0.1:{cfg.port or free_port()}"
+    # A resumed learner goes on in its own folder (the one given, or the one holding the checkpoint given).
+    resumed = Path(cfg.learner.resume or run_dir)
+    learner_dir = resumed if resumed.is_dir() else resumed.parent
     print(f"o2o-launch: run folder {run_dir}, learner on {endpoint}, {cfg.actors} actors")
     logs = []
 
     def start(cmd: list[str], name: str) -> subprocess.Popen:
         log = open(run_dir / f"{name}.log", "w")
+        log.write(shlex.join(cmd) + "\n")  # what ran, settings included
+        log.flush()
         logs.append(log)
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_actor(i: int) -> subprocess.Popen:
+        return start(actor_command(cfg, explicit, run_dir, endpoint, i), f"actor-{i}")
 
     # SIGTERM (e.g. from `timeout` or a scheduler) stops the run like Ctrl-C: children are in
     # their own sessions, so only this process can stop them.
     signal.signal(signal.SIGTERM, _interrupt)
-    learner = start(learner_command(cfg, run_dir, endpoint), "learner")
-    actors = [start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}") for i in range(cfg.actors)]
-    progress = Progress(run_dir / "metrics.jsonl")
-    # Without a pretrained checkpoint the learner builds the dataset and pretrains first (minutes):
+    learner = start(learner_command(cfg, groups, explicit, run_dir, endpoint), "learner")
+    actors = [start_actor(i) for i in range(cfg.actors)]
+    progress = Progress(learner_dir / "metrics.jsonl")
+    # Without a checkpoint to start from the learner builds the dataset and pretrains first (minutes):
     # a bar of its own, from the pretraining run's metrics, until the online phase starts.
-    pretraining = None if cfg.pretrained else Progress(run_dir / "pretrain" / "metrics.jsonl")
-    bar = tqdm(total=cfg.pretrain_steps if pretraining else cfg.online_updates,
+    steps, online_updates = cfg.learner.steps, cfg.learner.online_updates
+    from_scratch = not (cfg.learner.pretrained or cfg.learner.resume)
+    pretraining = Progress(run_dir / "pretrain" / "metrics.jsonl") if from_scratch else None
+    bar = tqdm(total=steps if pretraining else online_updates,
                desc="pretraining" if pretraining else "online updates")  # fmt: skip
     try:
         while learner.poll() is None:
@@ -215,17 +317,17 @@ def launch(cfg: LaunchConfig, run_dir: Path) -> int:
             for i, actor in enumerate(actors):
                 if actor.poll() is not None:
                     tqdm.write(f"actor-{i} exited with {actor.returncode}: restarting it (see actor-{i}.log)")
-                    actors[i] = start(actor_command(cfg, run_dir, endpoint, i), f"actor-{i}")
+                    actors[i] = start_actor(i)
             progress.poll()
             if pretraining is not None:
                 pretraining.poll()
-                if progress.updates == 0 and progress.rows == 0 and pretraining.updates < cfg.pretrain_steps:
+                if progress.updates == 0 and progress.rows == 0 and pretraining.updates < steps:
                     bar.n = pretraining.updates
                     bar.refresh()
                     continue
-                bar.n = cfg.pretrain_steps
+                bar.n = steps
                 bar.close()
-                pretraining, bar = None, tqdm(total=cfg.online_updates, desc="online updates")
+                pretraining, bar = None, tqdm(total=online_updates, desc="online updates")
             bar.n = progress.updates
             bar.set_postfix(progress.postfix())
     except KeyboardInterrupt:
@@ -242,18 +344,28 @@ def launch(cfg: LaunchConfig, run_dir: Path) -> int:
         print(f"o2o-launch: the learner failed (exit {learner.returncode}); see {run_dir / 'learner.log'}", file=sys.stderr)
         print((run_dir / "learner.log").read_text()[-2000:], file=sys.stderr)
         return learner.returncode
-    print(f"done: {progress.updates} online updates, {progress.rows} transitions in {run_dir / 'replay'}, "
-          f"policy version {progress.version}\n  policy:     {run_dir / 'policy.onnx'}\n  checkpoint: {run_dir / 'checkpoint.pt'}")
+    print(f"done: {progress.updates} online updates, {progress.rows} transitions in {learner_dir / 'replay'}, "
+          f"policy version {progress.version}\n  policy:     {learner_dir / 'policy.onnx'}\n"
+          f"  checkpoint: {learner_dir / 'checkpoint.pt'}")
     return 0
 
 
 @hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="launch")
 def _hydra_main(dict_cfg: DictConfig) -> None:
     cfg: LaunchConfig = OmegaConf.to_object(dict_cfg)
-    sys.exit(launch(cfg, Path(HydraConfig.get().runtime.output_dir)))
+    hydra_cfg = HydraConfig.get()
+    explicit = explicit_keys(hydra_cfg.overrides.task)
+    try:
+        check(cfg, explicit)
+    except ValueError as err:
+        print(f"o2o-launch: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    groups = {group: hydra_cfg.runtime.choices[f"{group}@learner"] for group in GROUPS}
+    sys.exit(launch(cfg, Path(hydra_cfg.runtime.output_dir), groups, explicit))
 
 
 def main() -> None:
+    sys.argv[1:] = hydra_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -146,7 +146,7 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     ``explicit``: the dotted config keys the user set (see ``fine_tuning``). Offline rows,
     online rows and the store's MC returns all follow the agent's data settings."""
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.resume) if cfg.resume else run_dir
+    run_dir = resolve_checkpoint(cfg.resume).parent if cfg.resume else run_dir
     checkpoint_path = starting_checkpoint(cfg, run_dir)
     saved = read_spec(checkpoint_path)
     if saved.task != cfg.task:

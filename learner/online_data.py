@@ -1,51 +1,32 @@
 """Online data on the learner side: committed store rows -> trainable rows -> mixed batches.
 
-Rows become trainable when their episode ends (the store then fills their
-Cal-QL MC return-to-go); evaluation rows are never trained on by default. A host
-mirror keeps committed rows until then, because a commit that closes an
-episode names rows that earlier commits delivered.
+Rows become trainable when their episode ends: the commit that closes an episode hands
+its rows, with their Cal-QL MC return-to-go, in ``CommitEvent.closed`` (the store keeps
+the rows of open episodes until then). So the learner holds nothing but its bounded
+sampling buffer: no copy of rows still waiting for their episode's end. Evaluation
+rows are never trained on by default.
 """
 
 from __future__ import annotations
 
 import queue
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from o2o.datasets.mc_return import scale_rewards
-from o2o.datasets.replay_store import CommitEvent, ReplayStore
+from o2o.datasets.replay_store import LEARNER_COLUMNS, CommitEvent, ReplayStore
 
 from .buffer import FIELDS, Batch, TransitionBuffer, normalize_actions
 
-_MIRRORED = ("obs", "action", "reward", "next_obs", "terminated", "eval")
 
+class _Commit(NamedTuple):
+    """What ``drain`` needs of a commit event (the event's other columns are not kept queued)."""
 
-class HostMirror:
-    """Committed rows not yet trainable, by store row index (grows by doubling)."""
-
-    def __init__(self, obs_dim: int, action_dim: int, capacity: int = 65536):
-        shapes = {"obs": (obs_dim,), "next_obs": (obs_dim,), "action": (action_dim,)}
-        dtypes = {"terminated": bool, "eval": bool}
-        self.columns = {
-            name: np.zeros((capacity, *shapes.get(name, ())), dtypes.get(name, np.float32)) for name in _MIRRORED
-        }
-        self.stop = 0
-
-    def append(self, start: int, rows: dict[str, np.ndarray]) -> None:
-        stop = start + len(rows["reward"])
-        if stop > len(self.columns["reward"]):
-            capacity = max(stop, 2 * len(self.columns["reward"]))
-            for name, col in self.columns.items():
-                grown = np.zeros((capacity, *col.shape[1:]), col.dtype)
-                grown[: len(col)] = col
-                self.columns[name] = grown
-        for name in _MIRRORED:
-            self.columns[name][start:stop] = rows[name]
-        self.stop = stop
-
-    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: col[rows] for name, col in self.columns.items()}
+    stop: int
+    closed: dict[str, np.ndarray]
+    episodes: dict[str, np.ndarray]
 
 
 class OnlineData:
@@ -64,8 +45,7 @@ class OnlineData:
         self.low, self.high = low, high
         self.reward_scale, self.reward_bias = reward_scale, reward_bias
         self.train_on_eval = train_on_eval
-        self.mirror = HostMirror(buffer.columns["obs"].shape[1], buffer.columns["action"].shape[1])
-        self.events: queue.SimpleQueue[CommitEvent] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[_Commit] = queue.SimpleQueue()
         self.committed_rows = 0
         self.trainable_rows = 0
         self.trainable_committed = 0
@@ -76,15 +56,14 @@ class OnlineData:
 
     def on_commit(self, event: CommitEvent) -> None:
         """Runs in the ingest thread: count what became trainable, hand the event over."""
-        self.trainable_committed += self.trainable_in(event.episodes)
-        self.events.put(event)
+        keep = self._trainable(event.closed)
+        self.trainable_committed += int(keep.sum())
+        # Only the closed rows wait for ``drain``: the event's copy of the new rows is not needed.
+        self.events.put(_Commit(event.stop, event.closed, event.episodes))
 
-    def trainable_in(self, episodes: dict[str, np.ndarray]) -> int:
-        """Rows of the closed episodes that get MC returns and are trained on (as ``_make_trainable``)."""
-        if not episodes or len(episodes.get("length", ())) == 0:
-            return 0
-        keep = episodes["ended"] & episodes["contiguous"] & (self.train_on_eval | ~episodes["eval"])
-        return int(episodes["length"][keep].sum())
+    def _trainable(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """Mask of the rows trained on: with an MC return, and not eval rows unless ``train_on_eval``."""
+        return np.isfinite(rows["mc_return"]) & (self.train_on_eval | ~rows["eval"])
 
     def drain(self) -> int:
         """Apply the commit events queued so far; returns how many rows became trainable.
@@ -93,27 +72,24 @@ class OnlineData:
         """
         added = 0
         for _ in range(self.events.qsize()):
-            event = self.events.get_nowait()
-            if event.stop > event.start:
-                self.mirror.append(event.start, event.rows)
-                self.committed_rows = event.stop
-            if len(event.mc_rows):
-                added += self._make_trainable(np.asarray(event.mc_rows), np.asarray(event.mc_return))
-            self._collect_episodes(event.episodes)
+            commit = self.events.get_nowait()
+            self.committed_rows = max(self.committed_rows, commit.stop)
+            added += self._add_trainable(commit.closed)
+            self._collect_episodes(commit.episodes)
         return added
 
-    def _make_trainable(self, rows: np.ndarray, mc_return: np.ndarray) -> int:
-        data = self.mirror.take(rows)
-        keep = np.isfinite(mc_return) & (self.train_on_eval | ~data["eval"])
+    def _add_trainable(self, rows: dict[str, np.ndarray]) -> int:
+        """Rows in store units (``ReplayStore.read`` / ``CommitEvent.closed`` columns) into the buffer."""
+        keep = self._trainable(rows)
         if not keep.any():
             return 0
         self.add_rows(
-            obs=data["obs"][keep],
-            action=data["action"][keep],
-            raw_reward=data["reward"][keep],
-            next_obs=data["next_obs"][keep],
-            terminated=data["terminated"][keep],
-            mc_return=mc_return[keep],
+            obs=rows["obs"][keep],
+            action=rows["action"][keep],
+            raw_reward=rows["reward"][keep],
+            next_obs=rows["next_obs"][keep],
+            terminated=rows["terminated"][keep],
+            mc_return=rows["mc_return"][keep],
         )
         return int(keep.sum())
 
@@ -131,18 +107,26 @@ class OnlineData:
         self.trainable_rows += len(reward)
 
     def load_store(self, store: ReplayStore, chunk: int = 262_144) -> int:
-        """After a restart: every committed, finished, non-eval row of the store (the source of truth)."""
-        for start in range(0, len(store), chunk):
-            rows = store.read(start, min(start + chunk, len(store)))
-            keep = np.isfinite(rows["mc_return"]) & (self.train_on_eval | ~rows["eval"])
-            if keep.any():
-                self.add_rows(
-                    rows["obs"][keep], rows["action"][keep], rows["reward"][keep], rows["next_obs"][keep],
-                    rows["terminated"][keep], rows["mc_return"][keep],
-                )
-            # Rows of still-open episodes must be found again when their episode closes.
-            self.mirror.append(start, rows)
-        self.committed_rows = len(store)
+        """After a restart: the committed, finished, non-eval rows of the store (the source of
+        truth), streamed ``chunk`` rows at a time; returns how many there are.
+
+        Only the last ``buffer.capacity`` of them fit the buffer, so a first pass reads just
+        ``mc_return`` and ``eval`` to count them, and the second reads whole rows only from
+        the chunk where those last ones begin. Rows of episodes still open come later, in the
+        ``closed`` rows of the commit that ends them.
+        """
+        n = len(store)
+        starts = range(0, n, chunk)
+        counts = [int(self._trainable(store.read(a, a + chunk, ["mc_return", "eval"])).sum()) for a in starts]
+        first, kept = len(counts), 0
+        while first > 0 and kept < self.buffer.capacity:
+            first -= 1
+            kept += counts[first]
+        skipped = sum(counts[:first])  # trainable, but pushed out of the buffer by later rows anyway
+        for a in starts[first:]:
+            self._add_trainable(store.read(a, a + chunk, [*LEARNER_COLUMNS, "mc_return"]))
+        self.trainable_rows += skipped
+        self.committed_rows = n
         self.trainable_committed = self.trainable_rows
         return self.trainable_rows
 

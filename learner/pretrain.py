@@ -30,7 +30,7 @@ from o2o.envs import TaskSpec, get_task, make_env
 
 from .buffer import TransitionBuffer
 from .calql import CalQLAgent
-from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import CalQLConfig, PretrainConfig
 from .divergence import DivergedError, check_losses
 from .evaluation import evaluate
@@ -145,6 +145,8 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     cfg: PretrainConfig = OmegaConf.to_object(dict_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        # resume= continues that run in its own folder (a run folder or its checkpoint file), as online.
+        run_dir = resolve_checkpoint(cfg.resume).parent if cfg.resume else run_dir
         pretrain(cfg, run_dir)
     except (DatasetError, DivergedError, KeyError, ValueError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

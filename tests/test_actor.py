@@ -17,9 +17,10 @@ import pytest
 
 from o2o.actor.config import ActorConfig, LinkConfig, PolicyConfig, SpoolConfig
 from o2o.actor.loop import Actor
-from o2o.actor.main import assemble, build_env, wait_for_learner
+from o2o.actor.main import assemble, wait_for_learner
 from o2o.actor.onnx_policy import Exploration, OnnxPolicy, PolicyExpectation, PolicyMismatch
 from o2o.actor.seams import FixedPolicySource, MemorySink
+from o2o.envs import make_actor_env
 from o2o.transport.spool import Spool, SpoolError, SpoolFull
 from o2o.datasets.replay_store import ReplayStore
 from o2o.transport.ingest import IngestServer
@@ -87,7 +88,7 @@ def server(tmp_path, policies):
 
 
 def all_acked(link) -> bool:
-    return link.stats.acked_seq == link.next_seq - 1 and len(link.spool) == 0
+    return link.stats.acked_seq == link.status().next_seq - 1 and len(link.spool) == 0
 
 
 def restart(server: IngestServer, policy: bytes) -> IngestServer:
@@ -320,7 +321,7 @@ def test_restarted_actor_resends_its_disk_spool_and_continues_the_sequence(tmp_p
     server = restart(server, policies["pusher"])
     actor, link = linked_actor(cfg)  # a new actor process, same actor_id and spool folder
     try:
-        assert link.next_seq == 13  # after the 8 spooled chunks (seqs 5-12), not after the committed seq 4
+        assert link.status().next_seq == 13  # after the 8 spooled chunks (seqs 5-12), not after the committed seq 4
         actor.run(max_steps=50)
         wait_for(lambda: all_acked(link), "the old spool and the new chunks to be acked")
     finally:
@@ -369,7 +370,7 @@ def test_full_spool_stops_or_pauses_without_dropping_data(tmp_path, policies, se
 def test_learner_hold_pauses_the_actor_between_episodes_only(tmp_path, server):
     actor, link = linked_actor(config(tmp_path, server.endpoint, control_hz=500.0))  # 0.2 s per episode
     server.set_hold(True)
-    wait_for(lambda: link.held(), "the hold to reach the actor")
+    wait_for(lambda: link.status().held, "the hold to reach the actor")
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("reason", actor.run(max_steps=10_000)))
     runner.start()
@@ -426,7 +427,7 @@ class NarrowPusherLike(gym.Env):
 
 def dry_actor(policies, **fields) -> tuple[Actor, gym.Env, MemorySink]:
     cfg = config(Path("."), None, env=f"{__name__}:NarrowPusherLike", max_episode_steps=10, **fields)
-    env = build_env(cfg)
+    env = make_actor_env(cfg.task, cfg.env, cfg.env_kwargs, cfg.max_episode_steps)
     policy = OnnxPolicy(policies["pusher"], PolicyExpectation("pusher", PUSHER_OBS, PUSHER_ACT), version=0)
     sink = MemorySink(keep=True)
     return Actor(env, sink, FixedPolicySource(policy), cfg), env, sink

@@ -171,7 +171,7 @@ def test_an_actor_restarted_against_a_fresh_learner_keeps_its_unacked_chunks(tmp
     peer = Peer(free_endpoint(), ack=False)  # fresh: it knows no seq of this actor
     try:
         link = bare_link(peer.endpoint, Spool(memory_chunks=4, folder=tmp_path))
-        assert link.wait_welcome(30) and link.next_seq == 0
+        assert link.wait_welcome(30) and link.status().next_seq == 0
         for seq in range(10):
             link.add(make_chunk(seq))
         wait_for(lambda: len(peer.chunks) == 10, "the 10 chunks to reach the learner")
@@ -363,7 +363,7 @@ def test_a_refused_hello_is_retried_then_stops_the_actor(tmp_path, caplog, reaso
             assert "unique actor_id" in warnings[0] and "unique actor_id" in str(refused.value)
         else:
             assert "maximum number of actors" in warnings[0]
-        assert link.stop_reason() == link.fatal and "link.id_in_use_timeout_s" in link.fatal
+        assert str(refused.value) == link.fatal and "link.id_in_use_timeout_s" in link.fatal
     finally:
         link.close()
         peer.close()
@@ -391,7 +391,7 @@ def test_a_second_process_with_a_live_actor_id_stops_on_a_real_learner(tmp_path)
         second = bare_link(server.endpoint, Spool(), dims=(PUSHER_OBS, PUSHER_ACT), id_in_use_timeout_s=1.0)
         wait_for(lambda: second.fatal is not None, "the second actor f1 to give up")
         assert "unique actor_id" in second.fatal and not second.wait_welcome(0)
-        assert first.stop_reason() is None  # the first one goes on
+        assert first.status().stop is None  # the first one goes on
     finally:
         for link in (first, second):
             if link is not None:

@@ -136,3 +136,119 @@ def test_trainable_rows_are_counted_in_the_ingest_thread_before_drain(tmp_path):
     assert data.trainable_committed == 6 and data.trainable_rows == 0
     data.drain()
     assert data.trainable_rows == data.trainable_committed == 6
+
+
+# ---------------------------------------------------------------- one path for a transition
+
+
+def fleet_chunk(actor: str, seq: int, n: int = 256, episode_len: int = 100, eval: bool = False,
+                obs_dim: int = OBS, act_dim: int = ACT):  # fmt: skip
+    """Chunk ``seq`` of an actor whose episodes last ``episode_len`` steps (chunks span episodes)."""
+    rng = np.random.default_rng([ord(actor), seq])
+    g = seq * n + np.arange(n)
+    step = g % episode_len
+    return wire.TransitionChunk(
+        actor_id=actor, seq=seq, policy_version=1, episode_id=int(g[0] // episode_len), step=int(step[0]),
+        obs=rng.normal(size=(n, obs_dim)).astype(np.float32), action=rng.uniform(-2, 2, (n, act_dim)).astype(np.float32),
+        reward=rng.normal(size=n).astype(np.float32), next_obs=rng.normal(size=(n, obs_dim)).astype(np.float32),
+        terminated=(step == episode_len - 1).astype(np.uint8), truncated=np.zeros(n, np.uint8),
+        success=np.zeros(n, np.uint8), eval=eval,
+    )  # fmt: skip
+
+
+def test_closed_rows_reach_the_buffer_exactly_as_the_store_holds_them(tmp_path):
+    """Rows arrive in the buffer from the commit that closes their episode (``event.closed``),
+    across commits, interleaved actors and a restart, without the learner keeping a copy."""
+    store, buffer, data = make(tmp_path)
+    for seq in range(3):  # 2 actors, 100-step episodes across 256-row chunks: ends in later commits
+        commit(store, data, fleet_chunk("a", seq), fleet_chunk("e", seq, eval=True))
+    store.close()
+    store = ReplayStore.open(tmp_path / "replay", "a")  # open episodes rebuilt from disk
+    data.drain()
+    commit(store, data, fleet_chunk("a", 3), fleet_chunk("e", 3, eval=True))
+    rows = store.read()
+    train = np.isfinite(rows["mc_return"]) & ~rows["eval"]
+    assert train.sum() == 1000 and data.trainable_rows == data.trainable_committed == 1000
+    # Same rows as the store's (episode by episode, in the order they closed: the store's row order here).
+    np.testing.assert_array_equal(buffer.columns["obs"][:1000].numpy(), rows["obs"][train])
+    np.testing.assert_array_equal(buffer.columns["next_obs"][:1000].numpy(), rows["next_obs"][train])
+    np.testing.assert_array_equal(buffer.columns["mc_return"][:1000].numpy(), rows["mc_return"][train])
+    np.testing.assert_allclose(buffer.columns["reward"][:1000].numpy(), rows["reward"][train] * 2.0 + 1.0)
+    assert buffer.columns["done"][:1000].sum() == 10
+    assert data.committed_rows == len(store) == 2048
+
+
+def test_load_store_streams_only_the_rows_that_fit_the_buffer(tmp_path):
+    store, _, _ = make(tmp_path)
+    for seq in range(8):
+        store.append(fleet_chunk("a", seq))
+        store.append(fleet_chunk("e", seq, eval=True))
+    store.commit()  # 2 x 2048 rows: 2000 of "a" trainable, "e"'s eval, 2 x 48 of open episodes
+    reads = []
+
+    class Recording(ReplayStore):
+        def read(self, start=0, stop=None, columns=None):
+            reads.append((start, columns))
+            return super().read(start, stop, columns)
+
+    store.close()
+    reopened = Recording.open(tmp_path / "replay", "r")
+    buffer = TransitionBuffer(OBS, ACT, 300, "cpu")
+    data = OnlineData(buffer, LOW, HIGH, 2.0, 1.0)
+    assert data.load_store(reopened, chunk=512) == 2000  # every trainable row counts (the updates allowed)
+    assert (data.committed_rows, data.trainable_committed, len(buffer)) == (4096, 2000, 300)
+    full = [start for start, columns in reads if columns is None or "obs" in columns]
+    assert full and min(full) >= 4096 - 1024  # whole rows read only where the last 300 lie
+    rows = reopened.read()
+    train = np.isfinite(rows["mc_return"]) & ~rows["eval"]
+    last = np.sort(rows["obs"][train][-300:], axis=0)  # the last 300, in the buffer's ring order
+    np.testing.assert_array_equal(np.sort(buffer.columns["obs"].numpy(), axis=0), last)
+
+
+def test_learner_memory_stays_flat_over_ten_buffers_of_rows(tmp_path):
+    """The learner keeps nothing but its bounded buffer: after a first buffer's worth of rows,
+    ingesting 9 more (real commits to a real store, through ``OnlineData``) allocates no more
+    than a few commits' worth at any moment. The old host mirror kept every committed row and
+    grew with them (a week of a fleet's rows: out of memory)."""
+    import gc
+    import tracemalloc
+
+    obs_dim, act_dim = 23, 7  # Pusher's
+    capacity, chunk_rows, actors = 8192, 256, ("a", "b", "c", "e")  # 4 x 256 rows: one commit, one Zarr chunk
+    store = ReplayStore.create(tmp_path / "replay", obs_dim, act_dim, gamma=0.9, chunk_rows=len(actors) * chunk_rows)
+    buffer = TransitionBuffer(obs_dim, act_dim, capacity, "cpu")
+    data = OnlineData(buffer, -2 * np.ones(act_dim), 2 * np.ones(act_dim), reward_scale=2.0, reward_bias=1.0)
+    seq = 0
+
+    def ingest(rows: int) -> int:
+        nonlocal seq
+        biggest = 0
+        for _ in range(rows // (len(actors) * chunk_rows)):
+            for actor in actors:  # "e" is an evaluator: committed, never trained on
+                store.append(fleet_chunk(actor, seq, chunk_rows, eval=actor == "e", obs_dim=obs_dim, act_dim=act_dim))
+            store.commit(collect=True)
+            event = store.last_commit
+            biggest = max(biggest, sum(v.nbytes for v in event.rows.values()))
+            data.on_commit(event)
+            data.drain()
+            data.pop_episodes()  # the learner logs them
+            seq += 1
+        return biggest
+
+    ingest(capacity)  # the first buffer's worth: buffers and arrays reach their steady size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        commit_bytes = ingest(9 * capacity)
+        gc.collect()
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(store) == 10 * capacity and len(buffer) == capacity
+    assert data.trainable_rows > 7 * capacity  # the rows did go through
+    # Bounded by a commit's size, not by the rows ingested: the commit's transient copies, zarr's
+    # chunk images and the episodes table's chunk (~9x one commit's rows here, whatever the row
+    # count); retained: the last event (``last_commit``) and the open episodes' rows. The old
+    # mirror held every row: 28 MB once past its initial 65536 rows, ~110x one commit.
+    assert peak < 16 * commit_bytes, (peak, commit_bytes)
+    assert retained < 8 * commit_bytes, (retained, commit_bytes)

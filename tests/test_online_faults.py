@@ -3,7 +3,6 @@ store folder that turns read-only, a resume from an older checkpoint, eval episo
 to deadlock the fleet hold, and signals that used to orphan the actors."""
 
 import dataclasses
-import json
 import os
 import signal
 import socket
@@ -184,10 +183,11 @@ def test_a_resumed_run_never_publishes_a_version_number_twice(tmp_path):
 # ---------------------------------------------------------------- o2o-launch
 
 
-def launch_cmd(tmp_path: Path, run_dir: Path, *args: str, learner_extra: tuple = ()) -> list[str]:
-    learner = [*TINY, "build_episodes=6", "warmup_rows=50", "publish_every=50", *learner_extra]
-    return [sys.executable, "-m", "o2o.learner.launch", f"pretrained={tiny_checkpoint(tmp_path / 'pre')}",
-            "refresh_s=0.5", f"learner_overrides={json.dumps(learner)}", f"hydra.run.dir={run_dir}", *args]  # fmt: skip
+def launch_cmd(tmp_path: Path, run_dir: Path, *args: str) -> list[str]:
+    learner = ["batch_size=32", "log_every=10", "checkpoint_every=20", "build_episodes=6", "warmup_rows=50",
+               "publish_every=50", f"pretrained={tiny_checkpoint(tmp_path / 'pre')}"]  # fmt: skip
+    return [sys.executable, "-m", "o2o.learner.launch", *(f"learner.{arg}" for arg in learner), "refresh_s=0.5",
+            f"hydra.run.dir={run_dir}", *args]  # fmt: skip
 
 
 def test_launch_with_eval_episodes_runs_past_the_old_flow_control_deadlock(tmp_path):
@@ -195,8 +195,8 @@ def test_launch_with_eval_episodes_runs_past_the_old_flow_control_deadlock(tmp_p
     episode after every training episode, the fleet was held for good after the first one and
     the learner waited for data forever (o2o-launch's defaults: near 15,100 updates; here at 560)."""
     run_dir = tmp_path / "run"
-    cmd = launch_cmd(tmp_path, run_dir, "online_updates=1500", "actors=2", "eval_every=1", "max_rows_ahead=60",
-                     "control_hz=200", learner_extra=("max_updates_ahead=10",))  # fmt: skip
+    cmd = launch_cmd(tmp_path, run_dir, "learner.online_updates=1500", "actors=2", "actor.eval_every=1",
+                     "learner.max_rows_ahead=60", "actor.control_hz=200", "learner.max_updates_ahead=10")  # fmt: skip
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -225,7 +225,7 @@ def test_a_second_signal_while_the_launcher_stops_leaves_no_actor_behind(tmp_pat
     """Before: a second Ctrl-C or a SIGTERM during the learner's wait skipped stopping the actors,
     which ran on forever (link.on_learner_lost=continue)."""
     run_dir = tmp_path / "run"
-    cmd = launch_cmd(tmp_path, run_dir, "online_updates=0", "actors=2", "control_hz=50")
+    cmd = launch_cmd(tmp_path, run_dir, "learner.online_updates=0", "actors=2", "actor.control_hz=50")
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     actors_of_this_run = f"spool.dir={run_dir / 'spool'}"

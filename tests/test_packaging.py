@@ -71,14 +71,18 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+LAUNCHERS = {"learner/launch.py": {"actor"}}  # o2o-launch composes the actor's config to start actors
+
+
 def test_every_package_imports_only_what_its_direction_allows():
     wrong = []
     for package, allowed in ALLOWED.items():
         for path in sorted((ROOT / package).rglob("*.py")):
+            extra = LAUNCHERS.get(str(path.relative_to(ROOT)), set())
             for name in imported_modules(path):
                 parts = name.split(".")
                 if parts[0] == "torch" and package != "learner":
                     wrong.append(f"{path.relative_to(ROOT)} imports torch")
-                if parts[0] == "o2o" and len(parts) > 1 and parts[1] not in allowed:
+                if parts[0] == "o2o" and len(parts) > 1 and parts[1] not in allowed | extra:
                     wrong.append(f"{path.relative_to(ROOT)} imports {name}")
     assert wrong == []

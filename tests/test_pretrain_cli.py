@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     straight = run_ok(root / "straight", "steps=40")
     first_half = run_ok(root / "half", "steps=20")
-    resumed = run_ok(root / "resumed", "steps=40", f"resume={first_half}")
+    # `resume` continues a run in its own folder: resume a copy, so first_half stays at step 20.
+    resumed = run_ok(shutil.copytree(first_half, root / "resumed"), "steps=40", f"resume={root / 'resumed'}")
     return straight, first_half, resumed
 
 

@@ -10,7 +10,7 @@ import pytest
 from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
 from o2o.datasets.replay_export import export_minari
-from o2o.datasets.replay_store import ReplayStore, SeqGapError, StoreError
+from o2o.datasets.replay_store import LEARNER_COLUMNS, ReplayStore, SeqGapError, StoreError
 from replay_peers import ACT_DIM, OBS_DIM, expected_rows, make_chunk, read_while_written, write_forever
 
 SPAWN = mp.get_context("spawn")  # children start clean: no inherited zarr loop or ZeroMQ context
@@ -53,6 +53,21 @@ def check_mc_returns(store: ReplayStore) -> int:
         filled[idx] = True
     assert np.isnan(rows["mc_return"][~filled]).all()
     return int(filled.sum())
+
+
+def check_closed(event, store: ReplayStore, finite_before: np.ndarray) -> int:
+    """``event.closed`` holds exactly the rows whose MC return the commit filled (rows
+    ``event.mc_rows``, committed earlier or now), with the store's values; returns their count."""
+    rows = store.read()
+    finite = np.isfinite(rows["mc_return"])
+    filled = finite & ~np.pad(finite_before, (0, len(finite) - len(finite_before)))
+    assert sorted(event.mc_rows.tolist()) == np.flatnonzero(filled).tolist()
+    assert set(event.closed) == {*LEARNER_COLUMNS, "mc_return"}
+    for name, values in event.closed.items():
+        np.testing.assert_array_equal(values, rows[name][event.mc_rows], err_msg=name)
+        assert values.dtype == rows[name].dtype, name
+    np.testing.assert_array_equal(event.closed["mc_return"], event.mc_return)
+    return len(event.mc_rows)
 
 
 def test_append_commit_read(tmp_path):
@@ -132,6 +147,42 @@ def test_reopen_keeps_appending_and_finishes_open_episodes(tmp_path):
     store = ReplayStore.open(tmp_path / "replay", "r")
     np.testing.assert_array_equal(rows_of(store, "a")["reward"], expected_rows("a", 4)["reward"])
     assert check_mc_returns(store) == 150 + 25  # a: 6 episodes of 25 ended; b: 1
+
+
+def test_commit_events_hand_over_the_rows_of_the_episodes_they_close(tmp_path):
+    """The learner trains on ``event.closed`` alone: every row that gets an MC return comes
+    once, with its columns, from the commit that closed its episode, also for rows committed
+    before a restart (read back by the reopening writer), eval rows included (flagged), and
+    never for abandoned or gappy episodes."""
+    store = new_store(tmp_path, gamma=0.9, reward_scale=2.0, reward_bias=-1.0, failure_reward=0.0)
+    finite = np.zeros(0, bool)
+    handed = []
+
+    def commit() -> None:
+        nonlocal finite
+        store.commit(collect=True)
+        handed.append(check_closed(store.last_commit, store, finite))
+        finite = np.isfinite(store.read(columns=["mc_return"])["mc_return"])
+
+    store.append(make_chunk("a", 0))  # episodes of 25 rows in 40-row chunks: ends span commits
+    store.append(wire.TransitionChunk(**{**make_chunk("evaluator", 0).__dict__, "eval": True}))
+    commit()
+    store.append(make_chunk("a", 1))
+    store.append(make_chunk("gappy", 0, rows=10, episode_len=30))
+    store.skip("gappy", 1)  # steps 10..19 missing: no MC return, nothing handed over
+    store.append(make_chunk("gappy", 2, rows=10, episode_len=30))
+    commit()
+    store.append(make_chunk("b", 0))  # b's second episode stays open across the restart
+    commit()
+    store.close()
+    store = ReplayStore.open(tmp_path / "replay", "a")
+    store.append(make_chunk("b", 1))  # closes it: rows 15..24 of b were committed before the restart
+    store.append(make_chunk("a", 2))
+    commit()
+    assert store.abandon_idle_episodes(0.0, now=store.clock() + 1) == ["a", "evaluator", "b"]  # no MC return
+    commit()
+    assert handed == [25 + 25, 25 + 25, 25, 25 + 25 + 25, 0]
+    assert sum(handed) == np.isfinite(store.read()["mc_return"]).sum()
 
 
 def _check_store_matches_sent(path) -> int:

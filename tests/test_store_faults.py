@@ -15,7 +15,7 @@ from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.datasets.zarr_table import AppendTable, ColumnSpec
 from replay_peers import ACT_DIM, OBS_DIM, expected_rows, make_chunk
-from test_replay_store import check_mc_returns, new_store, rows_of
+from test_replay_store import check_closed, check_mc_returns, new_store, rows_of
 
 
 def state(store: ReplayStore) -> dict:
@@ -271,6 +271,7 @@ def test_commit_on_a_read_only_file_system_changes_nothing_and_can_be_retried(mo
             store.append(make_chunk("a", seq))
             store.append(make_chunk("b", seq))
         store.commit()  # 240 rows; the arrays hold 512
+        finite = np.isfinite(store.read()["mc_return"])
         for seq in range(3, 6):  # episodes end: MC returns of committed rows change too
             store.append(make_chunk("a", seq))
             store.append(make_chunk("b", seq))
@@ -285,7 +286,9 @@ def test_commit_on_a_read_only_file_system_changes_nothing_and_can_be_retried(mo
         store.append(make_chunk("a", 6))  # staging goes on meanwhile: 520 rows need larger arrays
         mounts.remount(disk, "rw")
         assert stray_files(path) == []
-        assert store.commit() == 520 and not store.uncommitted
+        assert store.commit(collect=True) == 520 and not store.uncommitted
+        # The rows of the episodes closed before the failures reach the learner with the retry.
+        assert check_closed(store.last_commit, store, finite) == 175 + 125  # a: rows 100..274, b: 100..224
     finally:
         store.close(commit=False)
     check_rows(path, {"a": 7, "b": 6})

@@ -39,8 +39,8 @@ learner turns into a clear error and a non-zero exit. Episodes of actors silent
 for ``abandon_idle_s`` are closed as abandoned, so the store does not keep them
 open (and re-read them at every reopen) forever.
 
-No torch here: the learner mirrors committed rows into its own buffer through
-``on_commit``.
+No torch here: each commit event hands the learner (``on_commit``) the rows of the
+episodes it closed, with their MC returns, for its sampling buffer.
 """
 
 from __future__ import annotations

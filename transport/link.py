@@ -1,14 +1,15 @@
 """The actor's ZeroMQ link to the learner (transport/ingest.py), in a background thread.
 
 One DEALER socket connects to the learner's ROUTER. The control loop only calls
-``add(chunk)`` (a queue put) and ``latest()`` (an attribute read); this thread
-does the rest:
+``add(chunk)`` (a queue put), ``status()`` (a few reads) and ``latest()`` (an attribute
+read), and waits on ``changed``, which this thread notifies after each turn of its loop;
+this thread does the rest:
 
 * ``hello`` at connect and as a heartbeat after ``heartbeat_s`` of silence; the
   ``welcome`` gives the actor's committed seq: the first one fixes where this
   actor's seqs continue, and after every (re)connect the spool is resent from it.
 * ``ack`` (cumulative) and ``reject`` drop chunks from the spool; an ack's ``hold``
-  flag is the learner's flow control (``held()``: the loop begins no new episode).
+  flag is the learner's flow control (``status().held``: the loop begins no new episode).
   A reject with seq -1 refuses no chunk: ``not_welcomed`` (a restarted learner got
   chunks of an earlier connection) makes the actor say hello and resend from the
   welcome; ``actor_id_in_use`` / ``too_many_actors`` refuse the hello: retried every
@@ -20,7 +21,7 @@ does the rest:
   hands it to the loop. Versions count within a learner run (``run_id``): another
   run's policy is taken whatever its version (``wire.is_newer_policy``).
 * a spool that cannot write to disk (ENOSPC...) stops the actor safely
-  (``stop_reason``), whatever ``spool.on_full`` says.
+  (``status().stop``), whatever ``spool.on_full`` says.
 * after ``timeout_s`` of silence the learner counts as lost (``learner_lost``;
   the loop then continues or stops, per config) and the socket is recreated
   until the learner answers again.
@@ -37,7 +38,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import zmq
 
@@ -80,6 +81,20 @@ class PolicyTaker(Protocol):
 
 log = logging.getLogger("o2o.transport.link")
 
+
+class SinkStatus(NamedTuple):
+    """What an actor's transition sink tells its control loop (actor/seams.py ``TransitionSink``)."""
+
+    next_seq: int
+    """The seq the next chunk must carry."""
+    room: bool
+    """One more chunk can be taken without dropping anything (the spool is not full)."""
+    held: bool
+    """Flow control: the learner is ahead of its updates, begin no new episode."""
+    stop: str | None
+    """Why the loop must stop now (the learner refused this actor, the spool's disk failed...), else None."""
+
+
 LOG_EVERY_S = 5.0  # at most one line per kind of repeated warning per interval
 
 
@@ -108,6 +123,7 @@ class Link:
         spool: Spool,
         policies: PolicyTaker,
         cfg: LinkConfig | None = None,
+        changed: threading.Condition | None = None,
     ):
         self.endpoint = endpoint
         self.actor_id = actor_id
@@ -117,6 +133,7 @@ class Link:
         self.spool = spool
         self.cfg = cfg or LinkConfig()
         self.policies = policies
+        self.changed = changed if changed is not None else threading.Condition()  # the loop's wake-up
         held = policies.latest()
         self._received_version = held.version if held is not None else -1
         self._received_run = ""  # learner run of the held policy ("" = none, or a policy file)
@@ -134,7 +151,7 @@ class Link:
         self.error: BaseException | None = None
         self.fatal: str | None = None  # the learner refused this actor (other task / dimensions)
         self.learner_lost = False
-        self.hold = False  # the learner's flow control (ack.hold): begin no new episode while True
+        self.hold = False  # the learner's flow control (ack.hold): see status().held
         # Link-thread state.
         self._sock: zmq.Socket | None = None
         self._welcomed = False
@@ -180,18 +197,15 @@ class Link:
 
     # ------------------------------------------------------------ seams (control-loop thread)
 
-    @property
-    def next_seq(self) -> int:
-        if self._next_seq is None:
-            raise RuntimeError("the learner has not welcomed this actor yet: call wait_welcome() first")
-        return self._next_seq
-
-    def has_room(self) -> bool:
-        return self.spool.has_room(extra_chunks=self._inbox.qsize())
+    def status(self) -> SinkStatus:
+        """The control loop's view (after ``wait_welcome``: the next seq is the learner's to fix)."""
+        # A lost learner's hold is stale: with on_learner_lost=continue the actor goes on collecting.
+        held = self.hold and not self.learner_lost
+        return SinkStatus(self._seq(), self.spool.has_room(extra_chunks=self._inbox.qsize()), held, self._stop_reason())
 
     def add(self, chunk: TransitionChunk) -> None:
         with self._seq_lock:
-            if chunk.seq != self.next_seq:
+            if chunk.seq != self._seq():
                 raise ValueError(f"chunk seq {chunk.seq}, expected {self._next_seq}")
             self._next_seq += 1
         self._inbox.put((chunk.seq, encode_chunk(chunk)))
@@ -200,8 +214,12 @@ class Link:
     def latest(self):
         return self.policies.latest()
 
-    def stop_reason(self) -> str | None:
-        """Why the control loop must stop now (None: go on)."""
+    def _seq(self) -> int:
+        if self._next_seq is None:
+            raise RuntimeError("the learner has not welcomed this actor yet: call wait_welcome() first")
+        return self._next_seq
+
+    def _stop_reason(self) -> str | None:
         if self.fatal:
             return self.fatal
         if self.error is not None:
@@ -214,10 +232,6 @@ class Link:
         if self.learner_lost and self.cfg.on_learner_lost == "stop":
             return f"learner {self.endpoint} lost for over {self.cfg.timeout_s} s (link.on_learner_lost=stop)"
         return None
-
-    def held(self) -> bool:
-        # A lost learner's hold is stale: with on_learner_lost=continue the actor goes on collecting.
-        return self.hold and not self.learner_lost
 
     # ------------------------------------------------------------ link thread
 
@@ -254,7 +268,8 @@ class Link:
                 self._take_inbox()
                 self._send_window()
                 self._keepalive()
-        except BaseException as err:  # surfaced through .error / learner_lost
+                self._notify()
+        except BaseException as err:  # surfaced through status().stop
             self.error = err
             self.learner_lost = True
             log.exception("actor link stopped by an error")
@@ -262,6 +277,13 @@ class Link:
             self._take_inbox()
             if self._sock is not None:
                 self._sock.close(linger=0)
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake a loop waiting on ``changed``: each turn may change ``status()`` (an ack frees room,
+        the hold flips, the learner is lost or refuses us, the disk fails). Cheap with no waiter."""
+        with self.changed:
+            self.changed.notify_all()
 
     def _done(self) -> bool:
         if not self._stop.is_set():
@@ -418,7 +440,7 @@ class Link:
                 seq, frames = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            # Forced: the loop checks has_room() before each step, so at worst a chunk or two
+            # Forced: the loop checks status().room as each chunk starts, so at worst a chunk or two
             # land past the caps at the moment the spool fills; dropping them is never right.
             self.spool.put(seq, frames, force=True)
             self._spooled_next = seq + 1
