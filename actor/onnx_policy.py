@@ -1,6 +1,6 @@
 """The exported policy in onnxruntime: load, check against the task, act on one observation.
 
-Convention (learner/export_onnx.py): inputs ``obs`` [batch, obs_dim] (raw env
+Convention (datasets/policy_format.py, written by learner/export_onnx.py): inputs ``obs`` [batch, obs_dim] (raw env
 observation) and ``noise`` [batch, action_dim] (standard normal; zeros = the
 deterministic action), output ``action`` [batch, action_dim] in env units.
 Metadata strings describe the task, the dimensions and the bounds; a policy
@@ -16,9 +16,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-FORMAT_VERSION = "1"
-INPUT_NAMES = ["obs", "noise"]
-OUTPUT_NAMES = ["action"]
+from o2o.datasets.policy_format import FORMAT_VERSION, INPUT_NAMES, OUTPUT_NAMES
 
 
 class PolicyMismatch(ValueError):
@@ -104,7 +102,7 @@ class OnnxPolicy:
             )
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != INPUT_NAMES or outputs != OUTPUT_NAMES:
+        if tuple(inputs) != INPUT_NAMES or tuple(outputs) != OUTPUT_NAMES:
             raise PolicyMismatch(f"{source}: graph has inputs {inputs} / outputs {outputs}, expected {INPUT_NAMES} / {OUTPUT_NAMES}")
         self.task = meta.get("task", "")
         self.obs_dim = _meta_int(meta, "obs_dim", source)

@@ -43,7 +43,7 @@ def build_policy(path: Path):
 
     from o2o.envs import make_env
     from o2o.learner.checkpoint import AgentSpec
-    from o2o.learner.export_onnx import OnnxPolicy as TorchPolicy
+    from o2o.learner.export_onnx import ExportablePolicy as TorchPolicy
     from o2o.learner.export_onnx import export_policy
 
     env = make_env(TASK)

@@ -75,15 +75,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from o2o.datasets.policy_format import FORMAT_VERSION, INPUT_NAMES, NOISE, OUTPUT_NAMES, POLICY_FILENAME
+
 from .calql import CalQLAgent
 from .checkpoint import AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint
 from .networks import ObservationNormalizer, TanhGaussianPolicy
 
-FORMAT_VERSION = 1
 OPSET = 18
-INPUT_NAMES = ("obs", "noise")
-OUTPUT_NAMES = ("action",)
-POLICY_FILENAME = "policy.onnx"
 PARITY_TOLERANCE = 1e-5
 """Largest |onnxruntime - torch| accepted, in environment action units."""
 
@@ -100,7 +98,7 @@ def _raw_module(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
-class OnnxPolicy(nn.Module):
+class ExportablePolicy(nn.Module):
     """obs, noise -> action in env units: normaliser + tanh-Gaussian policy + rescale to [low, high]."""
 
     def __init__(
@@ -123,7 +121,7 @@ class OnnxPolicy(nn.Module):
         return self.action_low + (squashed + 1.0) * 0.5 * self.action_range
 
     @classmethod
-    def from_agent(cls, agent: CalQLAgent, spec: AgentSpec) -> "OnnxPolicy":
+    def from_agent(cls, agent: CalQLAgent, spec: AgentSpec) -> "ExportablePolicy":
         """A CPU, eval-mode copy: exporting never moves or touches the training modules."""
         low, high = action_bounds(spec)
         normalizer = copy.deepcopy(_raw_module(agent.normalizer))
@@ -144,7 +142,7 @@ def session_providers() -> list[str]:
 def policy_metadata(spec: AgentSpec, version: int, step: int) -> dict[str, str]:
     low, high = action_bounds(spec)
     return {
-        "o2o_format_version": str(FORMAT_VERSION),
+        "o2o_format_version": FORMAT_VERSION,
         "task": spec.task,
         "obs_dim": str(int(spec.obs_dim)),
         "action_dim": str(int(spec.action_dim)),
@@ -154,7 +152,7 @@ def policy_metadata(spec: AgentSpec, version: int, step: int) -> dict[str, str]:
         "training_step": str(int(step)),
         "input_names": json.dumps(list(INPUT_NAMES)),
         "output_names": json.dumps(list(OUTPUT_NAMES)),
-        "noise": "standard_normal",
+        "noise": NOISE,
     }
 
 
@@ -187,7 +185,7 @@ def _quiet_exporter():
             log.setLevel(level)
 
 
-def _to_onnx(module: OnnxPolicy, obs_dim: int, action_dim: int, exporter: Exporter):
+def _to_onnx(module: ExportablePolicy, obs_dim: int, action_dim: int, exporter: Exporter):
     import onnx
 
     example = (torch.zeros(2, obs_dim), torch.zeros(2, action_dim))
@@ -229,7 +227,7 @@ def _to_onnx(module: OnnxPolicy, obs_dim: int, action_dim: int, exporter: Export
     return model
 
 
-def _parity_error(path: Path, module: OnnxPolicy, obs_dim: int, action_dim: int) -> float:
+def _parity_error(path: Path, module: ExportablePolicy, obs_dim: int, action_dim: int) -> float:
     """Max |onnxruntime - torch| on a seeded batch (half zero noise, half N(0, I)), at batch sizes 1 and 64."""
     import onnxruntime as ort
 
@@ -281,7 +279,7 @@ def export_policy_verified(
 
     _check_spec(agent, spec)
     path = Path(path)
-    module = OnnxPolicy.from_agent(agent, spec)
+    module = ExportablePolicy.from_agent(agent, spec)
     model = _to_onnx(module, spec.obs_dim, spec.action_dim, exporter)
     onnx.helper.set_model_props(model, policy_metadata(spec, version, step))
     onnx.checker.check_model(model)

@@ -163,7 +163,7 @@ def test_zero_noise_gives_the_deterministic_action(policies):
     import torch
 
     from o2o.learner.checkpoint import AgentSpec
-    from o2o.learner.export_onnx import OnnxPolicy as TorchPolicy
+    from o2o.learner.export_onnx import ExportablePolicy as TorchPolicy
 
     policy = OnnxPolicy(policies["pusher"], PolicyExpectation("pusher", PUSHER_OBS, PUSHER_ACT), version=0)
     torch.manual_seed(0)

@@ -1,0 +1,20 @@
+"""The ONNX policy contract between the learner's exporter and the actors (no torch here).
+
+The learner writes it (``learner/export_onnx.py``), actors check and run it
+(``actor/onnx_policy.py``): inputs ``obs`` [batch, obs_dim] (the raw env observation)
+and ``noise`` [batch, action_dim] (standard normal times a temperature; zeros give the
+deterministic action), output ``action`` [batch, action_dim] in env units; string
+metadata ``METADATA_KEYS`` describe the task, dimensions, bounds and version.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = "1"
+"""``o2o_format_version`` metadata: this input/output/noise convention."""
+INPUT_NAMES = ("obs", "noise")
+OUTPUT_NAMES = ("action",)
+NOISE = "standard_normal"
+"""``noise`` metadata: noise ~ N(0, I), times a temperature."""
+METADATA_KEYS = ("o2o_format_version", "task", "obs_dim", "action_dim", "action_low", "action_high",
+                 "policy_version", "training_step", "input_names", "output_names", "noise")  # fmt: skip
+POLICY_FILENAME = "policy.onnx"
