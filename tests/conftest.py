@@ -1,7 +1,59 @@
-"""Test-wide setup: Minari datasets go to a private temporary folder."""
+"""Test-wide setup: Minari datasets go to a private temporary folder; real mounts for fault tests."""
 
 import os
+import subprocess
 import tempfile
+
+import pytest
 
 # Set before any test imports minari, so no test reads or writes ~/.minari.
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="o2o-minari-")
+
+
+class Mounts:
+    """Real mounts (tmpfs, bind) for a test; all unmounted, innermost first, at the end."""
+
+    def __init__(self):
+        self.points = []
+
+    def _mount(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+
+    def tmpfs(self, target, size: str) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        done = self._mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", target)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+        self.points.append(target)
+
+    def bind(self, source, target) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        done = self._mount("--bind", source, target)
+        assert done.returncode == 0, done.stderr
+        self.points.append(target)
+
+    def remount(self, target, mode: str, bind: bool = False) -> None:
+        done = self._mount("-o", f"remount,{'bind,' if bind else ''}{mode}", target)
+        assert done.returncode == 0, f"remount {mode} of {target} failed: {done.stderr}"
+
+    def unmount_all(self) -> None:
+        for target in reversed(self.points):
+            if subprocess.run(["umount", str(target)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(target)], capture_output=True)  # busy: detach anyway
+
+
+@pytest.fixture
+def mounts():
+    m = Mounts()
+    try:
+        yield m
+    finally:
+        m.unmount_all()
+
+
+@pytest.fixture
+def tmpfs(mounts, tmp_path):
+    """A real 64 MiB file system (tmpfs) at tmp_path/tmpfs; ``mounts.remount(tmpfs, "ro")`` turns it read-only."""
+    disk = tmp_path / "tmpfs"
+    mounts.tmpfs(disk, "64m")
+    return disk

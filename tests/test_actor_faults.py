@@ -189,18 +189,11 @@ def test_an_actor_restarted_against_a_fresh_learner_keeps_its_unacked_chunks(tmp
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(mounts, tmp_path):
     """A real 256 KiB file system (tmpfs), to fill up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    mount_cmd = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]
-    done = subprocess.run(mount_cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+    disk = tmp_path / "disk"
+    mounts.tmpfs(disk, "256k")
+    return disk
 
 
 def test_spool_put_on_a_full_disk_keeps_the_chunk_and_reports_no_room(small_disk):

@@ -3,7 +3,6 @@ were never welcomed, one actor_id on two hosts, made-up ids, out-of-range values
 another learner run, and a store folder that turns read-only mid-run."""
 
 import json
-import subprocess
 import time
 
 import msgpack
@@ -189,24 +188,7 @@ def test_an_actor_holding_another_runs_policy_is_sent_this_runs(tmp_path):
 # ---------------------------------------------------------------- a store folder that turns read-only
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def remount(mount, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], check=True)
-
-
-def test_a_read_only_store_is_retried_and_ingest_resumes_when_it_is_writable_again(tmpfs):
+def test_a_read_only_store_is_retried_and_ingest_resumes_when_it_is_writable_again(tmpfs, mounts):
     store = new_store(tmpfs / "replay")
     server = IngestServer(store, "tcp://127.0.0.1:*", commit_interval_s=0.005, commit_retry_s=120).start()
     actor = SpoolSender(server.endpoint, "arm")
@@ -214,7 +196,7 @@ def test_a_read_only_store_is_retried_and_ingest_resumes_when_it_is_writable_aga
     actor.send(make_chunk("arm", 0))
     while actor.acked < 0:
         assert actor.receive(timeout_ms=10_000) is not None
-    remount(tmpfs, "ro")
+    mounts.remount(tmpfs, "ro")
     try:
         for seq in (1, 2):
             actor.send(make_chunk("arm", seq))
@@ -224,7 +206,7 @@ def test_a_read_only_store_is_retried_and_ingest_resumes_when_it_is_writable_aga
             time.sleep(0.05)
         assert actor.acked == 0 and server.error is None  # nothing acked that is not durable; still serving
     finally:
-        remount(tmpfs, "rw")
+        mounts.remount(tmpfs, "rw")
     while actor.acked < 2:
         assert actor.receive(timeout_ms=30_000) is not None, "ingest did not resume after the remount"
     actor.close()
@@ -234,12 +216,12 @@ def test_a_read_only_store_is_retried_and_ingest_resumes_when_it_is_writable_aga
     np.testing.assert_array_equal(reopened.read()["obs"], np.concatenate([make_chunk("arm", s).obs for s in range(3)]))
 
 
-def test_a_store_that_stays_read_only_stops_the_server_with_a_clear_error(tmpfs):
+def test_a_store_that_stays_read_only_stops_the_server_with_a_clear_error(tmpfs, mounts):
     store = new_store(tmpfs / "replay")
     server = IngestServer(store, "tcp://127.0.0.1:*", commit_interval_s=0.005, commit_retry_s=1.0).start()
     actor = SpoolSender(server.endpoint, "arm")
     actor.hello()
-    remount(tmpfs, "ro")
+    mounts.remount(tmpfs, "ro")
     try:
         actor.send(make_chunk("arm", 0))
         deadline = time.monotonic() + 60
@@ -250,7 +232,7 @@ def test_a_store_that_stays_read_only_stops_the_server_with_a_clear_error(tmpfs)
         with pytest.raises(RuntimeError, match="ingest server failed"):
             server.stop()
     finally:
-        remount(tmpfs, "rw")
+        mounts.remount(tmpfs, "rw")
         actor.close()
         store.close(commit=False)
     assert len(ReplayStore.open(tmpfs / "replay", "r")) == 0  # the store still opens, intact

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -113,19 +112,6 @@ def test_a_diverging_learner_stops_with_a_clear_error_and_keeps_its_good_checkpo
     assert not non_finite_tensors(agent)  # the run's checkpoint still holds good weights
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def committed(path: Path) -> int:
     try:
         return len(ReplayStore.open(path, "r"))
@@ -133,7 +119,7 @@ def committed(path: Path) -> int:
         return 0
 
 
-def test_a_learner_whose_store_turns_read_only_exits_with_a_clear_error(tmp_path, tmpfs):
+def test_a_learner_whose_store_turns_read_only_exits_with_a_clear_error(tmp_path, tmpfs, mounts):
     """Before: the failed commit ended the ingest thread silently; the learner waited for data
     forever while the actors filled their spools."""
     run_dir, endpoint, store = tmp_path / "run", free_endpoint(), tmpfs / "replay"
@@ -146,10 +132,10 @@ def test_a_learner_whose_store_turns_read_only_exits_with_a_clear_error(tmp_path
         while committed(store) < 200:
             assert time.monotonic() < deadline and learner.poll() is None, "no rows were committed"
             time.sleep(0.2)
-        subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+        mounts.remount(tmpfs, "ro")
         out, _ = learner.communicate(timeout=120)
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=False)
+        mounts.remount(tmpfs, "rw")
         stop(learner, actor)
     assert learner.returncode == 2, out[-3000:]
     assert "could not be written for" in out and "Read-only file system" in out and "resume" in out

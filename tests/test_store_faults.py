@@ -4,7 +4,6 @@ vanish mid-episode, and commits that fail on a read-only or full file system (re
 import dataclasses
 import errno
 import json
-import subprocess
 import time
 
 import numpy as np
@@ -209,7 +208,8 @@ def test_store_whose_commit_record_has_no_times_still_opens_and_abandons_nothing
     (path / "commit.json").write_text(json.dumps(record))
     store = ReplayStore.open(path, "a", abandon_idle_s=0.0)
     assert store.num_episodes == 0 and store.expected_seq("a") == 1
-    assert store.abandon_idle_episodes(3600.0, now=time.time() + 60) == []  # idle time counts from this open
+    a_minute_after_open = time.time() + 60  # the store's own clock argument, not a measured duration
+    assert store.abandon_idle_episodes(3600.0, now=a_minute_after_open) == []  # idle time counts from this open
     for seq in (1, 2):
         store.append(make_chunk("a", seq, rows=10))
     store.close()
@@ -218,47 +218,6 @@ def test_store_whose_commit_record_has_no_times_still_opens_and_abandons_nothing
 
 
 # ---------------------------------------------------------------- failing commits (issue item 2)
-
-
-class Mounts:
-    """Real mounts (tmpfs, bind) for a test; all unmounted, innermost first, at the end."""
-
-    def __init__(self):
-        self.points = []
-
-    def _mount(self, *args) -> subprocess.CompletedProcess:
-        return subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
-
-    def tmpfs(self, target, size: str) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        done = self._mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", target)
-        if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
-        self.points.append(target)
-
-    def bind(self, source, target) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        done = self._mount("--bind", source, target)
-        assert done.returncode == 0, done.stderr
-        self.points.append(target)
-
-    def remount(self, target, mode: str, bind: bool = False) -> None:
-        done = self._mount("-o", f"remount,{'bind,' if bind else ''}{mode}", target)
-        assert done.returncode == 0, f"remount {mode} of {target} failed: {done.stderr}"
-
-    def unmount_all(self) -> None:
-        for target in reversed(self.points):
-            if subprocess.run(["umount", str(target)], capture_output=True).returncode:
-                subprocess.run(["umount", "-l", str(target)], capture_output=True)  # busy: detach anyway
-
-
-@pytest.fixture
-def mounts():
-    m = Mounts()
-    try:
-        yield m
-    finally:
-        m.unmount_all()
 
 
 def test_commit_on_a_read_only_file_system_changes_nothing_and_can_be_retried(mounts, tmp_path):
