@@ -69,7 +69,7 @@ def make_dataset(path: Path, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     np.savez(path, obs=obs, action=action, reward=reward, terminal=terminal, timeout=timeout)
     next_obs = np.concatenate([obs[1:], obs[-1:]])
     next_obs[timeout == 1] = obs[timeout == 1]  # episode tails: truncated, never bootstrapped far
-    return dict(obs=obs, action=action, reward=reward, next_obs=next_obs, done=terminal,
+    return dict(obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminal,
                 mc_return=mc_returns(reward, terminal, timeout == 1, GAMMA))
 
 

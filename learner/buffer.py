@@ -20,7 +20,7 @@ class Batch:
     action: torch.Tensor  # (B, act_dim), in [-1, 1]
     reward: torch.Tensor  # (B,), scaled
     next_obs: torch.Tensor  # (B, obs_dim)
-    done: torch.Tensor  # (B,), 1 = terminal (no bootstrap)
+    terminated: torch.Tensor  # (B,), 1 = terminal (no bootstrap); the row schema's name
     mc_return: torch.Tensor  # (B,)
 
 
@@ -61,7 +61,7 @@ class TransitionBuffer:
             action=normalize_actions(data.action, low, high),
             reward=data.reward,
             next_obs=data.next_obs,
-            done=data.terminated,
+            terminated=data.terminated,
             mc_return=data.mc_return,
         )
         return buffer

@@ -130,7 +130,7 @@ class CalQLAgent(nn.Module):
             target_q = target_q.squeeze(-1)
             if cfg.backup_entropy:
                 target_q = target_q - alpha * log_pi_target.squeeze(-1)
-            td_target = batch.reward + (1.0 - batch.done) * cfg.discount * target_q
+            td_target = batch.reward + (1.0 - batch.terminated) * cfg.discount * target_q
             random_action = torch.empty_like(pi_cur).uniform_(-1.0, 1.0)
 
         # All critic inputs at s in one ensemble call: data, random, pi(s), pi(s') actions.

@@ -101,7 +101,7 @@ class OnlineData:
             action=normalize_actions(action, self.low, self.high),
             reward=reward,
             next_obs=next_obs,
-            done=np.asarray(terminated, np.float32),
+            terminated=np.asarray(terminated, np.float32),
             mc_return=mc_return,
         )
         self.trainable_rows += len(reward)

@@ -25,7 +25,7 @@ def make_batch(mc_value: float) -> Batch:
         action=torch.rand(B, ACT, generator=g) * 2 - 1,
         reward=torch.randn(B, generator=g),
         next_obs=torch.randn(B, OBS, generator=g),
-        done=torch.zeros(B),
+        terminated=torch.zeros(B),
         mc_return=torch.full((B,), mc_value),
     )
 

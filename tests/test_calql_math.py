@@ -50,7 +50,7 @@ def make_agent(**algo) -> CalQLAgent:
     return agent
 
 
-def make_batch(mc_return=None, done=None) -> Batch:
+def make_batch(mc_return=None, terminated=None) -> Batch:
     g = torch.Generator().manual_seed(1)
     obs = torch.randn(B, OBS, generator=g)
     return Batch(
@@ -58,7 +58,7 @@ def make_batch(mc_return=None, done=None) -> Batch:
         action=(torch.rand(B, ACT, generator=g) * 2 - 1) * 0.99,
         reward=torch.randn(B, generator=g),
         next_obs=obs + 0.5 * torch.randn(B, OBS, generator=g),
-        done=torch.tensor([1.0, 0.0] * (B // 2)) if done is None else done,
+        terminated=torch.tensor([1.0, 0.0] * (B // 2)) if terminated is None else terminated,
         mc_return=torch.randn(B, generator=g) * 0.5 if mc_return is None else mc_return,
     )
 
@@ -161,7 +161,7 @@ def reference_losses(agent: CalQLAgent, batch: Batch, seed: int = SEED) -> dict[
                 log_probs.append(lp[0])
             best = max(range(n_target), key=lambda j: values[j])
             backup = values[best] - (alpha * log_probs[best] if cfg.backup_entropy else 0.0)
-            y.append(batch.reward[b] + (1.0 - batch.done[b]) * cfg.discount * backup)
+            y.append(batch.reward[b] + (1.0 - batch.terminated[b]) * cfg.discount * backup)
     y = torch.stack(y)
 
     # CQL actions: at s and at s' (lines 208-218); all Q-values are taken at s (lines 220-225).
@@ -281,7 +281,7 @@ def test_target_backup_matches_a_hand_computation(max_backup, backup_entropy):
 def test_terminal_transitions_do_not_bootstrap():
     """Line 200: (1 - dones) masks the bootstrap, so an all-terminal batch regresses onto the reward."""
     agent = make_agent(cql_alpha=0.0, backup_entropy=True)
-    batch = make_batch(done=torch.ones(B))
+    batch = make_batch(terminated=torch.ones(B))
     _, metrics = code_losses(agent, batch)
     obs = agent.normalizer(batch.obs)
     with torch.no_grad():

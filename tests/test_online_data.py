@@ -53,7 +53,7 @@ def test_rows_become_trainable_when_their_episode_ends(tmp_path):
     terminal[-1] = 1
     np.testing.assert_allclose(buffer.columns["mc_return"][:7].numpy(), trajectory_return_to_go(scaled, terminal, 0.9))
     np.testing.assert_allclose(buffer.columns["reward"][:7].numpy(), scaled)
-    assert buffer.columns["done"][:7].tolist() == [0, 0, 0, 0, 0, 0, 1]
+    assert buffer.columns["terminated"][:7].tolist() == [0, 0, 0, 0, 0, 0, 1]
     assert buffer.columns["action"][:7].abs().max() <= 1.0  # env units -> [-1, 1]
     episodes = data.pop_episodes()
     assert len(episodes) == 1 and episodes[0]["length"] == 7
@@ -89,7 +89,7 @@ def test_mixed_batches_follow_the_ratio():
     offline = TransitionBuffer(OBS, ACT, 10, "cpu")
     online = TransitionBuffer(OBS, ACT, 10, "cpu")
     ones = np.ones((10, OBS), np.float32)
-    common = dict(action=np.zeros((10, ACT), np.float32), next_obs=ones, done=np.zeros(10), mc_return=np.zeros(10))
+    common = dict(action=np.zeros((10, ACT), np.float32), next_obs=ones, terminated=np.zeros(10), mc_return=np.zeros(10))
     offline.add(obs=ones * 0, reward=np.zeros(10), **common)
     assert mixed_batch(offline, online, 8, 0.25).obs.sum() == 0  # no online data yet: offline only
     online.add(obs=ones, reward=np.ones(10), **common)
@@ -174,7 +174,7 @@ def test_closed_rows_reach_the_buffer_exactly_as_the_store_holds_them(tmp_path):
     np.testing.assert_array_equal(buffer.columns["next_obs"][:1000].numpy(), rows["next_obs"][train])
     np.testing.assert_array_equal(buffer.columns["mc_return"][:1000].numpy(), rows["mc_return"][train])
     np.testing.assert_allclose(buffer.columns["reward"][:1000].numpy(), rows["reward"][train] * 2.0 + 1.0)
-    assert buffer.columns["done"][:1000].sum() == 10
+    assert buffer.columns["terminated"][:1000].sum() == 10
     assert data.committed_rows == len(store) == 2048
 
 
