@@ -22,9 +22,11 @@ class Batch:
     next_obs: torch.Tensor  # (B, obs_dim)
     terminated: torch.Tensor  # (B,), 1 = terminal (no bootstrap); the row schema's name
     mc_return: torch.Tensor  # (B,)
+    online_rows: int = 0  # the last ``online_rows`` rows come from online data (``mixed_batch`` puts them last)
 
 
-FIELDS = [f.name for f in dataclasses.fields(Batch)]
+FIELDS = [f.name for f in dataclasses.fields(Batch) if f.name != "online_rows"]
+"""The stored columns (``online_rows`` describes the batch, not a row)."""
 
 
 def normalize_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -40,9 +42,10 @@ class TransitionBuffer:
     wraps around FIFO-style once full.
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, capacity: int, device: torch.device):
+    def __init__(self, obs_dim: int, action_dim: int, capacity: int, device: torch.device, online: bool = False):
         self.device = torch.device(device)
         self.capacity = capacity
+        self.online = online  # rows acted online (their batches say so: SERA's bonus applies to them)
         shapes = {"obs": (obs_dim,), "action": (action_dim,), "next_obs": (obs_dim,)}
         self.columns = {
             name: torch.zeros((capacity, *shapes.get(name, ())), dtype=torch.float32, device=self.device)
@@ -84,7 +87,12 @@ class TransitionBuffer:
 
     def sample(self, batch_size: int) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return Batch(**{name: col[idx] for name, col in self.columns.items()})
+        return Batch(**{name: col[idx] for name, col in self.columns.items()}, online_rows=batch_size if self.online else 0)
+
+    def sample_rows(self, rows: torch.Tensor, batch_size: int) -> Batch:
+        """A batch drawn uniformly from the given row indices (e.g. OOO's high-reward rows)."""
+        idx = rows[torch.randint(0, len(rows), (batch_size,), device=self.device)]
+        return Batch(**{name: col[idx] for name, col in self.columns.items()}, online_rows=batch_size if self.online else 0)
 
     def state_dict(self) -> dict:
         return {"size": self.size, "next": self._next}

@@ -9,6 +9,13 @@ Losses (official JaxCQL/conservative_sac.py, Cal-QL = ``calibrate_policy_q``):
   policy:  alpha * log pi(a|s) - min_i Q_i(s, a),  a ~ pi(.|s)
   critic:  (Q_i(s,a) - y)^2 + w * clip(T * logsumexp([q_rand, q_pi_next, q_pi_cur] / T) - Q_i(s,a))
   Cal-QL:  q_pi_cur, q_pi_next <- max(q, mc_return(s)); q_rand is never clipped.
+
+Bonuses and options, all inside the TD target y (the policy loss and the Cal-QL bound never
+see them; the bound stays the extrinsic MC return):
+  RND (OOO, cq/ Cal-QL agent): y = r + rnd_coef * r_int(s') + gamma (1 - d) Q'. OOO also
+      computes intrinsic MC returns, but its calibration bound never uses them: neither do we.
+  SERA (online rows only): r <- r + sera_coef * r_int(s, a) (learner/sera.py).
+  OOO retraining: y clipped to [min r, max r] / (1 - gamma) of the data (``set_td_target_bounds``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from torch import nn
 from .buffer import Batch
 from .config import CalQLConfig, NetworkConfig
 from .networks import CriticEnsemble, ObservationNormalizer, TanhGaussianPolicy, sample_tanh_gaussian
+from .rnd import RND
+from .sera import SeraBonus
 
 
 def calibrate_policy_q(q_policy: torch.Tensor, mc_return: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +75,23 @@ class CalQLAgent(nn.Module):
         self.policy = TanhGaussianPolicy(
             obs_dim, action_dim, net.policy_hidden, net.orthogonal_init, net.log_std_multiplier, net.log_std_offset
         )
-        self.critic = CriticEnsemble(obs_dim, action_dim, net.critic_hidden, net.num_critics, net.orthogonal_init)
+        self.critic = CriticEnsemble(obs_dim, action_dim, net.critic_hidden, net.num_critics, net.orthogonal_init,
+                                     net.critic_feature_norm)  # fmt: skip
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        # OOO's Q-target clip, [lo, hi] (set from the data by ``set_td_target_bounds``); finite, so
+        # the divergence checks that scan every tensor stay meaningful.
+        self.register_buffer("td_target_bounds", torch.tensor([-1e30, 1e30]))
         self.log_alpha = nn.Parameter(torch.zeros(()))
         # Official JaxCQL conservative_sac.py: log_alpha_prime = Scalar(1.0) (alpha' = e at the start;
         # CORL's cal_ql.py as well); log_alpha = Scalar(0.0).
         self.log_alpha_prime = nn.Parameter(torch.ones(()))
         self.target_entropy = cfg.target_entropy if cfg.target_entropy is not None else -float(action_dim)
         self.to(device)
+        # Exploration bonuses: RND has its own optimiser; SERA is set up when fine-tuning starts
+        # (``freeze_sera_critic``), from the critic as pretrained, never from a random one.
+        self.rnd = (RND(obs_dim, net.rnd_hidden, net.rnd_features, cfg.rnd_lr, cfg.rnd_train_fraction, device)
+                    if cfg.rnd else None)  # fmt: skip
+        self.sera: SeraBonus | None = None
         self.optimizer = torch.optim.Adam(
             [
                 {"params": list(self.policy.parameters()), "lr": cfg.policy_lr},
@@ -96,6 +114,39 @@ class CalQLAgent(nn.Module):
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One gradient step on every component; returns detached metric tensors."""
         return self._step_fn(batch)
+
+    def freeze_sera_critic(self) -> None:
+        """SERA's Q: a frozen copy of the critic as it is now (call when fine-tuning starts)."""
+        self.sera = SeraBonus(self.critic, self.cfg.sera_k)
+
+    def load_networks(self, other: "CalQLAgent") -> None:
+        """Continue from ``other`` (a retrained agent of the same shapes): its policy, critics,
+        targets, temperatures, observation statistics and their optimiser state. This agent's
+        settings, learning rates and exploration bonuses stay."""
+        with torch.no_grad():
+            for name in ("policy", "critic", "target_critic", "normalizer"):
+                getattr(self, name).load_state_dict(getattr(other, name).state_dict())
+            self.log_alpha.copy_(other.log_alpha)
+            self.log_alpha_prime.copy_(other.log_alpha_prime)
+        self.optimizer.load_state_dict(other.optimizer.state_dict())
+        self._set_learning_rates()
+
+    def set_td_target_bounds(self, low: float, high: float) -> None:
+        """Bounds of ``q_target_clip`` (OOO: [min r, max r] / (1 - gamma) over all training data)."""
+        self.td_target_bounds.copy_(torch.tensor([low, high]))
+
+    def intrinsic_reward(self, batch: Batch) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """The bonuses added to the reward inside the TD target (0.0 when none is on)."""
+        cfg, bonus, metrics = self.cfg, 0.0, {}
+        if self.rnd is not None:
+            bonus = bonus + cfg.rnd_coef * self.rnd.bonus(batch.next_obs)  # its metrics: RND.update
+        if cfg.sera and self.sera is not None and batch.online_rows >= 2:
+            n = batch.online_rows
+            sera = self.sera(self.normalizer(batch.obs[-n:]), batch.action[-n:])
+            offline_zero = torch.zeros(len(batch.reward) - n, device=sera.device)
+            bonus = bonus + cfg.sera_coef * torch.cat([offline_zero, sera])
+            metrics["sera_bonus"] = sera.mean()
+        return bonus, metrics
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of all losses (each reaching only its own parameters) and the metrics."""
@@ -130,7 +181,10 @@ class CalQLAgent(nn.Module):
             target_q = target_q.squeeze(-1)
             if cfg.backup_entropy:
                 target_q = target_q - alpha * log_pi_target.squeeze(-1)
-            td_target = batch.reward + (1.0 - batch.terminated) * cfg.discount * target_q
+            intrinsic, bonus_metrics = self.intrinsic_reward(batch)
+            td_target = batch.reward + intrinsic + (1.0 - batch.terminated) * cfg.discount * target_q
+            if cfg.q_target_clip:
+                td_target = td_target.clamp(self.td_target_bounds[0], self.td_target_bounds[1])
             random_action = torch.empty_like(pi_cur).uniform_(-1.0, 1.0)
 
         # All critic inputs at s in one ensemble call: data, random, pi(s), pi(s') actions.
@@ -173,11 +227,14 @@ class CalQLAgent(nn.Module):
             "mc_return": batch.mc_return.mean(),
             "q_pi": q_pi_cur.mean(),
             "bound_rate": bound_rate,
+            **bonus_metrics,
         }
         return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
 
     def _update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        total, metrics = self.losses(batch)
+        total, metrics = self.losses(batch)  # the TD target's RND bonus is the pre-update one
+        if self.rnd is not None:
+            metrics.update(self.rnd.update(batch.next_obs))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip is not None:
@@ -190,17 +247,48 @@ class CalQLAgent(nn.Module):
         return metrics
 
     def training_state(self) -> dict:
-        """Everything a resume needs from the agent (weights, targets, temperatures, optimiser)."""
-        return {"agent": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Everything a resume needs from the agent (weights, targets, temperatures, bonuses, optimisers)."""
+        state = {"agent": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.rnd is not None:
+            state["rnd_optimizer"] = self.rnd.optimizer.state_dict()
+        return state
 
-    def load_training_state(self, state: dict) -> None:
-        self.load_state_dict(state["agent"])
+    def load_training_state(self, state: dict) -> list[str]:
+        """Load a checkpoint's state; returns notes on bonuses it had not (or no longer) trained.
+
+        A checkpoint without RND loaded into an agent with ``rnd`` (turned on for fine-tuning)
+        keeps this agent's fresh RND; one with a SERA critic restores it."""
+        weights, notes = dict(state["agent"]), []
+        if any(k.startswith("sera.") for k in weights) and self.sera is None:
+            self.freeze_sera_critic()  # placeholder, overwritten by the saved frozen critic below
+        if self.sera is not None and not any(k.startswith("sera.") for k in weights):
+            self.sera = None
+        if self.rnd is None:
+            dropped = [k for k in weights if k.startswith("rnd.")]
+            for k in dropped:
+                del weights[k]
+            if dropped:
+                notes.append("the checkpoint's RND is not used (algo.rnd=false)")
+        elif not any(k.startswith("rnd.") for k in weights):
+            weights.update({f"rnd.{k}": v for k, v in self.rnd.state_dict().items()})
+            notes.append("RND starts untrained: the checkpoint has none (OOO trains it from the first "
+                         "offline step: pretrain with algo.rnd=true)")
+        elif "rnd_optimizer" in state:
+            self.rnd.optimizer.load_state_dict(state["rnd_optimizer"])
+        self.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
-        # The optimiser's saved state carries the learning rates it ran with; this agent's config
+        self._set_learning_rates()
+        return notes
+
+    def _set_learning_rates(self) -> None:
+        # A saved optimiser state carries the learning rates it ran with; this agent's config
         # may change them (fine-tuning), so the config wins.
         lrs = (self.cfg.policy_lr, self.cfg.critic_lr, self.cfg.alpha_lr, self.cfg.alpha_prime_lr)
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
+        if self.rnd is not None:
+            for group in self.rnd.optimizer.param_groups:
+                group["lr"] = self.cfg.rnd_lr
 
 
 def _fast_adam_kwargs(device: torch.device) -> dict:

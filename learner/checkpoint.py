@@ -8,6 +8,7 @@ A non-finite agent is never written: the last good checkpoint stays in place.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .config import CalQLConfig, NetworkConfig
 from .divergence import ADVICE, DivergedError, non_finite_tensors
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+log = logging.getLogger("o2o.checkpoint")
 
 
 @dataclasses.dataclass
@@ -91,7 +94,8 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", restore_rng: bool = F
     if algo is not None:
         spec.algo = dict(algo)
     agent = spec.build_agent(device)
-    agent.load_training_state(payload)
+    for note in agent.load_training_state(payload):
+        log.info("%s: %s", path, note)
     if restore_rng:
         _set_rng_state(payload["rng"])
     return agent, spec, payload

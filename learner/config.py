@@ -33,6 +33,12 @@ class NetworkConfig:
     """Initial value of the policy's trainable log-std offset."""
     normalize_observations: bool = False
     """Standardise observations with the offline data's mean/std (baked into the ONNX policy)."""
+    critic_feature_norm: bool = False
+    """L2-normalise each critic's penultimate features, x / max(||x||, 1e-8) (an OOO retraining option)."""
+    rnd_hidden: list[int] = field(default_factory=lambda: [512, 512])
+    """Hidden widths of the RND predictor and target (OOO's Cal-QL variant: 512-512)."""
+    rnd_features: int = 512
+    """Output width of the RND predictor and target (OOO: 512)."""
 
 
 @dataclasses.dataclass
@@ -88,6 +94,25 @@ class CalQLConfig:
     offline_ratio: float = 0.5
     """Fine-tuning: fraction of each batch drawn from the offline data (the official mixing_ratio:
     0.5 for AntMaze and Adroit, 0.25 for Kitchen). Pretraining draws only offline data."""
+    rnd: bool = False
+    """RND novelty bonus in the TD target, y = r + rnd_coef * r_int + gamma (1 - d) Q' (OOO's exploring
+    agent; learner/rnd.py). Trained from the first pretraining step on, so offline states are not novel."""
+    rnd_coef: float = 10.0
+    """beta of the RND bonus (OOO: 10 for mazes and Kitchen, 0.5 for Adroit binary, 50 for AntMaze with rewards x10)."""
+    rnd_lr: float = 1e-4
+    """Adam learning rate of the RND predictor (OOO: 1e-4)."""
+    rnd_train_fraction: float = 0.25
+    """Fraction of each batch the RND predictor trains on (OOO: a random 25%)."""
+    sera: bool = False
+    """SERA bonus on online rows, r + sera_coef * r_int, from a frozen copy of the pretrained critic
+    (learner/sera.py); fine-tuning only (offline rows never get it)."""
+    sera_coef: float = 1.0
+    """lambda of the SERA bonus (the paper: 1)."""
+    sera_k: int = 10
+    """k of SERA's k-nearest-neighbour entropy estimate (the paper: 10-25 by task)."""
+    q_target_clip: bool = False
+    """Clip TD targets to [min r, max r] / (1 - gamma) over the training data (after reward scale and
+    bias): an OOO retraining option (o2o-retrain turns it on)."""
     grad_clip: float | None = None
     """Max gradient norm of the critic (None = no clipping; the official code does not clip)."""
     compile: bool = False
@@ -188,3 +213,19 @@ class OnlineConfig(PretrainConfig):
     long (the actors keep their chunks spooled), then stop with an error."""
     abandon_idle_s: float = 600.0
     """Close as abandoned (no MC return, not trained on) the open episode of an actor silent this long."""
+    from_scratch: bool = False
+    """An online agent with no offline data: a fresh agent (algo and net as given; SAC is
+    algo.cql_alpha=0 algo.calibrated=false), no offline rows in its batches, no policy published
+    before warmup_rows (the actors act at random: policy.act_before_policy=true)."""
+    retrain_every: int = 0
+    """Run o2o-retrain beside the learner on the store's committed rows every N online updates
+    (0 = never): offline RL as a subroutine of online RL (learner/subroutine.py)."""
+    retrain_at_end: bool = False
+    """Also retrain on the whole store when the online updates are done."""
+    retrain_mode: str = "recommend"
+    """What a finished retrain is used for: "recommend" (evaluated and exported as <run>/recommended.onnx,
+    the online agent keeps exploring) or "fine_tune" (the online agent continues from the retrained one)."""
+    retrain_steps: int = 5000
+    """Gradient updates of each retrain."""
+    retrain_args: list[str] = field(default_factory=list)
+    """More o2o-retrain overrides; quote each on the command line: retrain_args=['algo.calibrated=true','high_reward_extra=0']."""

@@ -35,14 +35,13 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from o2o.actor.config import ActorConfig, validate
 from o2o.learner.config import OnlineConfig
 from o2o.learner.fine_tuning import explicit_keys
+from o2o.learner.overrides import hydra_value
 
 
 @dataclasses.dataclass
@@ -99,33 +98,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return leaves
 
 
-_parser = OverridesParser.create()
-
-
-def hydra_value(value: Any, nested: bool = False) -> str:
-    """`value` written in Hydra's override grammar, so the target reads back the same value and type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v, nested=True) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v, nested=True)}" for k, v in value.items()) + "}"
-    if isinstance(value, str):
-        try:  # bare when Hydra reads it back as this string (paths, endpoints), else quoted
-            if not nested and _parser.parse_override(f"k={value}").value() == value:
-                return value
-        except HydraException:  # not valid bare (a quote, an '=')
-            pass
-        # In a quoted value Hydra unescapes backslashes only before a quote or the closing quote.
-        escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
-        return f"'{escaped}'"
-    raise TypeError(f"cannot write {value!r} as a Hydra override")
-
-
 def given(key: str, explicit: set[str]) -> bool:
     """Whether the command line set `key` or a config node above it (learner.algo=...)."""
     parts = key.split(".")
@@ -180,6 +152,9 @@ def actor_command(cfg: LaunchConfig, explicit: set[str], run_dir: Path, endpoint
         f"task={hydra_value(cfg.learner.task)}", f"learner={endpoint}",
         f"actor_id={hydra_value(f'{actor.actor_id}-{index}')}", f"seed={actor.seed * 1000 + index}",
         f"spool.dir={hydra_value(str(run_dir / 'spool'))}",
+        # A learner from scratch publishes no policy before its warm-up: the actors act at random.
+        *(["policy.act_before_policy=true"] if cfg.learner.from_scratch and not given("actor.policy.act_before_policy",
+                                                                                       explicit) else []),
     ]  # fmt: skip
 
 

@@ -138,11 +138,13 @@ class CriticEnsemble(nn.Module):
     """E independent Q(s, a) MLPs as stacked (E, in, out) weights, run in one batched call."""
 
     def __init__(
-        self, obs_dim: int, action_dim: int, hidden: list[int], num_critics: int = 2, orthogonal_init: bool = True
+        self, obs_dim: int, action_dim: int, hidden: list[int], num_critics: int = 2, orthogonal_init: bool = True,
+        feature_norm: bool = False,
     ):
         super().__init__()
         dims = [obs_dim + action_dim, *hidden, 1]
         self.num_critics = num_critics
+        self.feature_norm = feature_norm
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
@@ -162,7 +164,7 @@ class CriticEnsemble(nn.Module):
             weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
         for w, b in zip(weights[:-1], biases[:-1]):
             x = F.relu(torch.baddbmm(b, x, w))
-        return _ensemble_head(x, weights[-1], biases[-1])
+        return _ensemble_head(self._features(x), weights[-1], biases[-1])
 
     def forward_per_state(self, obs: torch.Tensor, actions: torch.Tensor, chunk_rows: int = 0) -> torch.Tensor:
         """Q-values (E, B, K) of K actions (B, K, A) at each of B states (B, obs_dim).
@@ -188,7 +190,14 @@ class CriticEnsemble(nn.Module):
         x = F.relu(h_act.view(E, B, K, -1) + h_obs.unsqueeze(2)).view(E, B * K, -1)
         for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
             x = F.relu(torch.baddbmm(b, x, w))
-        return _ensemble_head(x, self.weights[-1], self.biases[-1]).view(E, B, K)
+        return _ensemble_head(self._features(x), self.weights[-1], self.biases[-1]).view(E, B, K)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features, L2-normalised with ``feature_norm`` (OOO's retraining option:
+        x / max(||x||_2, 1e-8) over the feature dimension)."""
+        if not self.feature_norm:
+            return x
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
 def _ensemble_head(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

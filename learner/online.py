@@ -44,7 +44,8 @@ from .export_onnx import export_policy
 from .fine_tuning import explicit_keys, fine_tuning_algo
 from .metrics import MetricsLogger, RunningMean
 from .online_data import OnlineData, UpdateLimiter, mixed_batch
-from .pretrain import load_offline_data, pretrain, resolve_device
+from .pretrain import load_offline_data, make_agent, pretrain, resolve_device
+from .subroutine import Retrainer, recommend
 
 log = logging.getLogger("o2o.learner")
 
@@ -134,7 +135,7 @@ class FineTuning:
     agent: object  # CalQLAgent, with the checkpoint's algo plus the changes for fine-tuning
     spec: AgentSpec
     payload: dict  # the checkpoint's step and extra (online_updates, policy_version, run_id)
-    offline: TransitionBuffer
+    offline: TransitionBuffer | None  # None: an online run from scratch
     online: OnlineData
     online_buffer: TransitionBuffer
     store: ReplayStore
@@ -147,25 +148,48 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     online rows and the store's MC returns all follow the agent's data settings."""
     device = resolve_device(cfg.device)
     run_dir = resolve_checkpoint(cfg.resume).parent if cfg.resume else run_dir
-    checkpoint_path = starting_checkpoint(cfg, run_dir)
-    saved = read_spec(checkpoint_path)
-    if saved.task != cfg.task:
-        raise ValueError(f"the checkpoint {checkpoint_path} was trained on task {saved.task}, not task={cfg.task}")
-    # The checkpoint's algorithm settings (calibration stays as pretrained), with what the user changed.
-    merged, changes = fine_tuning_algo(saved.algo, saved.net, cfg.algo, cfg.net, set(explicit))
-    for line in changes:
-        log.info("%s", line)
-    agent, spec, payload = load_checkpoint(checkpoint_path, device, restore_rng=bool(cfg.resume), algo=merged)
-    task = get_task(spec.task)
+    if cfg.from_scratch and not cfg.resume:
+        if cfg.pretrained:
+            raise ValueError("from_scratch=true starts without offline data: drop pretrained=")
+        task = get_task(cfg.task)
+        agent, spec = make_agent(cfg, task, None, device)
+        payload = {"step": 0, "extra": {"from_scratch": True}}
+        log.info("online from scratch: a fresh agent, no offline data, random actions until %d rows", cfg.warmup_rows)
+    else:
+        checkpoint_path = starting_checkpoint(cfg, run_dir)
+        saved = read_spec(checkpoint_path)
+        if saved.task != cfg.task:
+            raise ValueError(f"the checkpoint {checkpoint_path} was trained on task {saved.task}, not task={cfg.task}")
+        # The checkpoint's algorithm settings (calibration stays as pretrained), with what the user changed.
+        merged, changes = fine_tuning_algo(saved.algo, saved.net, cfg.algo, cfg.net, set(explicit))
+        for line in changes:
+            log.info("%s", line)
+        agent, spec, payload = load_checkpoint(checkpoint_path, device, restore_rng=bool(cfg.resume), algo=merged)
+        task = get_task(spec.task)
     algo = agent.cfg
+    scratch = bool(payload.get("extra", {}).get("from_scratch"))
+    if algo.sera:
+        check_sera_batch(cfg.batch_size, 0.0 if scratch else algo.offline_ratio, algo.sera_k)
+        if agent.sera is None:
+            agent.freeze_sera_critic()
+            log.info("SERA: Q-values from a frozen copy of the %s critic", "random (from scratch)" if scratch else
+                     "pretrained")  # fmt: skip
     low, high = action_bounds(spec)
-    offline = TransitionBuffer.from_transitions(load_offline_data(cfg, task, algo), low, high, device)
-    online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device)
+    offline = None if scratch else TransitionBuffer.from_transitions(load_offline_data(cfg, task, algo), low, high, device)
+    online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device, online=True)
     online = OnlineData(online_buffer, low, high, algo.reward_scale, algo.reward_bias, cfg.train_on_eval)
     store = open_store(cfg, run_dir, task.name, algo)
     if len(store):
         log.info("reloaded %d trainable rows from the store", online.load_store(store))
     return FineTuning(run_dir, agent, spec, payload, offline, online, online_buffer, store)
+
+
+def check_sera_batch(batch_size: int, offline_ratio: float, k: int) -> None:
+    """SERA's kNN runs over a batch's online rows: there must be more than k of them."""
+    online = batch_size - int(round(batch_size * offline_ratio))
+    if online <= k:
+        raise ValueError(f"algo.sera needs more than algo.sera_k={k} online rows per batch, and batch_size={batch_size} "
+                         f"with algo.offline_ratio={offline_ratio} has {online}")  # fmt: skip
 
 
 def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
@@ -198,15 +222,45 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
     running = RunningMean()
     monitor = FleetMonitor(server, cfg.stats_every_s)
 
+    scratch = bool(extra.get("from_scratch"))
+    retrainer = Retrainer(cfg, run_dir, Path(store.path), spec.net, scratch)
+    switches = list(extra.get("retrain_switches", []))
+
     def checkpoint() -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, int(payload["step"]) + updates, extra={
-            "online_updates": updates, "policy_version": publisher.version, "run_id": publisher.run_id})
+            "online_updates": updates, "policy_version": publisher.version, "run_id": publisher.run_id,
+            "from_scratch": scratch, "retrain_switches": switches})
+
+    def use_retrain(summary: dict | None, at_end: bool = False) -> None:
+        """A finished retrain: logged, then recommended or taken over (``retrain_mode``)."""
+        if summary is None:
+            return
+        score = summary["eval"]
+        logger.log(updates, "retrain", {**score, "store_rows": summary["store_rows"], "online_rows": summary["online_rows"],
+                                        "started_at_updates": summary["updates"]})  # fmt: skip
+        if cfg.retrain_mode == "recommend":
+            path = recommend(run_dir, summary)
+            log.info("recommended policy (retrained on %d store rows, score %.1f): %s", summary["store_rows"],
+                     score["normalized_score"], path)  # fmt: skip
+            return
+        retrained, _, _ = load_checkpoint(summary["checkpoint"], agent.device)
+        agent.load_networks(retrained)
+        switches.append({"updates": updates, "checkpoint": summary["checkpoint"], "store_rows": summary["store_rows"],
+                         "score": score["normalized_score"]})  # fmt: skip
+        log.info("the online agent continues from the retrained one (%s, score %.1f) at %d updates",
+                 summary["checkpoint"], score["normalized_score"], updates)  # fmt: skip
+        if at_end:  # the server is gone: the run's policy file is all there is to update
+            export_policy(agent, spec, run_dir / "policy.onnx", version=publisher.version, step=updates)
+        else:
+            publisher.publish(updates)
+        checkpoint()
 
     total = cfg.online_updates or None
     bar = tqdm(initial=updates, total=total, desc="online", disable=not cfg.progress)
-    failed = False
+    failed = interrupted = False
     try:
-        publisher.publish(updates)
+        if not (scratch and publisher.version == 0):  # from scratch: the actors act at random until warm-up
+            publisher.publish(updates)
         log.info("learner listening on %s (task %s, run %s, policy version %d)", server.endpoint, task.name,
                  publisher.run_id, publisher.version)  # fmt: skip
         checkpoint()  # from now on `resume=<run folder>` finds this run's own checkpoint
@@ -220,7 +274,11 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             hold = limiter.hold(updates, online.trainable_committed, server.holding)
             if hold != server.holding:
                 server.set_hold(hold)
+            retrainer.maybe_start(updates, online.committed_rows)
+            use_retrain(retrainer.poll())
             allowed = limiter.allowed(updates, online.trainable_rows)
+            if allowed and publisher.version == 0:
+                publisher.publish(updates)  # from scratch: warm-up done, the first policy
             if allowed == 0:
                 time.sleep(0.01)  # waiting for data: a slow fleet must not make us overfit
                 continue
@@ -246,19 +304,31 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
                                 q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")
     except KeyboardInterrupt:
+        interrupted = True
         log.info("interrupted: checkpointing")
     except BaseException:
         failed = True
         raise
     finally:
         bar.close()
+        ending = not (interrupted or failed) and retrainer.enabled  # the metrics log stays open for them
         shutdown([
+            ("stop a running retrain", lambda: (interrupted or failed) and retrainer.stop()),
             ("log the last updates", lambda: running.count and logger.log(updates, "train", running.pop())),
             ("write the final checkpoint", checkpoint),
             ("stop the ingest server", server.stop),
             ("close the replay store", store.close),
-            ("close the metrics log", logger.close),
+            ("close the metrics log", lambda: ending or logger.close()),
         ], raise_first=not failed)
+    if ending:
+        try:
+            use_retrain(retrainer.poll(wait=True))  # the last periodic one
+            if cfg.retrain_at_end:
+                log.info("retraining on the whole store (%d rows)", online.committed_rows)
+                retrainer.start(updates, online.committed_rows)
+                use_retrain(retrainer.poll(wait=True), at_end=True)
+        finally:
+            logger.close()
     return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows}
 
 

@@ -142,8 +142,12 @@ class OnlineData:
         return done
 
 
-def mixed_batch(offline: TransitionBuffer, online: TransitionBuffer, batch_size: int, offline_ratio: float) -> Batch:
-    """A batch with ``offline_ratio`` of its rows from the offline data, the rest from online data."""
+def mixed_batch(offline: TransitionBuffer | None, online: TransitionBuffer, batch_size: int,
+                offline_ratio: float) -> Batch:  # fmt: skip
+    """A batch with ``offline_ratio`` of its rows from the offline data, the rest from online data
+    (all online with no offline data: an online run from scratch)."""
+    if offline is None:
+        return online.sample(batch_size)
     if len(online) == 0:
         return offline.sample(batch_size)
     n_offline = int(round(batch_size * offline_ratio))
@@ -151,8 +155,15 @@ def mixed_batch(offline: TransitionBuffer, online: TransitionBuffer, batch_size:
         return online.sample(batch_size)
     if n_offline == batch_size:
         return offline.sample(batch_size)
-    a, b = offline.sample(n_offline), online.sample(batch_size - n_offline)
-    return Batch(**{name: torch.cat([getattr(a, name), getattr(b, name)]) for name in FIELDS})
+    return concat_batches(offline.sample(n_offline), online.sample(batch_size - n_offline))
+
+
+def concat_batches(first: Batch, last: Batch) -> Batch:
+    """Rows of ``first`` then ``last``; online rows must stay at the end (``Batch.online_rows``)."""
+    if first.online_rows and last.online_rows != len(last.reward):
+        raise ValueError("concat_batches: online rows must come last")
+    joined = {name: torch.cat([getattr(first, name), getattr(last, name)]) for name in FIELDS}
+    return Batch(**joined, online_rows=first.online_rows + last.online_rows)
 
 
 class UpdateLimiter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -28,7 +29,7 @@ from o2o.datasets.builders import build_dataset, parse_dataset_id
 from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions, open_dataset
 from o2o.envs import TaskSpec, get_task, make_env
 
-from .buffer import TransitionBuffer
+from .buffer import Batch, TransitionBuffer
 from .calql import CalQLAgent
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import CalQLConfig, PretrainConfig
@@ -71,21 +72,27 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
     )
 
 
-def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions, device) -> tuple[CalQLAgent, AgentSpec]:
+def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, device) -> tuple[CalQLAgent, AgentSpec]:
+    """A fresh agent for ``task``; ``data`` (None: an online run from scratch) sets the observation
+    statistics with ``net.normalize_observations``."""
     env = make_env(task)
     low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
+    if data is not None and (data.obs_dim, data.action_dim) != (obs_dim, action_dim):
+        raise DatasetError(f"the data has obs {data.obs_dim} / action {data.action_dim} dims, task {task.name}'s env "
+                           f"{obs_dim} / {action_dim}")  # fmt: skip
     spec = AgentSpec(
         task=task.name,
-        obs_dim=data.obs_dim,
-        action_dim=data.action_dim,
+        obs_dim=obs_dim,
+        action_dim=action_dim,
         action_low=low.tolist(),
         action_high=high.tolist(),
         algo=dataclasses.asdict(cfg.algo),
         net=dataclasses.asdict(cfg.net),
     )
-    agent = CalQLAgent(data.obs_dim, data.action_dim, cfg.algo, cfg.net, device)
-    if cfg.net.normalize_observations:
+    agent = CalQLAgent(obs_dim, action_dim, cfg.algo, cfg.net, device)
+    if cfg.net.normalize_observations and data is not None:
         agent.normalizer.set_statistics(data.obs.mean(0), data.obs.std(0))
     return agent, spec
 
@@ -109,6 +116,15 @@ def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
         log.info("resumed from %s at step %d", cfg.resume, start)
     low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
     buffer = TransitionBuffer.from_transitions(data, low, high, device)
+    return train(cfg, run_dir, agent, spec, task, lambda: buffer.sample(cfg.batch_size), start)
+
+
+def train(cfg: PretrainConfig, run_dir: Path, agent: CalQLAgent, spec: AgentSpec, task: TaskSpec,
+          sample: Callable[[], Batch], start: int = 0, desc: str = "pretrain") -> dict:  # fmt: skip
+    """Offline updates from ``start`` to ``cfg.steps`` on batches from ``sample``, with logging,
+    evaluation, checkpoints and the ONNX export (pretraining and OOO retraining); returns the
+    last evaluation."""
+    low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
     logger = MetricsLogger(run_dir)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
 
@@ -117,9 +133,9 @@ def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
         export_policy(agent, spec, run_dir / "policy.onnx", step=step)
 
     running, last_eval = RunningMean(), {}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="pretrain")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc=desc)
     for step in bar:
-        running.add(agent.update(buffer.sample(cfg.batch_size)))
+        running.add(agent.update(sample()))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             shown = logger.log(done, "train", running.pop())

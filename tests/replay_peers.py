@@ -55,13 +55,13 @@ def expected_rows(actor_id: str, n_chunks: int, **kwargs) -> dict[str, np.ndarra
 # ---------------------------------------------------------------- store writer (crash test)
 
 
-def write_forever(path: str, actors: list[str], seed: int) -> None:
+def write_forever(path: str, actors: list[str], seed: int, obs_dim: int = OBS_DIM, act_dim: int = ACT_DIM) -> None:
     """Reopen the store and append + commit chunks round-robin until killed."""
     store = ReplayStore.open(path, "a")
     rng = np.random.default_rng(seed)
     while True:
         for actor_id in actors:
-            store.append(make_chunk(actor_id, store.expected_seq(actor_id)))
+            store.append(make_chunk(actor_id, store.expected_seq(actor_id), obs_dim=obs_dim, act_dim=act_dim))
         if rng.random() < 0.5:
             store.commit()
 

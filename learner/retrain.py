@@ -1,0 +1,267 @@
+"""`o2o-retrain`: OOO offline retraining (Mark et al. 2023) on the offline data plus the replay store.
+
+    o2o-retrain task=pusher store=runs/online/pusher/<time>/replay       # all committed rows
+    o2o-retrain task=pusher store=... until_row=50000                     # the first 50k rows of the store
+    o2o-retrain task=pusher store=... until_version=12                    # rows acted by versions <= 12
+    o2o-retrain task=pusher store=... offline=false                       # the store alone (from scratch)
+
+A NEW agent, trained from scratch without exploration bonuses, on the offline dataset and the
+store's committed rows (read in place, also while an online learner keeps writing: only its
+last commit counts), then evaluated and exported: the deployable ``policy.onnx``, with
+``retrain.json`` saying what data it saw and how it scored. OOO explores with an optimistic
+agent and deploys only this pessimistic one.
+
+Defaults follow OOO's released retraining (configs/retrain.yaml): plain CQL (``algo.calibrated
+=false``), TD targets clipped to [min r, max r] / (1 - gamma) of the data, and 32 extra samples
+per batch from the transitions at the data's highest reward. One buffer holds offline and online
+rows and is sampled uniformly, as OOO appends the online data to the offline buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from o2o.datasets.minari_io import DatasetError, Transitions
+from o2o.datasets.replay_store import ReplayStore, StoreError
+from o2o.envs import get_task
+
+from .buffer import TransitionBuffer
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint
+from .config import PretrainConfig
+from .divergence import DivergedError
+from .fine_tuning import explicit_keys
+from .online_data import concat_batches
+from .pretrain import load_offline_data, make_agent, resolve_device, train
+
+log = logging.getLogger("o2o.retrain")
+
+SUMMARY_FILE = "retrain.json"
+READ_CHUNK_ROWS = 262_144
+
+
+@dataclasses.dataclass
+class RetrainConfig(PretrainConfig):
+    """OOO retraining: every pretraining field (task, dataset, steps, algo, net, eval...) plus these."""
+
+    store: str | None = None
+    """The Zarr replay store to retrain on (an online run's <run>/replay)."""
+    until_row: int = 0
+    """Use the store's first N rows only (0 = every committed row)."""
+    until_version: int = 0
+    """Use the rows before the first one acted by a policy version above this (0 = no limit)."""
+    offline: bool = True
+    """Also train on the offline dataset (`dataset`); false = the store alone (an online run from scratch)."""
+    high_reward_extra: int = 32
+    """Extra samples per batch drawn from the transitions at the data's maximum reward (OOO: 32 on 256; 0 = off)."""
+    train_on_eval: bool = False
+    """Also train on the actors' deterministic evaluation episodes."""
+    out_dir: str = "runs/retrain"
+    """Run folders go to <out_dir>/<task>/<time>."""
+
+
+ConfigStore.instance().store(name="retrain_schema", node=RetrainConfig)
+
+DATA_SETTINGS = {"discount": "gamma", "reward_scale": "reward_scale", "reward_bias": "reward_bias",
+                 "mc_infinite_horizon": "infinite_horizon"}  # fmt: skip
+"""algo field -> the store's setting: the store computed its MC returns with these."""
+
+
+@dataclasses.dataclass
+class StoreSelection:
+    """The store rows a retrain uses, and where they came from."""
+
+    transitions: Transitions
+    store_rows: int  # rows of the store looked at: [0, store_rows)
+    episodes: int  # finished episodes whose rows are used
+    policy_versions: list[int]  # lowest and highest policy version among the rows used ([] if none)
+
+
+def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int = 0,
+                      train_on_eval: bool = False) -> StoreSelection:  # fmt: skip
+    """The trainable rows of the store's committed prefix: rows of episodes that ENDED within the
+    prefix (their MC return needs no later row), not evaluation rows unless ``train_on_eval``.
+
+    Rewards come out scaled with the store's settings, actions in env units (as a dataset's)."""
+    committed = store.refresh()
+    stop = min(until_row, committed) if until_row > 0 else committed
+    if until_version > 0:
+        versions = store.read(0, stop, ["policy_version"])["policy_version"]
+        later = np.flatnonzero(versions > until_version)
+        stop = int(later[0]) if len(later) else stop
+    episodes = store.episodes(["actor", "episode_id", "end_row", "ended", "eval"])
+    usable = episodes["ended"] & (episodes["end_row"] < stop) & (train_on_eval | ~episodes["eval"])
+    keys = _episode_keys(episodes["actor"][usable], episodes["episode_id"][usable])
+    parts = []
+    for start in range(0, stop, READ_CHUNK_ROWS):
+        rows = store.read(start, min(stop, start + READ_CHUNK_ROWS))
+        keep = np.isin(_episode_keys(rows["actor"], rows["episode_id"]), keys) & np.isfinite(rows["mc_return"])
+        parts.append({k: v[keep] for k, v in rows.items()})
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
+    if columns is None or len(columns["reward"]) == 0:
+        empty = np.zeros(0, np.float32)
+        dims = (store.config.obs_dim, store.config.action_dim)
+        data = Transitions(np.zeros((0, dims[0]), np.float32), np.zeros((0, dims[1]), np.float32), empty,
+                           np.zeros((0, dims[0]), np.float32), empty, np.zeros(0, bool), empty)  # fmt: skip
+        return StoreSelection(data, stop, 0, [])
+    data = Transitions(
+        obs=columns["obs"],
+        action=columns["action"],
+        reward=store.config.scale_rewards(columns["reward"]),  # as the offline rows and the online learner
+        next_obs=columns["next_obs"],
+        terminated=columns["terminated"].astype(np.float32),
+        episode_end=columns["terminated"] | columns["truncated"],
+        mc_return=columns["mc_return"],
+    )
+    versions = columns["policy_version"]
+    return StoreSelection(data, stop, int(usable.sum()), [int(versions.min()), int(versions.max())])
+
+
+def _episode_keys(actor: np.ndarray, episode_id: np.ndarray) -> np.ndarray:
+    return actor.astype(np.int64) << 40 | episode_id.astype(np.int64)
+
+
+def concat_transitions(parts: list[Transitions]) -> Transitions:
+    return Transitions(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Transitions)))
+
+
+def td_target_bounds(reward: np.ndarray, discount: float) -> tuple[float, float]:
+    """OOO's Q-target clip: [min r, max r] / (1 - gamma) over all training rewards (scaled)."""
+    return float(reward.min()) / (1.0 - discount), float(reward.max()) / (1.0 - discount)
+
+
+def apply_store_settings(cfg: RetrainConfig, store: ReplayStore, explicit: set[str]) -> None:
+    """The data settings are the store's (its MC returns were computed with them): an explicit
+    override that differs is refused; a preset default that differs is replaced, and said."""
+    for field, setting in DATA_SETTINGS.items():
+        have, want = getattr(cfg.algo, field), getattr(store.config, setting)
+        if have == want:
+            continue
+        if f"algo.{field}" in explicit:
+            raise ValueError(f"algo.{field}={have!r} differs from the store's {setting} {want!r}, with which its MC "
+                             f"returns were computed: drop the override (the store's value is used)")  # fmt: skip
+        log.info("algo.%s: the store's %r (not %r)", field, want, have)
+        setattr(cfg.algo, field, want)
+
+
+def retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = frozenset()) -> dict:
+    """Train, evaluate and export the retrained agent; returns the summary (also in retrain.json)."""
+    if not cfg.store:
+        raise ValueError("o2o-retrain needs store=PATH (an online run's replay store, e.g. runs/online/<task>/<time>/replay)")
+    if cfg.algo.rnd or cfg.algo.sera:
+        raise ValueError("o2o-retrain trains without exploration bonuses (OOO): drop algo.rnd / algo.sera")
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    task = get_task(cfg.task)
+    store = ReplayStore.open(cfg.store, "r")
+    if store.config.task and store.config.task != task.name:
+        raise StoreError(f"the store {cfg.store} holds task {store.config.task}, not task={task.name}")
+    apply_store_settings(cfg, store, explicit)
+
+    run_dir = resolve_checkpoint(cfg.resume).parent if cfg.resume else run_dir
+    previous = _read_summary(run_dir) if cfg.resume else {}
+    # A resumed retrain keeps the data it started with (the store may have grown since).
+    until_row = previous.get("store_rows", cfg.until_row)
+    selection = select_store_rows(store, until_row, cfg.until_version, cfg.train_on_eval)
+    parts = [selection.transitions]
+    if cfg.offline:
+        offline = load_offline_data(cfg, task)
+        parts.insert(0, offline)
+    data = concat_transitions(parts)
+    if len(data) == 0:
+        raise DatasetError(f"nothing to train on: no finished episode in the store's first {selection.store_rows} rows"
+                           + ("" if cfg.offline else " and offline=false"))  # fmt: skip
+    offline_rows = len(data) - len(selection.transitions)
+    log.info("retraining on %d offline + %d online rows (store rows [0, %d), %d episodes, policy versions %s)",
+             offline_rows, len(selection.transitions), selection.store_rows, selection.episodes,
+             selection.policy_versions or "-")  # fmt: skip
+
+    agent, spec = make_agent(cfg, task, data, device)
+    if cfg.algo.q_target_clip:
+        agent.set_td_target_bounds(*td_target_bounds(data.reward, cfg.algo.discount))
+    start = 0
+    if cfg.resume:
+        resumed, _, payload = load_checkpoint(cfg.resume, device, restore_rng=True)
+        agent.load_training_state(resumed.training_state())
+        start = payload["step"]
+    low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+    buffer = TransitionBuffer.from_transitions(data, low, high, device)
+    sample = _sampler(buffer, data.reward, cfg.batch_size, cfg.high_reward_extra)
+
+    summary = {
+        "status": "training",
+        "store": str(Path(cfg.store).resolve()),
+        "store_rows": selection.store_rows,
+        "online_rows": len(selection.transitions),
+        "online_episodes": selection.episodes,
+        "policy_versions": selection.policy_versions,
+        "offline_dataset": cfg.dataset if cfg.offline else None,
+        "offline_rows": offline_rows,
+        "algo": "Cal-QL" if cfg.algo.calibrated else "CQL",
+        "q_target_clip": list(agent.td_target_bounds.tolist()) if cfg.algo.q_target_clip else None,
+        "critic_feature_norm": cfg.net.critic_feature_norm,
+        "high_reward_extra": cfg.high_reward_extra,
+        "steps": cfg.steps,
+    }
+    _write_summary(run_dir, summary)
+    evaluation = train(cfg, run_dir, agent, spec, task, sample, start, desc="retrain")
+    summary.update(status="done", eval=evaluation, checkpoint=str(run_dir / CHECKPOINT_NAME),
+                   policy=str(run_dir / "policy.onnx"))  # fmt: skip
+    _write_summary(run_dir, summary)
+    return summary
+
+
+def _sampler(buffer: TransitionBuffer, reward: np.ndarray, batch_size: int, extra: int):
+    """Uniform batches, plus ``extra`` rows from those at the maximum reward (OOO's upsampling)."""
+    if extra <= 0:
+        return lambda: buffer.sample(batch_size)
+    best = torch.as_tensor(np.flatnonzero(reward == reward.max()), device=buffer.device)
+    return lambda: concat_batches(buffer.sample(batch_size), buffer.sample_rows(best, extra))
+
+
+def _read_summary(run_dir: Path) -> dict:
+    path = run_dir / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / SUMMARY_FILE)
+
+
+@hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="retrain")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    cfg: RetrainConfig = OmegaConf.to_object(dict_cfg)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        summary = retrain(cfg, run_dir, explicit_keys(hydra_cfg.overrides.task))
+    except (DatasetError, StoreError, DivergedError, KeyError, ValueError, FileNotFoundError) as err:
+        print(f"o2o-retrain: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        sys.exit(2)
+    score = summary["eval"].get("normalized_score", float("nan"))
+    print(f"retrained on {summary['offline_rows']} offline + {summary['online_rows']} online rows: score {score:.1f}\n"
+          f"  policy:  {summary['policy']}\n  summary: {Path(summary['checkpoint']).parent / SUMMARY_FILE}")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
