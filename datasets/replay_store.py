@@ -16,13 +16,22 @@ committed keep their values in every rewritten chunk. Only then does it write
 Readers (and a reopening writer) trust nothing but ``commit.json``: rows and
 episodes at or past its counts are ignored and later overwritten. A process
 killed at any instant therefore leaves the previous or the new commit, both
-complete. (This protects against process crashes; nothing is fsync'ed, so an OS
-crash or power loss may lose recent commits.) It needs zarr >= 3.1.3, the first
-whose LocalStore renames each file into place: writers refuse older ones.
+complete. It needs zarr >= 3.1.3, the first whose LocalStore renames each file
+into place: writers refuse older ones.
 
-A commit that fails (``OSError``: disk full, read-only file system, I/O error)
-changes nothing in memory and leaves the previous commit on disk: everything
-staged stays staged, and ``commit()`` can simply be called again.
+Durability (``fsync``, on by default): before the record is replaced, the commit
+fsyncs every file it wrote (the chunks it rewrote, resized arrays' ``zarr.json``) and
+their folders; it fsyncs the new record before the rename and the store folder after
+it. So an OS crash or power loss also leaves the last commit that returned, complete.
+``ReplayStore.create/open(..., fsync=False)`` (or setting ``store.fsync``) skips that
+for speed (benchmarks/store_fsync.py measures it): then only a process crash is
+survived, and an OS crash may lose recent commits or tear them.
+
+A commit that fails (``OSError``: disk full, read-only file system, I/O error, a
+failed fsync) changes nothing in memory and leaves the previous commit on disk:
+everything staged stays staged, and ``commit()`` can simply be called again. (Only an
+fsync of the folder after the rename can fail with the new record in place; the commit
+still fails, and its retry writes the same rows and a record that includes them.)
 
 Exactly-once: chunks carry ``(actor_id, seq)``; ``append`` skips a chunk whose
 seq is not above the actor's last accepted one (a duplicate: it must still be
@@ -86,6 +95,8 @@ from .zarr_table import (
     ZARR_ATOMIC_WRITES,
     AppendTable,
     ColumnSpec,
+    fsync_files,
+    fsync_path,
     run_concurrently,
     zarr_writes_atomically,
 )
@@ -259,13 +270,15 @@ class ReplayStore:
     Create with ``ReplayStore.create``, open with ``ReplayStore.open(path, "r" | "a")``.
     Writer API: ``append`` (stage a chunk) and ``commit`` (make staged rows durable).
     Reader API: ``len``, ``read``, ``episodes``, ``committed_seq``, ``refresh``.
-    ``clock`` (default ``time.time``) gives the wall times of staged rows and commits.
+    ``clock`` (default ``time.time``) gives the wall times of staged rows and commits;
+    ``fsync`` (default True) whether a commit is made durable against OS crashes too.
     """
 
     def __init__(self, path: Path, config: StoreConfig, mode: Literal["r", "a"], lock_fd: int | None,
-                 abandon_idle_s: float | None = None):  # fmt: skip
+                 abandon_idle_s: float | None = None, fsync: bool = True):  # fmt: skip
         self.path = path
         self.clock = time.time  # wall clock of row and commit times; tests set their own
+        self.fsync = fsync
         self.config = config
         self.mode = mode
         self._lock_fd = lock_fd
@@ -308,12 +321,15 @@ class ReplayStore:
         compressor=DEFAULT_COMPRESSOR,
         overwrite: bool = False,
         infinite_horizon: bool = False,
+        fsync: bool = True,
     ) -> "ReplayStore":
         """A new, empty store opened for appending.
 
         ``failure_reward`` is the RAW failure reward of a sparse task (``TaskSpec.reward_neg``),
         None for dense tasks; see the module docstring for the reward convention.
         ``infinite_horizon``: MC returns as with ``load_transitions(..., infinite_horizon=True)``.
+        ``fsync``: make each commit durable against OS crashes and power loss (see the module
+        docstring); it is a setting of this writer, not of the store.
         """
         _check_zarr_for_writing()
         path = Path(path)
@@ -337,9 +353,12 @@ class ReplayStore:
         group.attrs["o2o_replay"] = {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(config)}
         AppendTable.create(group.create_group("data"), row_columns(obs_dim, action_dim), chunk_rows, compressor)
         AppendTable.create(group.create_group("episodes"), EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, compressor)
+        if fsync:  # the metadata files and folders, before the record that makes the store valid
+            fsync_files([p for p in path.rglob("*") if p.is_file()], path)
+            fsync_path(path.parent)
         # The commit record comes last: a store without one never opens.
-        _write_json(path / COMMIT_FILE, {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []})
-        return _construct(cls, path, config, "a", lock_fd)
+        _write_json(path / COMMIT_FILE, {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []}, fsync)
+        return _construct(cls, path, config, "a", lock_fd, None, fsync)
 
     @classmethod
     def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
@@ -361,12 +380,14 @@ class ReplayStore:
         mode: Literal["r", "a"] = "r",
         *,
         abandon_idle_s: float | None = DEFAULT_ABANDON_IDLE_S,
+        fsync: bool = True,
     ) -> "ReplayStore":
         """Open a store: ``"r"`` to read (any number of processes, also while it is written),
         ``"a"`` to keep appending (one writer; open episodes are rebuilt from the rows).
 
         ``abandon_idle_s`` (mode ``"a"``): first abandon the open episodes of actors that had
-        staged no row for longer than this when the last commit was made (None: keep them all)."""
+        staged no row for longer than this when the last commit was made (None: keep them all).
+        ``fsync`` (mode ``"a"``): make each commit durable against OS crashes (module docstring)."""
         path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -382,7 +403,7 @@ class ReplayStore:
         known = {**_LATER_ATTRS, **attrs}  # a store made by older code lacks the later attributes
         config = StoreConfig(**{f.name: known[f.name] for f in dataclasses.fields(StoreConfig)})
         lock_fd = _lock(path) if mode == "a" else None
-        return _construct(cls, path, config, mode, lock_fd, abandon_idle_s)
+        return _construct(cls, path, config, mode, lock_fd, abandon_idle_s, fsync)
 
     def close(self, commit: bool = True) -> None:
         """Commit what is staged (unless ``commit=False``) and release the writer lock,
@@ -709,10 +730,12 @@ class ReplayStore:
         self._rows.reserve()
         self._episodes.reserve()
         run_concurrently(self._rows.write_ops() + self._episodes.write_ops())
+        if self.fsync:  # the data must be on disk before a record that trusts it can be
+            fsync_files(self._rows.written_files() + self._episodes.written_files(), self.path)
         # The data is in place: now the record that makes it trusted. Memory changes only
         # once the record is written, so a commit that failed anywhere can be retried as is.
         now = self.clock()
-        _write_json(self.path / COMMIT_FILE, self._record(self.commits + 1, now))
+        _write_json(self.path / COMMIT_FILE, self._record(self.commits + 1, now), self.fsync)
         self._rows.flushed()
         self._episodes.flushed()
         self.commits += 1
@@ -840,14 +863,19 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _write_json(path: Path, record: dict) -> None:
+def _write_json(path: Path, record: dict, fsync: bool) -> None:
     # Temp file + rename: readers see the old or the new record, never a torn one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
             json.dump(record, f, separators=(",", ":"))
+            if fsync:  # else a power loss could leave the renamed record empty
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # e.g. disk full: leave no partial record behind
             os.unlink(tmp)
         raise
+    if fsync:
+        fsync_path(path.parent)  # the rename itself

@@ -14,13 +14,20 @@ and a rewritten chunk holds the same values as before for every row that was
 already flushed. The table itself keeps no length on disk: its owner records the
 flushed length (see ``ReplayStore``), and rows at or past that length are never
 trusted.
+
+Durability: ``written_files`` names every file the writes since the last ``flushed()``
+replaced, created or deleted (the chunks it rewrote, the arrays' ``zarr.json`` after a
+resize), so that the owner can ``fsync_files`` them before it records the new length.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -71,6 +78,8 @@ class AppendTable:
         self._buf: dict[str, np.ndarray] = {}
         self._patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._patched_in_memory = False  # flushed rows held in memory were patched
+        # (column, chunk index) written since the last flushed(); chunk None: the column's zarr.json.
+        self._touched: set[tuple[str, int | None]] = set()
         if writable:
             self._buf = {name: self._alloc(name, 2 * chunk_rows) for name in specs}
             if length > self.base:
@@ -159,7 +168,9 @@ class AppendTable:
         self.reserve()
         ops = []
         if self.end > self.base:
+            chunks = range(self.base // self.chunk_rows, stop // self.chunk_rows)
             for name, buf in self._buf.items():
+                self._touched.update((name, i) for i in chunks)
                 # Rows past the end must hold the fill value in the chunk image we write.
                 spec = self.specs[name]
                 buf[self.end - self.base : stop - self.base] = spec.fill
@@ -171,6 +182,7 @@ class AppendTable:
             rows, values = rows[order], values[order]
             chunk_of = rows // self.chunk_rows
             bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+            self._touched.update((name, int(i)) for i in np.unique(chunk_of))
             for part_rows, part_values in zip(np.split(rows, bounds), np.split(values, bounds)):
                 ops.append(self._patch_chunk(self.arrays[name], part_rows, part_values))
         return ops
@@ -183,8 +195,20 @@ class AppendTable:
         data[rows - start] = values
         await arr._async_array.setitem(region, data)
 
+    def written_files(self) -> list[Path]:
+        """Files written (or deleted: zarr removes a chunk that holds only fill values) since
+        the last ``flushed()``; a superset after a failed and retried write."""
+        root = Path(self.group.store.root)
+        files = []
+        for name, chunk in self._touched:
+            arr = self.arrays[name]
+            coords = (chunk,) + (0,) * len(self.specs[name].shape)  # the trailing axes are one chunk
+            files.append(root / arr.path / ("zarr.json" if chunk is None else arr.metadata.encode_chunk_key(coords)))
+        return files
+
     def flushed(self) -> None:
         """Mark staged rows as flushed and keep only the last partial chunk in memory."""
+        self._touched.clear()
         self._patches.clear()
         self._patched_in_memory = False
         self.length = self.end
@@ -208,6 +232,7 @@ class AppendTable:
             capacity = -(-capacity // self.chunk_rows) * self.chunk_rows
         for name, arr in self.arrays.items():
             if arr.shape[0] < capacity:
+                self._touched.add((name, None))
                 arr.resize((capacity, *self.specs[name].shape))
 
     # ------------------------------------------------------------ reading
@@ -244,3 +269,32 @@ def run_concurrently(ops: list) -> None:
 
         sync(gather())
 
+
+def fsync_files(files: list[Path], root: Path) -> None:
+    """fsync each of ``files`` that exists and every folder from its parent up to ``root``:
+    a rename, a deletion or a new folder survives a power loss only once its folder is synced.
+
+    Runs the fsyncs in threads: the file system batches concurrent ones into fewer journal
+    commits. Raises the first ``OSError`` (after every fsync finished)."""
+    folders: set[Path] = set()
+    for file in files:
+        for folder in file.parents:
+            folders.add(folder)
+            if folder == root:
+                break
+    targets = [*dict.fromkeys(files), *sorted(folders)]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(targets)))) as pool:
+        for _ in pool.map(fsync_path, targets):
+            pass
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder; a missing one (a chunk zarr deleted) is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -213,6 +213,10 @@ class OnlineConfig(PretrainConfig):
     long (the actors keep their chunks spooled), then stop with an error."""
     abandon_idle_s: float = 600.0
     """Close as abandoned (no MC return, not trained on) the open episode of an actor silent this long."""
+    eval_every_steps: int = 1000
+    """Evaluate the current policy every N online env steps (committed rows), as the official code
+    does every 1000: eval.episodes deterministic episodes in the learner's own env, seeds eval.seed + i,
+    the same each time. Also once before the first online update and once at the end (0 = only those)."""
     from_scratch: bool = False
     """An online agent with no offline data: a fresh agent (algo and net as given; SAC is
     algo.cql_alpha=0 algo.calibrated=false), no offline rows in its batches, no policy published

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from o2o.actor.config import ActorConfig, validate
 from o2o.learner.config import OnlineConfig
 from o2o.learner.fine_tuning import explicit_keys
+from o2o.learner.online import evaluation_line
 from o2o.learner.overrides import hydra_value
 
 
@@ -166,7 +167,7 @@ class Progress:
         self.updates, self.rows, self.version = 0, 0, 0
         self.returns: list[float] = []
         self.successes: list[float] = []
-        self.eval_successes: list[float] = []
+        self.evaluations: list[dict] = []
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -188,13 +189,14 @@ class Progress:
                 self.returns = (self.returns + [record["online/return"]])[-20:]
                 self.successes = (self.successes + [record["online/success"]])[-20:]
                 self.version = max(self.version, int(record["online/policy_version_end"]))
-            if "eval/success" in record and "eval/eval" in record:
-                self.eval_successes = (self.eval_successes + [record["eval/success"]])[-10:]
+            if "eval/online_steps" in record:  # the learner's evaluations of the current policy
+                self.evaluations.append({k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")})
 
     def postfix(self) -> dict:
         mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
         return {"rows": self.rows, "return": mean(self.returns), "success": mean(self.successes),
-                "eval_success": mean(self.eval_successes), "policy": self.version}  # fmt: skip
+                "eval_success": f"{self.evaluations[-1]['success']:.2f}" if self.evaluations else "-",
+                "policy": self.version}  # fmt: skip
 
 
 def _interrupt(*_) -> None:
@@ -282,8 +284,8 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
     # Without a checkpoint to start from the learner builds the dataset and pretrains first (minutes):
     # a bar of its own, from the pretraining run's metrics, until the online phase starts.
     steps, online_updates = cfg.learner.steps, cfg.learner.online_updates
-    from_scratch = not (cfg.learner.pretrained or cfg.learner.resume)
-    pretraining = Progress(run_dir / "pretrain" / "metrics.jsonl") if from_scratch else None
+    pretrains = not (cfg.learner.pretrained or cfg.learner.resume or cfg.learner.from_scratch)
+    pretraining = Progress(run_dir / "pretrain" / "metrics.jsonl") if pretrains else None
     bar = tqdm(total=steps if pretraining else online_updates,
                desc="pretraining" if pretraining else "online updates")  # fmt: skip
     try:
@@ -322,6 +324,8 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
     print(f"done: {progress.updates} online updates, {progress.rows} transitions in {learner_dir / 'replay'}, "
           f"policy version {progress.version}\n  policy:     {learner_dir / 'policy.onnx'}\n"
           f"  checkpoint: {learner_dir / 'checkpoint.pt'}")
+    if len(progress.evaluations) >= 2:
+        print(evaluation_line(progress.evaluations[0], progress.evaluations[-1]))
     return 0
 
 

@@ -40,6 +40,7 @@ from .buffer import TransitionBuffer
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OnlineConfig, PretrainConfig
 from .divergence import DivergedError, check_losses, check_weights
+from .evaluation import evaluate
 from .export_onnx import export_policy
 from .fine_tuning import explicit_keys, fine_tuning_algo
 from .metrics import MetricsLogger, RunningMean
@@ -222,6 +223,17 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
     running = RunningMean()
     monitor = FleetMonitor(server, cfg.stats_every_s)
 
+    low, high = action_bounds(spec)
+    evaluations: list[dict] = []
+
+    def evaluate_policy() -> dict:
+        """The policy as it is now, over the same deterministic episodes every time (logged as eval/...)."""
+        result = {**evaluate(agent, task, cfg.eval.episodes, cfg.eval.seed, low, high),
+                  "online_steps": online.committed_rows, "episodes": cfg.eval.episodes}  # fmt: skip
+        logger.log(updates, "eval", result)
+        evaluations.append(result)
+        return result
+
     scratch = bool(extra.get("from_scratch"))
     retrainer = Retrainer(cfg, run_dir, Path(store.path), spec.net, scratch)
     switches = list(extra.get("retrain_switches", []))
@@ -264,13 +276,18 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         log.info("learner listening on %s (task %s, run %s, policy version %d)", server.endpoint, task.name,
                  publisher.run_id, publisher.version)  # fmt: skip
         checkpoint()  # from now on `resume=<run folder>` finds this run's own checkpoint
+        evaluate_policy()  # the starting (offline) policy, on the episodes every later evaluation uses
+        next_eval = online.committed_rows + cfg.eval_every_steps
         while total is None or updates < total:
             if server.error is not None:
                 raise StoreError(f"the ingest server stopped: {server.error}") from server.error
             online.drain()
             for episode in online.pop_episodes():
-                logger.log(updates, "eval" if episode["eval"] else "online", episode)
+                logger.log(updates, "actor_eval" if episode["eval"] else "online", episode)
             monitor.maybe_log(logger, updates, publisher.version)
+            if cfg.eval_every_steps and online.committed_rows >= next_eval:
+                evaluate_policy()
+                next_eval = online.committed_rows + cfg.eval_every_steps
             hold = limiter.hold(updates, online.trainable_committed, server.holding)
             if hold != server.holding:
                 server.set_hold(hold)
@@ -303,6 +320,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 check_losses(shown, updates)
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
                                 q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")
+        evaluate_policy()  # the fine-tuned policy, on the same episodes as the first evaluation
     except KeyboardInterrupt:
         interrupted = True
         log.info("interrupted: checkpointing")
@@ -329,7 +347,15 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 use_retrain(retrainer.poll(wait=True), at_end=True)
         finally:
             logger.close()
-    return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows}
+    return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows,
+            "evaluations": evaluations}
+
+
+def evaluation_line(first: dict, last: dict) -> str:
+    """The starting and the final policy over the same deterministic episodes, in one line."""
+    return (f"evaluation over the same {last['episodes']} deterministic episodes: start (online step "
+            f"{first['online_steps']}) score {first['normalized_score']:.1f}, success {first['success']:.0%} -> end "
+            f"(online step {last['online_steps']}) score {last['normalized_score']:.1f}, success {last['success']:.0%}")
 
 
 def shutdown(steps: list, raise_first: bool) -> None:
@@ -383,6 +409,8 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
         print(f"o2o-learner: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         sys.exit(2)
     print(f"online: {result['updates']} updates, {result['rows']} rows, policy version {result['policy_version']}")
+    if len(result["evaluations"]) >= 2:
+        print(evaluation_line(result["evaluations"][0], result["evaluations"][-1]))
 
 
 def main() -> None:

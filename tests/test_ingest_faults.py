@@ -3,6 +3,8 @@ were never welcomed, one actor_id on two hosts, made-up ids, out-of-range values
 another learner run, and a store folder that turns read-only mid-run."""
 
 import json
+import logging
+import re
 import time
 
 import msgpack
@@ -12,6 +14,7 @@ import zmq
 
 from o2o.transport import wire
 from o2o.datasets.replay_store import ReplayStore
+from o2o.transport import ingest
 from o2o.transport.ingest import IngestServer
 from replay_peers import ACT_DIM, OBS_DIM, SpoolSender, make_chunk
 
@@ -236,3 +239,46 @@ def test_a_store_that_stays_read_only_stops_the_server_with_a_clear_error(tmpfs,
         actor.close()
         store.close(commit=False)
     assert len(ReplayStore.open(tmpfs / "replay", "r")) == 0  # the store still opens, intact
+
+
+# ---------------------------------------------------------------- log flooding
+
+
+def test_a_flood_of_bad_frames_logs_a_few_short_lines_and_counts_every_rejection(tmp_path, caplog, monkeypatch):
+    """Before: one line per message, quoting a 60 KB field whole, and a line per made-up id."""
+    caplog.set_level(logging.INFO, logger="o2o.ingest")
+    monkeypatch.setattr(ingest, "LOG_INTERVAL_S", 3600.0)  # the whole flood falls in one interval
+    store = new_store(tmp_path / "replay")
+    server = IngestServer(store, "tcp://127.0.0.1:*", commit_interval_s=0.005).start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"\xab" * 255)  # the longest routing id ZeroMQ allows
+    sock.connect(server.endpoint)
+    chunk = [bytes(f) for f in wire.encode_chunk(make_chunk("x", 0))]
+    n = 400
+    for i in range(n):
+        sock.send_multipart([b"\xc1 not msgpack %d" % i])  # bad_header, from an unknown socket
+        header = wire.decode_header(chunk[0])
+        header["actor_id"] = f"{i:04d}" + "g" * 124  # a new made-up 128-char id each time: not_welcomed
+        sock.send_multipart([msgpack.packb(header), *chunk[1:]])
+        # bad_header whose message quotes the 60 KB field it refuses.
+        sock.send_multipart([msgpack.packb({"v": 1, "type": "hello", "actor_id": "a", "task": "t" * 60_000})])
+    deadline = time.monotonic() + 60
+    while sum(server.stats()["rejected"].values()) < 3 * n:
+        assert time.monotonic() < deadline, f"only {server.stats()['rejected']} of {3 * n} rejections counted"
+        time.sleep(0.05)
+    server.stop()
+    sock.close()
+    store.close()
+    assert server.stats()["rejected"] == {wire.BAD_HEADER: 2 * n, wire.NOT_WELCOMED: n}
+    lines = [r.getMessage() for r in caplog.records if r.name == "o2o.ingest"]
+    # One line per reason, and at stop one with the count of those held back.
+    assert len(lines) == 4, lines
+    assert max(map(len, lines)) < 500
+    assert any(("socket " + "ab" * 8 + "...(255 bytes)") in line for line in lines)
+    assert any("actor 0000gggg" in line and "...(128 chars) (not welcomed" in line for line in lines)
+    held = {}
+    for line in lines:
+        if m := re.match(r"(\d+) more lines like the last 'rejected (\w+)' line", line):
+            held[m.group(2)] = int(m.group(1))
+    assert held == {wire.BAD_HEADER: 2 * n - 1, wire.NOT_WELCOMED: n - 1}  # logged + held back = counted

@@ -72,7 +72,7 @@ def reward_store(path: Path, sign: float, episodes: int = 600) -> Path:
 
 def tiny_retrain_config(store: Path, **kw) -> RetrainConfig:
     return RetrainConfig(
-        task=TASK, dataset=DATASET, store=str(store), steps=kw.pop("steps", 800), batch_size=64, log_every=100,
+        task=TASK, dataset=DATASET, store=str(store), steps=kw.pop("steps", 500), batch_size=64, log_every=100,
         checkpoint_every=10_000, progress=False, build_missing_dataset=False,
         net=NetworkConfig(policy_hidden=[64, 64], critic_hidden=[64, 64]),
         algo=CalQLConfig(calibrated=False, q_target_clip=True, cql_alpha=1.0),

@@ -22,7 +22,7 @@ def run_learner_with_actor(run_dir: Path, mode: str) -> subprocess.CompletedProc
     endpoint = free_endpoint()
     learner_cmd = [
         sys.executable, "-m", "o2o.learner.online", f"task={TASK}", f"endpoint={endpoint}", "from_scratch=true",
-        "algo.cql_alpha=0.0", "algo.calibrated=false", "online_updates=300", "warmup_rows=300", "batch_size=32",
+        "algo.cql_alpha=0.0", "algo.calibrated=false", "online_updates=200", "warmup_rows=300", "batch_size=32",
         "publish_every=100", "checkpoint_every=100", "log_every=50", "max_rows_ahead=100", "max_updates_ahead=0", "progress=false",
         "net.policy_hidden=[32,32]", "net.critic_hidden=[32,32]", "eval.episodes=1",
         "retrain_every=100", f"retrain_at_end={str(mode == 'fine_tune').lower()}", f"retrain_mode={mode}",
@@ -66,7 +66,7 @@ def assert_same(a: dict, b: dict) -> None:
 def test_offline_rl_as_a_subroutine_of_online_rl(tmp_path, mode):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    run_learner_with_actor(run_dir, mode)
+    learner = run_learner_with_actor(run_dir, mode)
 
     jobs = sorted(p for p in (run_dir / "retrain").iterdir())
     assert jobs[0].name == "00000100"  # the first periodic retrain (one runs at a time: 200 may be skipped)
@@ -75,6 +75,12 @@ def test_offline_rl_as_a_subroutine_of_online_rl(tmp_path, mode):
     assert summaries[0]["store_rows"] <= summaries[-1]["store_rows"]  # each saw the store's prefix at its time
     assert len(retrains(run_dir)) == len(jobs)  # each finished retrain is logged with its evaluation
     log = (run_dir / "online.log").read_text()
+    # The learner's own evaluations: the starting policy, every eval_every_steps, and the end, same episodes.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/online_steps" in r]
+    assert len(evals) >= 2 and evals[0]["step"] == 0 and evals[-1]["step"] == 200
+    assert all(r["eval/episodes"] == 1 for r in evals)
+    assert "evaluation over the same 1 deterministic episodes: start (online step" in learner.stdout
 
     final = weights(run_dir / "checkpoint.pt")
     last_retrain = weights(summaries[-1]["checkpoint"])
@@ -88,7 +94,7 @@ def test_offline_rl_as_a_subroutine_of_online_rl(tmp_path, mode):
         assert any(not torch.equal(final[k], last_retrain[k]) for k in final)
     else:
         assert not (run_dir / "recommended.onnx").exists()
-        assert jobs[-1].name == "00000300" and len(jobs) >= 2  # and the retrain at the end
+        assert jobs[-1].name == "00000200" and len(jobs) >= 2  # and the retrain at the end
         assert len(extra["retrain_switches"]) == len(jobs)  # every switch is checkpointed
         assert log.count("the online agent continues from the retrained one") == len(jobs)
         # The switch at the end: the run's final agent IS the last retrained one, weight for weight.

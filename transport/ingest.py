@@ -20,7 +20,7 @@ DEALER that connects to it), in a background thread:
   per actor with newly committed chunks. Duplicates (seq already accepted) are
   skipped and acked; a chunk arriving before its predecessors is dropped and
   answered with ``resend``; a malformed chunk gets a ``reject`` (its seq is
-  consumed so later chunks go on) and is counted by reason with one log line.
+  consumed so later chunks go on) and is counted by reason, exactly.
 * ``publish_policy(version, onnx)`` sends a ``policy`` message to every actor
   the server has heard from, over the same socket.
 
@@ -38,6 +38,12 @@ chunks spooled); past that the server stops with ``error`` set, which the
 learner turns into a clear error and a non-zero exit. Episodes of actors silent
 for ``abandon_idle_s`` are closed as abandoned, so the store does not keep them
 open (and re-read them at every reopen) forever.
+
+Log lines stay bounded whatever actors send: ids, socket identities and messages are
+clipped (``clip``, ``short_identity``), and rejections are logged at most once per reason
+per ``LOG_INTERVAL_S`` (likewise lost seqs, reconnects, internal errors), the lines held
+back counted in the next one: a fleet (or an attacker) flooding bad frames costs a few
+lines a second, while ``stats()`` counts every rejection.
 
 No torch here: each commit event hands the learner (``on_commit``) the rows of the
 episodes it closed, with their MC returns, for its sampling buffer.
@@ -83,10 +89,51 @@ from o2o.transport.wire import (
 log = logging.getLogger("o2o.ingest")
 
 UNKNOWN_ACTOR = "unknown"
-LOG_INTERVAL_S = 1.0  # at most one rejection line per (sender, reason) per interval
+LOG_INTERVAL_S = 1.0  # at most one line per kind (e.g. rejection reason) per interval
 RESEND_INTERVAL_S = 0.5  # repeat a resend request for the same seq at most this often
-MAX_LOG_KEYS = 10_000  # (sender, reason) pairs remembered for log rate limiting
+MAX_ID_CHARS = 32  # actor ids as logged (the wire allows 128)
+MAX_MESSAGE_CHARS = 200  # rejection messages as logged (they quote what was received)
 ABANDON_CHECK_S = 10.0  # how often idle actors' open episodes are looked for
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` for a log line: control characters escaped, at most ~``limit`` characters."""
+    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else f"{shown[:limit]}...({len(text)} chars)"
+
+
+def short_identity(identity: bytes) -> str:
+    """A ZeroMQ routing id (up to 255 bytes) as 16 hex chars at most, plus its length."""
+    return identity.hex() if len(identity) <= 8 else f"{identity[:8].hex()}...({len(identity)} bytes)"
+
+
+class RateLimitedLog:
+    """At most one line per key per ``interval_s``; the lines held back are counted and the
+    count logged with the key's next line, or by ``flush`` once the interval has passed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float):
+        self.logger = logger
+        self.interval_s = interval_s
+        self._state: dict[str, tuple[float, int]] = {}  # key -> (time of its last line, held back since)
+
+    def log(self, key: str, level: int, fmt: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        last, held = self._state.get(key, (-math.inf, 0))
+        if now - last < self.interval_s:
+            self._state[key] = (last, held + 1)
+            return
+        self._state[key] = (now, 0)
+        if held:
+            fmt += f" (+{held} more like it in the last {now - last:.1f} s)"
+        self.logger.log(level, fmt, *args, exc_info=exc_info)
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for key, (last, held) in self._state.items():
+            if held and (force or now - last >= self.interval_s):
+                self.logger.warning("%d more lines like the last '%s' line in the last %.1f s (one line per %g s)",
+                                    held, key, now - last, self.interval_s)  # fmt: skip
+                self._state[key] = (now, 0)
 
 
 @dataclasses.dataclass
@@ -166,7 +213,7 @@ class IngestServer:
         self._actor_of: dict[bytes, str] = {}
         self._to_ack: set[str] = set()
         self._resend_sent: dict[str, tuple[int, float]] = {}
-        self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
+        self._limited = RateLimitedLog(log, LOG_INTERVAL_S)
         self._last_commit = 0.0
         self._last_abandon_check = time.monotonic()
         self._skip_to: dict[str, int] = {}  # seqs consumed by actors the store does not know yet
@@ -292,6 +339,7 @@ class IngestServer:
             self.error = err
             log.exception("ingest server stopped by an error")
         finally:
+            self._limited.flush(force=True)  # what was held back is counted in the log too
             sock.close()
             waker, self._waker = self._waker, None
             if waker is not None:
@@ -324,6 +372,7 @@ class IngestServer:
                         self._commit(sock)
             self._run_commands(sock)
             self._abandon_idle_episodes()
+            self._limited.flush()
             if self._commit_due():
                 self._commit(sock)
 
@@ -337,7 +386,8 @@ class IngestServer:
         if gone:
             self._counters["abandoned_episodes"] += len(gone)
             log.info("closed the open episodes of %d actors silent for over %.0f s as abandoned: %s",
-                     len(gone), self.abandon_idle_s, ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""))  # fmt: skip
+                     len(gone), self.abandon_idle_s,
+                     ", ".join(clip(a, MAX_ID_CHARS) for a in gone[:10]) + (" ..." if len(gone) > 10 else ""))  # fmt: skip
 
     def _commit_due(self) -> bool:
         store = self.store
@@ -431,7 +481,7 @@ class IngestServer:
             sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as err:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN)
             self._counters["send_failures"] += 1
-            log.debug("send to %r failed: %s", identity, err)
+            log.debug("send to socket %s failed: %s", short_identity(identity), err)
 
     # ------------------------------------------------------------ message handling
 
@@ -440,7 +490,7 @@ class IngestServer:
             self._handle(sock, frames)
         except Exception:  # a bug must not take the service down; it is loud in the log
             self._counters["internal_errors"] += 1
-            log.exception("unexpected error while handling a message")
+            self._limited.log("internal error", logging.ERROR, "unexpected error while handling a message", exc_info=True)
 
     def _handle(self, sock: zmq.Socket, frames: list) -> None:
         identity = frames[0].bytes
@@ -571,9 +621,9 @@ class IngestServer:
         expected = self._expected_seq(actor_id)
         if hello.next_seq > expected:
             stats.lost_seqs += hello.next_seq - expected
-            log.warning(
-                "actor %s resumes at seq %d; seqs %d..%d never arrived and are counted as lost",
-                actor_id, hello.next_seq, expected, hello.next_seq - 1,
+            self._limited.log(
+                "lost seqs", logging.WARNING, "actor %s resumes at seq %d; seqs %d..%d never arrived and are counted as lost",
+                clip(actor_id, MAX_ID_CHARS), hello.next_seq, expected, hello.next_seq - 1,
             )  # fmt: skip
             self._consume(actor_id, hello.next_seq - 1)
         welcome = Welcome(
@@ -603,7 +653,8 @@ class IngestServer:
                                 f"last message {silent_s:.1f} s ago): give each actor a unique actor_id. A restarted "
                                 f"actor is accepted once the old connection has been silent for {self.actor_live_s:.0f} s",
                                 actor_id)  # fmt: skip
-            log.info("actor %s reconnected from a new socket%s", actor_id, "" if same_process else " (a new process)")
+            self._limited.log("reconnect", logging.INFO, "actor %s reconnected from a new socket%s",
+                              clip(actor_id, MAX_ID_CHARS), "" if same_process else " (a new process)")  # fmt: skip
             self._actor_of.pop(old, None)
         self._identity[actor_id] = identity
         self._actor_of[identity] = actor_id
@@ -634,19 +685,13 @@ class IngestServer:
             rejected = self._actors[actor_id].rejected
             rejected[err.reason] = rejected.get(err.reason, 0) + 1
         name = actor_id or claimed
-        who = name if name is not None else "an unknown socket"
-        self._log_rejection(who if actor_id else f"{who} (not welcomed)", err, seq)
+        if actor_id is not None:
+            who = f"actor {clip(actor_id, MAX_ID_CHARS)}"
+        elif claimed is not None:
+            who = f"actor {clip(claimed, MAX_ID_CHARS)} (not welcomed, socket {short_identity(identity)})"
+        else:
+            who = f"socket {short_identity(identity)}"
+        # One line per reason per interval, whoever sent it: made-up ids cannot multiply the lines.
+        self._limited.log(f"rejected {err.reason}", logging.WARNING, "rejected a message from %s (seq %d): %s: %s",
+                          who, seq, err.reason, clip(err.message, MAX_MESSAGE_CHARS))  # fmt: skip
         self._send(sock, identity, encode(Reject(name or UNKNOWN_ACTOR, seq, err.reason, err.message[:1000])))
-
-    def _log_rejection(self, who: str, err: WireError, seq: int) -> None:
-        key = (who, err.reason)
-        now = time.monotonic()
-        if key not in self._last_log and len(self._last_log) >= MAX_LOG_KEYS:
-            self._last_log.clear()  # a flood of made-up ids must not grow memory
-        last, suppressed = self._last_log.get(key, (-math.inf, 0))
-        if now - last < LOG_INTERVAL_S:
-            self._last_log[key] = (last, suppressed + 1)
-            return
-        more = f" (+{suppressed} more like it)" if suppressed else ""
-        log.warning("rejected a message from actor %s (seq %d): %s: %s%s", who, seq, err.reason, err.message, more)
-        self._last_log[key] = (now, 0)

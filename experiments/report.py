@@ -1,0 +1,253 @@
+"""`o2o-report RUN_ROOT`: docs/RESULTS.md and its plots from an `o2o-experiment` matrix.
+
+    o2o-report runs/experiment                      # writes docs/RESULTS.md and docs/results_<task>.png
+    o2o-report runs/experiment --out /tmp/report    # elsewhere
+
+Reads each cell's folder (<root>/runs/<task>/<method>/seed<k>: cell.json, metrics.jsonl, retrain/*):
+- evaluation (deterministic episodes of the current policy, ``eval/...`` with ``eval/online_steps``)
+  is kept apart from exploration (the actors' training episodes, ``online/...``);
+- offline score = the first evaluation (before any online update; for methods from scratch, the
+  untrained agent), final score = the last;
+- early dip = the lowest evaluation within the first 10% of online steps (at least the first
+  evaluation after the start) minus the offline score;
+- training regret = sum over the exploring policy's training episodes of (1 - success);
+- OOO: the last retrain's evaluation against the exploring policy's final evaluation (same data).
+Means are over seeds, with the standard deviation; a difference smaller than the spread is said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+METHOD_ORDER = ["cql", "calql", "calql_sera", "calql_rnd_ooo", "sac", "sac_recommend", "sac_fine_tune"]
+
+
+@dataclasses.dataclass
+class Cell:
+    task: str
+    method: str
+    seed: int
+    meta: dict
+    eval_steps: np.ndarray  # online env steps of each evaluation
+    eval_scores: np.ndarray  # normalised scores
+    eval_episodes: int
+    train_success: np.ndarray  # success of each exploring (training) episode, in order
+    retrain_scores: list[float]  # each finished retrain's evaluation, in order
+
+    @property
+    def offline(self) -> float:
+        return float(self.eval_scores[0])
+
+    @property
+    def final(self) -> float:
+        return float(self.eval_scores[-1])
+
+    @property
+    def early_dip(self) -> float:
+        horizon = max(0.1 * self.eval_steps[-1], self.eval_steps[1] if len(self.eval_steps) > 1 else 0)
+        early = self.eval_scores[(self.eval_steps > 0) & (self.eval_steps <= horizon)]
+        return float(early.min() - self.offline) if len(early) else math.nan
+
+    @property
+    def regret(self) -> float:
+        return float((1.0 - self.train_success).sum())
+
+
+def load_cell(folder: Path) -> Cell | None:
+    """A finished cell (None when it has no cell.json or no evaluation)."""
+    if not (folder / "cell.json").exists():
+        return None
+    meta = json.loads((folder / "cell.json").read_text())
+    evals, train, retrains = [], [], []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "eval/online_steps" in row:
+            evals.append((row["eval/online_steps"], row["eval/normalized_score"], row.get("eval/episodes", 0)))
+        elif "online/success" in row:
+            train.append(row["online/success"])
+        elif "retrain/normalized_score" in row:
+            retrains.append(row["retrain/normalized_score"])
+    if not evals:
+        return None
+    steps, scores, episodes = map(np.asarray, zip(*evals))
+    return Cell(meta["task"], meta["method"], meta["seed"], meta, steps, scores, int(episodes.max()),
+                np.asarray(train, float), retrains)  # fmt: skip
+
+
+def load_cells(root: Path) -> list[Cell]:
+    cells = [load_cell(folder) for folder in sorted((root / "runs").glob("*/*/seed*")) if folder.is_dir()]
+    return [c for c in cells if c is not None]
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    values = np.asarray([v for v in values if not math.isnan(v)], float)
+    if len(values) == 0:
+        return math.nan, math.nan, 0
+    return float(values.mean()), float(values.std()), len(values)
+
+
+def fmt(values) -> str:
+    mean, std, n = mean_std(values)
+    return "-" if n == 0 else f"{mean:.1f} ± {std:.1f}"
+
+
+def compare(a, b) -> str:
+    """'higher' / 'lower' when the mean difference of a - b exceeds the larger spread, else 'within spread'."""
+    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+    if na == 0 or nb == 0:
+        return "not measured"
+    diff = ma - mb
+    if abs(diff) <= max(sa, sb):
+        return f"within spread ({diff:+.1f})"
+    return f"{'higher' if diff > 0 else 'lower'} ({diff:+.1f})"
+
+
+def plot_task(task: str, cells: list[Cell], path: Path, caption: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for method in ordered(cells):
+        runs = [c for c in cells if c.method == method]
+        end = min(c.eval_steps[-1] for c in runs)
+        grid = np.linspace(0, end, 50)
+        curves = np.stack([np.interp(grid, c.eval_steps, c.eval_scores) for c in runs])
+        mean, std = curves.mean(0), curves.std(0)
+        ax.plot(grid, mean, label=f"{method} ({len(runs)} seeds)")
+        ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("online environment steps")
+    ax.set_ylabel("normalised score (deterministic eval)")
+    ax.set_title(task)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, caption, fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ordered(cells: list[Cell]) -> list[str]:
+    names = {c.method for c in cells}
+    return [m for m in METHOD_ORDER if m in names] + sorted(names - set(METHOD_ORDER))
+
+
+def by(cells: list[Cell], task: str, method: str) -> list[Cell]:
+    return [c for c in cells if c.task == task and c.method == method]
+
+
+def write_report(root: Path, out_dir: Path) -> Path:
+    cells = load_cells(root)
+    if not cells:
+        raise FileNotFoundError(f"no finished cell (cell.json + evaluations) under {root / 'runs'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = cells[0].meta
+    seeds = sorted({c.seed for c in cells})
+    budgets = sorted({c.meta["budget"] for c in cells})
+    episodes = sorted({c.eval_episodes for c in cells})
+    lines = [
+        "# Results: does offline-to-online RL deliver here?",
+        "",
+        f"Generated by `o2o-report {root}` from {len(cells)} finished cells of `o2o-experiment` "
+        f"(budget {', '.join(budgets)}, seeds {seeds}, {', '.join(map(str, episodes))} deterministic evaluation "
+        f"episodes per point; machine: {meta['machine']}). One cell's command: `{meta['command']}`.",
+        "Mean ± standard deviation over seeds. Offline = the first evaluation, before any online update "
+        "(for methods from scratch: the untrained agent). Evaluation episodes are deterministic and separate "
+        "from the exploring policy's training episodes (regret).",
+        "",
+    ]
+    tasks = sorted({c.task for c in cells})
+    for task in tasks:
+        task_cells = [c for c in cells if c.task == task]
+        figure = out_dir / f"results_{task}.png"
+        caption = (f"{task}: {len(seeds)} seeds {seeds}, budget {', '.join(budgets)}, {meta['machine']}; "
+                   f"made by: o2o-report {root} (cells: o2o-experiment -m task={task} ...)")  # fmt: skip
+        plot_task(task, task_cells, figure, caption)
+        lines += [f"## {task}", "", f"![{task}]({figure.name})", "", caption, "",
+                  "| method | seeds | offline | after fine-tuning | early dip | training regret (episodes) | "
+                  "OOO retrain | exploring policy at the same data |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for method in ordered(task_cells):
+            runs = by(cells, task, method)
+            retrain = [c.retrain_scores[-1] for c in runs if c.retrain_scores]
+            lines.append(f"| {method} | {len(runs)} | {fmt([c.offline for c in runs])} | {fmt([c.final for c in runs])} | "
+                         f"{fmt([c.early_dip for c in runs])} | {fmt([c.regret for c in runs])} | "
+                         f"{fmt(retrain) if retrain else '-'} | {fmt([c.final for c in runs]) if retrain else '-'} |")  # fmt: skip
+        lines.append("")
+    lines += answers(cells, tasks)
+    path = out_dir / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def answers(cells: list[Cell], tasks: list[str]) -> list[str]:
+    """The report's questions, answered from the numbers (with their spread)."""
+    out = ["## What the numbers say", ""]
+
+    def finals(task, method):
+        return [c.final for c in by(cells, task, method)]
+
+    out.append("**Does online fine-tuning improve on the offline policy?** (final minus offline, per task)")
+    for task in tasks:
+        parts = []
+        for method in ordered([c for c in cells if c.task == task]):
+            runs = by(cells, task, method)
+            parts.append(f"{method} {compare([c.final for c in runs], [c.offline for c in runs])}")
+        out.append(f"- {task}: " + "; ".join(parts))
+    out += ["", "**Is Cal-QL's early dip smaller than CQL's, and its final score at least CQL's?**"]
+    for task in tasks:
+        calql, cql = by(cells, task, "calql"), by(cells, task, "cql")
+        if calql and cql:
+            out.append(f"- {task}: dip Cal-QL {fmt([c.early_dip for c in calql])} vs CQL {fmt([c.early_dip for c in cql])} "
+                       f"(Cal-QL {compare([c.early_dip for c in calql], [c.early_dip for c in cql])}); final Cal-QL "
+                       f"{compare(finals(task, 'calql'), finals(task, 'cql'))} than CQL")  # fmt: skip
+    out += ["", "**Does the OOO retrained policy score at least as well as the exploring policy it was trained from?**"]
+    for task in tasks:
+        for method in ordered([c for c in cells if c.task == task]):
+            runs = [c for c in by(cells, task, method) if c.retrain_scores]
+            if runs:
+                out.append(f"- {task} / {method}: retrain {fmt([c.retrain_scores[-1] for c in runs])} vs exploring "
+                           f"{fmt([c.final for c in runs])}: retrain "
+                           f"{compare([c.retrain_scores[-1] for c in runs], [c.final for c in runs])}")  # fmt: skip
+    out += ["", "**What does SERA change? What do the subroutine modes give over SAC from scratch?**"]
+    for task in tasks:
+        if by(cells, task, "calql_sera") and by(cells, task, "calql"):
+            out.append(f"- {task}: Cal-QL + SERA final {fmt(finals(task, 'calql_sera'))} vs Cal-QL "
+                       f"{fmt(finals(task, 'calql'))}: {compare(finals(task, 'calql_sera'), finals(task, 'calql'))}")
+        for mode in ("sac_recommend", "sac_fine_tune"):
+            runs = by(cells, task, mode)
+            if runs and by(cells, task, "sac"):
+                # recommend: the deployable policy is the retrained one; fine_tune: the online agent itself.
+                deployed = [c.retrain_scores[-1] if mode == "sac_recommend" and c.retrain_scores else c.final
+                            for c in runs]  # fmt: skip
+                out.append(f"- {task}: {mode} {fmt(deployed)} vs SAC {fmt(finals(task, 'sac'))}: "
+                           f"{compare(deployed, finals(task, 'sac'))}")
+    out.append("")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="o2o-report", description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=Path, help="the o2o-experiment root (its runs/ folder holds the cells)")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="where RESULTS.md and the plots go")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.root, args.out)
+    except FileNotFoundError as err:
+        print(f"o2o-report: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

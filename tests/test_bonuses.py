@@ -1,0 +1,125 @@
+"""Where the exploration bonuses enter the Cal-QL agent: inside the TD target only.
+
+RND: y = r + beta * r_int(s') + gamma (1 - d) Q' (OOO); the policy loss and the Cal-QL bound never
+see it. SERA: r + lambda * r_int on the batch's online rows only, from the frozen pretrained critic.
+Checked against the same agent without the bonus, fed the bonus by hand in its rewards.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from o2o.learner.buffer import Batch
+from o2o.learner.calql import CalQLAgent
+from o2o.learner.checkpoint import AgentSpec, load_checkpoint, save_checkpoint
+from o2o.learner.config import CalQLConfig, NetworkConfig
+from o2o.learner.sera import vcse_bonus
+
+OBS, ACT, B = 6, 2, 64
+NET = NetworkConfig(policy_hidden=[32, 32], critic_hidden=[32, 32], rnd_hidden=[32, 32], rnd_features=16)
+
+
+def batch(online_rows: int = 0, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        obs=torch.randn(B, OBS, generator=g), action=torch.rand(B, ACT, generator=g) * 2 - 1,
+        reward=torch.rand(B, generator=g), next_obs=torch.randn(B, OBS, generator=g),
+        terminated=(torch.rand(B, generator=g) < 0.2).float(), mc_return=torch.randn(B, generator=g),
+        online_rows=online_rows,
+    )  # fmt: skip
+
+
+def twins(**algo) -> tuple[CalQLAgent, CalQLAgent]:
+    """An agent with the bonus and one without, with the same networks."""
+    torch.manual_seed(0)
+    with_bonus = CalQLAgent(OBS, ACT, CalQLConfig(**algo), NET)
+    plain = CalQLAgent(OBS, ACT, CalQLConfig(**{**algo, "rnd": False, "sera": False}), NET)
+    plain.load_state_dict({k: v for k, v in with_bonus.state_dict().items() if not k.startswith(("rnd.", "sera."))})
+    return with_bonus, plain
+
+
+def losses(agent: CalQLAgent, b: Batch) -> dict:
+    torch.manual_seed(1)  # the same sampled actions for both agents
+    return agent.losses(b)[1]
+
+
+def test_rnd_bonus_enters_the_td_target_only():
+    with_rnd, plain = twins(rnd=True, rnd_coef=10.0)
+    b = batch()
+    bonus = with_rnd.rnd.bonus(b.next_obs)
+    assert bonus.abs().sum() > 0
+    by_hand = dataclasses.replace(b, reward=b.reward + 10.0 * bonus)
+    got, expected = losses(with_rnd, b), losses(plain, by_hand)
+    torch.testing.assert_close(got["td_loss"], expected["td_loss"])
+    # The policy loss and the Cal-QL bound (the MC return) are untouched by the bonus.
+    torch.testing.assert_close(got["policy_loss"], losses(plain, b)["policy_loss"])
+    torch.testing.assert_close(got["bound_rate"], losses(plain, b)["bound_rate"])
+    assert not torch.allclose(got["td_loss"], losses(plain, b)["td_loss"])
+
+
+def test_sera_bonus_on_online_rows_only_from_the_frozen_critic():
+    agent, plain = twins(sera=True, sera_coef=1.0, sera_k=5)
+    agent.freeze_sera_critic()
+    b = batch(online_rows=24)
+    bonus, _ = agent.intrinsic_reward(b)
+    assert torch.equal(bonus[:40], torch.zeros(40))  # offline rows: none
+    q = agent.critic(b.obs[40:], b.action[40:]).min(dim=0).values
+    q = (q - q.mean()) / torch.sqrt(q.var(unbiased=False) + 1e-5)
+    torch.testing.assert_close(bonus[40:], vcse_bonus(b.obs[40:], q, 5))  # the kNN over the online rows alone
+    by_hand = dataclasses.replace(b, reward=b.reward + bonus)
+    torch.testing.assert_close(losses(agent, b)["td_loss"], losses(plain, by_hand)["td_loss"])
+    # Training moves the critic, not SERA's frozen copy.
+    for _ in range(5):
+        agent.update(b)
+    again, _ = agent.intrinsic_reward(b)
+    torch.testing.assert_close(again, bonus)
+    # A batch of offline rows only gets no bonus at all.
+    assert agent.intrinsic_reward(batch(online_rows=0))[0] == 0.0
+
+
+def test_rnd_trains_with_every_update_and_resumes_from_a_checkpoint(tmp_path):
+    algo = CalQLConfig(rnd=True, sera=True, sera_k=5)
+    spec = AgentSpec("pointmaze-umaze", OBS, ACT, [-1.0] * ACT, [1.0] * ACT, dataclasses.asdict(algo), dataclasses.asdict(NET))
+    agent = spec.build_agent()
+    agent.freeze_sera_critic()
+    b = batch(online_rows=32)
+    predictor = [w.clone() for w in agent.rnd.predictor.parameters()]
+    target = [w.clone() for w in agent.rnd.target.parameters()]
+    for _ in range(50):
+        metrics = agent.update(b)
+    assert "rnd_loss" in metrics and "sera_bonus" in metrics
+    # RND trains with each of the agent's updates (its statistics saw every batch); its target never.
+    assert agent.rnd.obs_rms.count.item() == pytest.approx(50 * B, abs=1e-3)
+    assert all(not torch.equal(a, w) for a, w in zip(predictor, agent.rnd.predictor.parameters()))
+    assert all(torch.equal(a, w) for a, w in zip(target, agent.rnd.target.parameters()))
+    save_checkpoint(tmp_path / "checkpoint.pt", agent, spec, 50)
+    resumed, _, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    torch.testing.assert_close(resumed.rnd.bonus(b.next_obs), agent.rnd.bonus(b.next_obs))
+    torch.testing.assert_close(resumed.sera(b.obs, b.action), agent.sera(b.obs, b.action))
+    assert resumed.rnd.optimizer.state_dict()["state"][0]["step"] == agent.rnd.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_sera_needs_more_online_rows_than_k():
+    from o2o.learner.online import check_sera_batch
+
+    check_sera_batch(256, 0.5, 10)
+    with pytest.raises(ValueError, match="more than algo.sera_k=10 online rows"):
+        check_sera_batch(16, 0.5, 10)
+
+
+def test_critic_feature_norm_by_hand():
+    from o2o.learner.networks import CriticEnsemble
+
+    critic = CriticEnsemble(OBS, ACT, [8, 8], num_critics=2, feature_norm=True)
+    obs, action = torch.randn(5, OBS), torch.rand(5, ACT)
+    x = torch.cat([obs, action], -1)
+    expected = []
+    for i in range(2):  # an independent forward pass: ReLU layers, then x / max(||x||, 1e-8), then the head
+        h = x
+        for w, b_ in zip(list(critic.weights)[:-1], list(critic.biases)[:-1]):
+            h = torch.relu(h @ w[i] + b_[i])
+        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        expected.append((h @ critic.weights[-1][i] + critic.biases[-1][i]).squeeze(-1))
+    torch.testing.assert_close(critic(obs, action), torch.stack(expected))
+    torch.testing.assert_close(critic.forward_per_state(obs, action.unsqueeze(1))[..., 0], torch.stack(expected))

@@ -1,0 +1,87 @@
+"""`o2o-experiment` (one real cell, skipped when rerun) and `o2o-report` (numbers checked by hand)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from o2o.experiments.report import load_cells, write_report
+
+
+def write_cell(root: Path, task: str, method: str, seed: int, evals: list[tuple[int, float]], successes: list[float],
+               retrains: list[float] = ()) -> None:  # fmt: skip
+    folder = root / "runs" / task / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    rows = [{"step": i, "eval/online_steps": s, "eval/normalized_score": v, "eval/success": v / 100, "eval/episodes": 10}
+            for i, (s, v) in enumerate(evals)]  # fmt: skip
+    rows += [{"step": 0, "online/success": x, "online/return": x} for x in successes]
+    rows += [{"step": 0, "actor_eval/success": 1.0}]  # actors' eval episodes: never counted as training episodes
+    rows += [{"step": 0, "retrain/normalized_score": v} for v in retrains]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cell = {"task": task, "method": method, "seed": seed, "budget": "small", "machine": "test box", "command": "o2o-experiment x"}
+    (folder / "cell.json").write_text(json.dumps(cell))
+
+
+def test_report_numbers_by_hand(tmp_path):
+    root = tmp_path / "root"
+    # Cal-QL: offline 40, dips to 30 at step 100 (within the first 10% of 2000 steps), ends at 80 / 60.
+    write_cell(root, "pointmaze-medium", "calql", 0, [(0, 40), (100, 30), (1000, 70), (2000, 80)], [0, 1, 1, 0])
+    write_cell(root, "pointmaze-medium", "calql", 1, [(0, 40), (100, 40), (1000, 50), (2000, 60)], [1, 1, 1, 1])
+    write_cell(root, "pointmaze-medium", "cql", 0, [(0, 40), (100, 0), (2000, 50)], [0, 0], retrains=[20, 90])
+    (root / "runs" / "pointmaze-medium" / "cql" / "seed1").mkdir(parents=True)  # unfinished: no cell.json
+
+    cells = {(c.method, c.seed): c for c in load_cells(root)}
+    assert set(cells) == {("calql", 0), ("calql", 1), ("cql", 0)}
+    assert cells["calql", 0].offline == 40 and cells["calql", 0].final == 80
+    assert cells["calql", 0].early_dip == -10 and cells["calql", 1].early_dip == 0
+    assert cells["calql", 0].regret == 2 and cells["calql", 1].regret == 0
+    assert cells["cql", 0].early_dip == -40 and cells["cql", 0].retrain_scores == [20, 90]
+
+    path = write_report(root, tmp_path / "docs")
+    text = path.read_text()
+    assert (tmp_path / "docs" / "results_pointmaze-medium.png").stat().st_size > 1000
+    # calql: offline 40 ± 0, final mean 70, std 10; dip -5 ± 5; regret 1 ± 1.
+    assert "| calql | 2 | 40.0 ± 0.0 | 70.0 ± 10.0 | -5.0 ± 5.0 | 1.0 ± 1.0 | - | - |" in text
+    assert "| cql | 1 | 40.0 ± 0.0 | 50.0 ± 0.0 | -40.0 ± 0.0 | 2.0 ± 0.0 | 90.0 ± 0.0 | 50.0 ± 0.0 |" in text
+    assert "calql higher (+30.0)" in text  # final 70 vs offline 40, beyond the spread of 10
+    assert "retrain higher (+40.0)" in text
+    assert "seeds [0, 1]" in text and "test box" in text
+
+
+def test_report_without_cells_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "o2o.experiments.report", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "no finished cell" in done.stderr
+
+
+def hydra_list(*items: str) -> str:
+    return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+
+NET = ("net.policy_hidden=[16,16]", "net.critic_hidden=[16,16]")
+TINY = [
+    "budget.pretrain_args=" + hydra_list("steps=40", "batch_size=32", *NET, "eval.every=0", "eval.episodes=1",
+                                         "checkpoint_every=40"),
+    "budget.learner_args=" + hydra_list("online_updates=40", "batch_size=32", "warmup_rows=100", "eval_every_steps=0",
+                                        "eval.episodes=1", *NET, "max_updates_ahead=0"),
+    "budget.actor_args=" + hydra_list("control_hz=0", "eval_every=0", "max_episode_steps=50"),
+    "budget.dataset_quality=mixed",
+    "budget.dataset_episodes=6",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["calql"])
+def test_a_real_cell_runs_once_and_is_skipped_when_run_again(tmp_path, method):
+    cmd = [sys.executable, "-m", "o2o.experiments.runner", "task=pointmaze-umaze", f"method={method}", "seed=0",
+           f"root={tmp_path}", "threads=1", *TINY]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    cell_dir = tmp_path / "runs" / "pointmaze-umaze" / method / "seed0"
+    cell = json.loads((cell_dir / "cell.json").read_text())
+    assert cell["method"] == method and cell["pretrained"].endswith("pretrain/pointmaze-umaze/calql/seed0/checkpoint.pt")
+    evals = [json.loads(line) for line in (cell_dir / "metrics.jsonl").read_text().splitlines() if "eval/online_steps" in line]
+    assert len(evals) >= 2  # the offline policy before the first online update, and the fine-tuned one
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "is done: skipped" in again.stdout
+    assert len(load_cells(tmp_path)) == 1
