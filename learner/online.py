@@ -262,7 +262,8 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         log.info("the online agent continues from the retrained one (%s, score %.1f) at %d updates",
                  summary["checkpoint"], score["normalized_score"], updates)  # fmt: skip
         if at_end:  # the server is gone: the run's policy file is all there is to update
-            export_policy(agent, spec, run_dir / "policy.onnx", version=publisher.version, step=updates)
+            export_policy(agent, spec, run_dir / "policy.onnx", version=publisher.version, step=updates,
+                          exporter="torchscript")
         else:
             publisher.publish(updates)
         checkpoint()

@@ -130,7 +130,9 @@ def train(cfg: PretrainConfig, run_dir: Path, agent: CalQLAgent, spec: AgentSpec
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, step)
-        export_policy(agent, spec, run_dir / "policy.onnx", step=step)
+        # TorchScript: ~0.2 s instead of 4-10 s for the dynamo exporter, the same verified policy
+        # (parity with torch is checked either way); `o2o-export` offers both.
+        export_policy(agent, spec, run_dir / "policy.onnx", step=step, exporter="torchscript")
 
     running, last_eval = RunningMean(), {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc=desc)
