@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+MIN_SEEDS = 3  # fewer seeds give numbers, never a verdict
 METHOD_ORDER = ["cql", "calql", "calql_sera", "calql_rnd_ooo", "sac", "sac_recommend", "sac_fine_tune"]
 
 
@@ -36,6 +37,7 @@ class Cell:
     seed: int
     meta: dict
     eval_steps: np.ndarray  # online env steps of each evaluation
+    eval_updates: np.ndarray  # online updates made before each evaluation
     eval_scores: np.ndarray  # normalised scores
     eval_episodes: int
     train_success: np.ndarray  # success of each exploring (training) episode, in order
@@ -51,9 +53,14 @@ class Cell:
 
     @property
     def early_dip(self) -> float:
-        horizon = max(0.1 * self.eval_steps[-1], self.eval_steps[1] if len(self.eval_steps) > 1 else 0)
-        early = self.eval_scores[(self.eval_steps > 0) & (self.eval_steps <= horizon)]
-        return float(early.min() - self.offline) if len(early) else math.nan
+        """Lowest score in the first 10% of online steps, counting only evaluations made after
+        training began (at least the first of them), minus the offline score."""
+        trained = self.eval_updates > 0
+        if not trained.any():
+            return math.nan
+        horizon = max(0.1 * self.eval_steps[-1], self.eval_steps[trained][0])
+        early = self.eval_scores[trained & (self.eval_steps <= horizon)]
+        return float(early.min() - self.offline)
 
     @property
     def regret(self) -> float:
@@ -72,15 +79,15 @@ def load_cell(folder: Path) -> Cell | None:
         except json.JSONDecodeError:
             continue
         if "eval/online_steps" in row:
-            evals.append((row["eval/online_steps"], row["eval/normalized_score"], row.get("eval/episodes", 0)))
+            evals.append((row["eval/online_steps"], row["eval/normalized_score"], row.get("eval/episodes", 0), row["step"]))
         elif "online/success" in row:
             train.append(row["online/success"])
         elif "retrain/normalized_score" in row:
             retrains.append(row["retrain/normalized_score"])
     if not evals:
         return None
-    steps, scores, episodes = map(np.asarray, zip(*evals))
-    return Cell(meta["task"], meta["method"], meta["seed"], meta, steps, scores, int(episodes.max()),
+    steps, scores, episodes, updates = map(np.asarray, zip(*evals))
+    return Cell(meta["task"], meta["method"], meta["seed"], meta, steps, updates, scores, int(episodes.max()),
                 np.asarray(train, float), retrains)  # fmt: skip
 
 
@@ -106,6 +113,8 @@ def compare(a, b) -> str:
     (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
     if na == 0 or nb == 0:
         return "not measured"
+    if min(na, nb) < MIN_SEEDS:
+        return f"no verdict: {min(na, nb)} seed(s), {MIN_SEEDS} needed ({ma - mb:+.1f})"
     diff = ma - mb
     if abs(diff) <= max(sa, sb):
         return f"within spread ({diff:+.1f})"
@@ -163,7 +172,8 @@ def write_report(root: Path, out_dir: Path) -> Path:
         f"episodes per point; machine: {meta['machine']}). One cell's command: `{meta['command']}`.",
         "Mean ± standard deviation over seeds. Offline = the first evaluation, before any online update "
         "(for methods from scratch: the untrained agent). Evaluation episodes are deterministic and separate "
-        "from the exploring policy's training episodes (regret).",
+        "from the exploring policy's training episodes (regret). Early dip < 0: the score fell below the offline "
+        "score early on. With fewer than 3 seeds a row gives numbers, never a verdict.",
         "",
     ]
     tasks = sorted({c.task for c in cells})

@@ -14,7 +14,7 @@ def write_cell(root: Path, task: str, method: str, seed: int, evals: list[tuple[
                retrains: list[float] = ()) -> None:  # fmt: skip
     folder = root / "runs" / task / method / f"seed{seed}"
     folder.mkdir(parents=True)
-    rows = [{"step": i, "eval/online_steps": s, "eval/normalized_score": v, "eval/success": v / 100, "eval/episodes": 10}
+    rows = [{"step": 10 * i, "eval/online_steps": s, "eval/normalized_score": v, "eval/success": v / 100, "eval/episodes": 10}
             for i, (s, v) in enumerate(evals)]  # fmt: skip
     rows += [{"step": 0, "online/success": x, "online/return": x} for x in successes]
     rows += [{"step": 0, "actor_eval/success": 1.0}]  # actors' eval episodes: never counted as training episodes
@@ -29,11 +29,12 @@ def test_report_numbers_by_hand(tmp_path):
     # Cal-QL: offline 40, dips to 30 at step 100 (within the first 10% of 2000 steps), ends at 80 / 60.
     write_cell(root, "pointmaze-medium", "calql", 0, [(0, 40), (100, 30), (1000, 70), (2000, 80)], [0, 1, 1, 0])
     write_cell(root, "pointmaze-medium", "calql", 1, [(0, 40), (100, 40), (1000, 50), (2000, 60)], [1, 1, 1, 1])
+    write_cell(root, "pointmaze-medium", "calql", 2, [(0, 40), (100, 35), (2000, 70)], [1, 0])
     write_cell(root, "pointmaze-medium", "cql", 0, [(0, 40), (100, 0), (2000, 50)], [0, 0], retrains=[20, 90])
     (root / "runs" / "pointmaze-medium" / "cql" / "seed1").mkdir(parents=True)  # unfinished: no cell.json
 
     cells = {(c.method, c.seed): c for c in load_cells(root)}
-    assert set(cells) == {("calql", 0), ("calql", 1), ("cql", 0)}
+    assert set(cells) == {("calql", 0), ("calql", 1), ("calql", 2), ("cql", 0)}
     assert cells["calql", 0].offline == 40 and cells["calql", 0].final == 80
     assert cells["calql", 0].early_dip == -10 and cells["calql", 1].early_dip == 0
     assert cells["calql", 0].regret == 2 and cells["calql", 1].regret == 0
@@ -42,12 +43,12 @@ def test_report_numbers_by_hand(tmp_path):
     path = write_report(root, tmp_path / "docs")
     text = path.read_text()
     assert (tmp_path / "docs" / "results_pointmaze-medium.png").stat().st_size > 1000
-    # calql: offline 40 ± 0, final mean 70, std 10; dip -5 ± 5; regret 1 ± 1.
-    assert "| calql | 2 | 40.0 ± 0.0 | 70.0 ± 10.0 | -5.0 ± 5.0 | 1.0 ± 1.0 | - | - |" in text
+    # calql: offline 40 ± 0; finals 80, 60, 70; dips -10, 0, -5; regrets 2, 0, 1 (population std).
+    assert "| calql | 3 | 40.0 ± 0.0 | 70.0 ± 8.2 | -5.0 ± 4.1 | 1.0 ± 0.8 | - | - |" in text
     assert "| cql | 1 | 40.0 ± 0.0 | 50.0 ± 0.0 | -40.0 ± 0.0 | 2.0 ± 0.0 | 90.0 ± 0.0 | 50.0 ± 0.0 |" in text
-    assert "calql higher (+30.0)" in text  # final 70 vs offline 40, beyond the spread of 10
-    assert "retrain higher (+40.0)" in text
-    assert "seeds [0, 1]" in text and "test box" in text
+    assert "calql higher (+30.0)" in text  # final 70 vs offline 40, beyond the spread of 8.2
+    assert "retrain no verdict: 1 seed(s), 3 needed (+40.0)" in text  # one seed: numbers, no verdict
+    assert "seeds [0, 1, 2]" in text and "test box" in text
 
 
 def test_report_without_cells_is_a_clear_error(tmp_path):
