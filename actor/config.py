@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from o2o.transport.config import LinkConfig, SpoolConfig
+from o2o.transport.security import require_keys_off_loopback
 
 
 @dataclasses.dataclass
@@ -49,6 +50,11 @@ class ActorConfig:
     learner: str | None = "tcp://127.0.0.1:5555"
     """The learner's ingest endpoint; null = dry run without a learner (needs policy.path
     or policy.act_before_policy; transitions are counted and discarded)."""
+    keys: str | None = None
+    """This actor's CURVE key folder (KEYS/actors/<actor_id>, made by `o2o-keys add` on the learner's
+    machine): needed when the learner runs with keys. None = open link (loopback only)."""
+    insecure: bool = False
+    """Allow an open (unencrypted) link to a learner on another machine."""
     actor_id: str = MISSING
     """Unique, stable name of this actor (e.g. robot-1): sequence numbers and the spool are per actor_id."""
     seed: int = 0
@@ -109,3 +115,5 @@ def validate(cfg: ActorConfig) -> None:
         raise ValueError(f"actor_id={cfg.actor_id!r}: give a non-empty name of <= 128 chars without '/'")
     if cfg.learner is None and cfg.policy.path is None and not cfg.policy.act_before_policy:
         raise ValueError("learner=null (dry run) needs policy.path=FILE.onnx or policy.act_before_policy=true")
+    if cfg.learner is not None:
+        require_keys_off_loopback(cfg.learner, cfg.keys, cfg.insecure, "this actor")

@@ -4,14 +4,17 @@
     o2o-actor task=pusher env=my_robot.envs:Arm control_hz=20 actor_id=arm-1 learner=tcp://gpu-box:5555
     o2o-actor task=pointmaze-umaze learner=null policy.path=policy.onnx max_episodes=5 actor_id=dry
 
-Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT), 2 bad configuration,
-3 stopped safely (learner lost or refused us, spool full or its disk failing: see the log line).
+Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT, after waiting up to link.drain_s
+for acks), 2 bad configuration, 3 stopped safely (learner lost or refused us, spool full or its
+disk failing: see the log line), 128 + signal: a second SIGTERM/SIGINT cut that wait short (the
+unacked chunks stay in the spool for the next run).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,6 +30,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from o2o.envs import make_actor_env
 from o2o.transport.link import Link
+from o2o.transport.security import ActorKeys
 from o2o.transport.spool import Spool, SpoolError
 
 from .config import ActorConfig, validate
@@ -70,7 +74,8 @@ def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, L
         raise
     changed = threading.Condition()  # the loop's one wake-up: notified by the link and by each built policy
     builder = PolicyBuilder(build_policy, initial, changed)
-    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, builder, cfg.link, changed)
+    keys = ActorKeys(cfg.keys, cfg.actor_id) if cfg.keys else None
+    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, builder, cfg.link, changed, keys)
     return env, link, link, link.start()
 
 
@@ -99,8 +104,16 @@ def run_actor(cfg: ActorConfig) -> int:
     env, sink, policies, link = assemble(cfg)
     stop = threading.Event()
     actor: Actor | None = None
+    signals: list[int] = []
 
-    def request_stop(*_) -> None:
+    def request_stop(signum: int, _frame) -> None:
+        signals.append(signum)
+        if len(signals) > 1 and link is not None:
+            # A second signal: do not wait out link.drain_s for acks (a learner that is gone);
+            # the unacked chunks stay in the spool for the next run, the env is still closed.
+            link.stop_draining()
+            os.write(2, f"o2o-actor: second signal ({signal.Signals(signum).name}): not waiting for acks, the "
+                        "unacked chunks stay in the spool\n".encode())  # fmt: skip
         stop.set()
         if actor is not None:
             actor.request_stop()
@@ -122,7 +135,7 @@ def run_actor(cfg: ActorConfig) -> int:
     finally:
         try:
             if link is not None:
-                link.close()
+                link.close(0.0 if len(signals) > 1 else None)
         finally:  # whatever the link or spool did: a robot env is never left open
             env.close()
             for sig, handler in previous.items():
@@ -130,7 +143,7 @@ def run_actor(cfg: ActorConfig) -> int:
         if cfg.stats_file:
             stats = {"actor": actor.summary() if actor else None, "link": link.summary() if link else None}
             Path(cfg.stats_file).write_text(json.dumps(stats))
-    return status
+    return 128 + signals[1] if len(signals) > 1 else status
 
 
 @hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="actor")

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 import re
 from pathlib import Path
 
-import os
+from o2o.experiments.runner import machine as machine_line  # the one machine line of benchmarks and results
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def write_section(name: str, body: str) -> None:

@@ -16,8 +16,9 @@ committed keep their values in every rewritten chunk. Only then does it write
 Readers (and a reopening writer) trust nothing but ``commit.json``: rows and
 episodes at or past its counts are ignored and later overwritten. A process
 killed at any instant therefore leaves the previous or the new commit, both
-complete. It needs zarr >= 3.1.3, the first whose LocalStore renames each file
-into place: writers refuse older ones.
+complete (and temporary files, which the next writer to open the store removes).
+It needs zarr >= 3.1.3, the first whose LocalStore renames each file into place:
+writers refuse older ones.
 
 Durability (``fsync``, on by default): before the record is replaced, the commit
 fsyncs every file it wrote (the chunks it rewrote, resized arrays' ``zarr.json``) and
@@ -785,6 +786,8 @@ class ReplayStore:
     def _resume(self, commit_time: float | None, abandon_idle_s: float | None) -> None:
         """A writer reopening: abandon the episodes of actors gone before the last commit,
         then rebuild the open ones (this reads every row from the oldest open episode on)."""
+        for temp in temp_files(self.path):  # the lock is ours: no other writer is writing them
+            temp.unlink(missing_ok=True)
         now = self.clock()
         if commit_time is not None:
             # Idle time counts only while a writer runs: the actors that were live when it
@@ -827,6 +830,13 @@ class ReplayStore:
             if np.isfinite(cols["mc_return"][mask]).any():
                 self._rows.patch("mc_return", rows, np.full(len(rows), np.nan, np.float32))
                 self._dirty = True
+
+
+def temp_files(path: Path) -> list[Path]:
+    """Temporary files of interrupted writes in a store: zarr's ``*.partial`` and the commit
+    record's ``.commit.json.<pid>.tmp`` (a writer killed mid-write). Nobody reads them; a writer
+    reopening the store removes them, ``o2o-store check`` reports them."""
+    return sorted([*path.rglob("*.partial"), *path.glob(f".{COMMIT_FILE}.*.tmp")])
 
 
 def _check_zarr_for_writing() -> None:

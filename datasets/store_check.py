@@ -37,7 +37,16 @@ import numpy as np
 import zarr
 
 from .mc_return import trajectory_return_to_go
-from .replay_store import COMMIT_FILE, EPISODE_CHUNK_ROWS, EPISODE_COLUMNS, LOCK_FILE, ReplayStore, StoreError, row_columns
+from .replay_store import (
+    COMMIT_FILE,
+    EPISODE_CHUNK_ROWS,
+    EPISODE_COLUMNS,
+    LOCK_FILE,
+    ReplayStore,
+    StoreError,
+    row_columns,
+    temp_files,
+)
 from .zarr_table import ColumnSpec, fsync_files
 
 MAX_LISTED = 20  # problems listed per kind; the rest are counted
@@ -342,17 +351,12 @@ def _find_leftovers(path: Path, group, store, record, found: Findings) -> None:
                            f"their last chunk, past the committed {count:,}")  # fmt: skip
         if files:
             found.leftover("past the commit", f"{table}/: {files} chunk files past the committed {count:,} rows")
-    temps = _temp_files(path)
+    temps = temp_files(path)
     if temps:
         names = ", ".join(str(p.relative_to(path)) for p in temps[:5]) + (" ..." if len(temps) > 5 else "")
         found.leftover("temp files", f"{len(temps)} temporary files of interrupted writes: {names}")
     found.checked.append("leftovers: values and chunk files past the committed counts, MC returns on open "
                          "episodes' rows, temporary files")  # fmt: skip
-
-
-def _temp_files(path: Path) -> list[Path]:
-    """zarr's ``*.partial`` files and the commit record's ``.commit.json.<pid>.tmp``."""
-    return sorted([*path.rglob("*.partial"), *path.glob(f".{COMMIT_FILE}.*.tmp")])
 
 
 def repair_store(path: str | os.PathLike) -> list[str]:
@@ -370,7 +374,7 @@ def repair_store(path: str | os.PathLike) -> list[str]:
         record = json.loads((path / COMMIT_FILE).read_text())  # under the lock: no commit can follow
         group = zarr.open_group(str(path), mode="r+")
         done, written = [], []
-        for temp in _temp_files(path):
+        for temp in temp_files(path):
             temp.unlink()
             written.append(temp)
             done.append(f"removed {temp.relative_to(path)}")

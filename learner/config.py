@@ -186,9 +186,20 @@ class OnlineConfig(PretrainConfig):
     pretrained: str | None = None
     """Checkpoint (or run folder) to start from; None = pretrain first for `steps` updates."""
     endpoint: str = "tcp://127.0.0.1:5555"
-    """Where actors connect (ZeroMQ ROUTER). Use tcp://0.0.0.0:5555 to accept remote actors."""
+    """Where actors connect (ZeroMQ ROUTER). Use tcp://0.0.0.0:5555 to accept remote actors
+    (that needs `keys`, or `insecure=true`)."""
+    keys: str | None = None
+    """CURVE key folder made by `o2o-keys init` (README, 'Securing the link'): encrypt the link and
+    accept only the actors in its allow-list, each bound to its actor_id. None = open (loopback only)."""
+    insecure: bool = False
+    """Allow an open (unencrypted, unauthenticated) endpoint that other machines can reach."""
+    max_rows_per_s: float | None = 50_000.0
+    """Per-actor ingest rate limit (2 s bursts); chunks past it wait in the actor's spool. None = no limit."""
     store: str | None = None
     """Zarr replay store folder; None = <run folder>/replay."""
+    fsync: bool = True
+    """fsync each commit's files before its commit record (survives power loss; ~20-45 ms a commit
+    on ext4, BENCHMARKS.md). false = survive process crashes only."""
     online_updates: int = 20_000
     """Stop after this many online updates (0 = run until interrupted)."""
     utd: float = 1.0

@@ -43,6 +43,7 @@ from o2o.learner.config import OnlineConfig
 from o2o.learner.fine_tuning import explicit_keys
 from o2o.learner.online import evaluation_line
 from o2o.learner.overrides import hydra_value
+from o2o.transport.security import ACTORS
 
 
 @dataclasses.dataclass
@@ -74,6 +75,7 @@ SET_BY_LAUNCHER = {
     "actor.learner": "the actors connect to the launched learner (port=N picks the port)",
     "learner.progress": "o2o-launch shows the progress",
     "actor.spool.dir": "the actors spool under <run>/spool",
+    "actor.keys": "learner.keys=KEYS gives actor i the key folder KEYS/actors/<actor_id>-<i> (o2o-keys add)",
 }
 """Keys the launcher sets for each process: refused on its command line, with what to use."""
 
@@ -128,6 +130,16 @@ def check(cfg: LaunchConfig, explicit: set[str]) -> None:
         if given(key, explicit):
             raise ValueError(f"{key} is set by o2o-launch: {use}")
     validate(dataclasses.replace(cfg.actor, actor_id=f"{cfg.actor.actor_id}-0"))
+    if cfg.learner.keys:
+        names = [f"{cfg.actor.actor_id}-{i}" for i in range(cfg.actors)]
+        missing = [n for n in names if not actor_keys(cfg, n).is_dir()]
+        if missing:
+            raise ValueError(f"learner.keys={cfg.learner.keys} has no keys for actor {', '.join(missing)}: run "
+                             f"`o2o-keys add {cfg.learner.keys} {' '.join(names)}`")  # fmt: skip
+
+
+def actor_keys(cfg: LaunchConfig, actor_id: str) -> Path:
+    return (Path(cfg.learner.keys) / ACTORS / actor_id).absolute()
 
 
 def free_port() -> int:
@@ -149,10 +161,11 @@ def actor_command(cfg: LaunchConfig, explicit: set[str], run_dir: Path, endpoint
     actor = cfg.actor
     return [
         sys.executable, "-m", "o2o.actor.main",
-        *command_overrides("actor", actor, explicit, ("task", "learner", "actor_id", "seed", "spool.dir")),
+        *command_overrides("actor", actor, explicit, ("task", "learner", "actor_id", "seed", "spool.dir", "keys")),
         f"task={hydra_value(cfg.learner.task)}", f"learner={endpoint}",
         f"actor_id={hydra_value(f'{actor.actor_id}-{index}')}", f"seed={actor.seed * 1000 + index}",
         f"spool.dir={hydra_value(str(run_dir / 'spool'))}",
+        *([f"keys={hydra_value(str(actor_keys(cfg, f'{actor.actor_id}-{index}')))}"] if cfg.learner.keys else []),
         # A learner from scratch publishes no policy before its warm-up: the actors act at random.
         *(["policy.act_before_policy=true"] if cfg.learner.from_scratch and not given("actor.policy.act_before_policy",
                                                                                        explicit) else []),

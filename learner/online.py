@@ -35,7 +35,9 @@ from o2o.datasets.minari_io import DatasetError
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.envs import get_task
 from o2o.transport.ingest import IngestServer
+from o2o.transport.security import LearnerKeys, require_keys_off_loopback
 
+from . import stopping
 from .buffer import TransitionBuffer
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OnlineConfig, PretrainConfig
@@ -112,8 +114,8 @@ def open_store(cfg: OnlineConfig, run_dir: Path, task_name: str, algo) -> Replay
     wanted = {"gamma": algo.discount, "reward_scale": algo.reward_scale, "reward_bias": algo.reward_bias,
               "infinite_horizon": algo.mc_infinite_horizon}  # fmt: skip
     if not path.exists():
-        return ReplayStore.create_for_task(path, task_name, **wanted)
-    store = ReplayStore.open(path, "a", abandon_idle_s=cfg.abandon_idle_s)
+        return ReplayStore.create_for_task(path, task_name, fsync=cfg.fsync, **wanted)
+    store = ReplayStore.open(path, "a", abandon_idle_s=cfg.abandon_idle_s, fsync=cfg.fsync)
     wrong = {k: (getattr(store.config, k), v) for k, v in wanted.items() if getattr(store.config, k) != v}
     if wrong:
         store.close(commit=False)
@@ -195,6 +197,8 @@ def check_sera_batch(batch_size: int, offline_ratio: float, k: int) -> None:
 
 def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
     """Fine-tune online; ``explicit``: the dotted config keys the user set (see ``fine_tuning``)."""
+    require_keys_off_loopback(cfg.endpoint, cfg.keys, cfg.insecure, "the learner")
+    keys = LearnerKeys(cfg.keys) if cfg.keys else None  # bad keys fail before any pretraining
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -217,7 +221,8 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
 
     publisher = PolicyPublisher(agent, spec, run_dir, int(extra.get("policy_version", 0)), extra.get("run_id"))
     server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=on_commit, run_id=publisher.run_id,
-                          commit_retry_s=cfg.commit_retry_s, abandon_idle_s=cfg.abandon_idle_s).start()  # fmt: skip
+                          commit_retry_s=cfg.commit_retry_s, abandon_idle_s=cfg.abandon_idle_s,
+                          keys=keys, max_rows_per_s=cfg.max_rows_per_s).start()  # fmt: skip
     publisher.server = server
     logger = MetricsLogger(run_dir)
     running = RunningMean()
@@ -302,9 +307,10 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 continue
             # Short bursts: new data, the fleet's hold and its stats are looked at between them.
             for _ in range(min(allowed, UPDATE_BURST, cfg.log_every - updates % cfg.log_every)):
-                running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, algo.offline_ratio)))
-                updates += 1
-                done["updates"] = updates
+                with stopping.deferred():  # a stop lands between updates: weights and count agree
+                    running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, algo.offline_ratio)))
+                    updates += 1
+                    done["updates"] = updates
                 bar.update(1)
                 if updates % cfg.publish_every == 0:
                     publisher.publish(updates)
@@ -322,9 +328,9 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
                                 q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")
         evaluate_policy()  # the fine-tuned policy, on the same episodes as the first evaluation
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT or SIGTERM (stopping.py): commit, checkpoint, exit 0
         interrupted = True
-        log.info("interrupted: checkpointing")
+        log.info("%s at %d updates: checkpointing", stopping.requested() or "interrupted", updates)
     except BaseException:
         failed = True
         raise
@@ -341,15 +347,22 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         ], raise_first=not failed)
     if ending:
         try:
+            if stopping.requested():  # a signal while closing (noted by `shutdown`): no retrain at the end
+                raise KeyboardInterrupt
             use_retrain(retrainer.poll(wait=True))  # the last periodic one
             if cfg.retrain_at_end:
                 log.info("retraining on the whole store (%d rows)", online.committed_rows)
                 retrainer.start(updates, online.committed_rows)
                 use_retrain(retrainer.poll(wait=True), at_end=True)
+        except KeyboardInterrupt:  # the final checkpoint is written: only the retrain is cut short
+            interrupted = True
+            retrainer.stop()
+            log.info("interrupted: the retrain at the end is skipped")
         finally:
             logger.close()
     return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows,
-            "evaluations": evaluations}
+            "evaluations": evaluations, "interrupted": interrupted or stopping.requested() is not None,
+            "checkpoint": run_dir / CHECKPOINT_NAME}
 
 
 def evaluation_line(first: dict, last: dict) -> str:
@@ -364,12 +377,13 @@ def shutdown(steps: list, raise_first: bool) -> None:
     read-only disk must not skip the checkpoint); log failures, re-raise the first if asked
     (not while another error is already on its way out)."""
     first = None
-    for what, step in steps:
-        try:
-            step()
-        except Exception as err:
-            log.error("could not %s: %s", what, err)
-            first = first or err
+    with stopping.deferred(reraise=False):  # a first signal now must not cut the checkpoint or the commit short
+        for what, step in steps:
+            try:
+                step()
+            except Exception as err:
+                log.error("could not %s: %s", what, err)
+                first = first or err
     if first is not None and raise_first:
         raise first
 
@@ -409,13 +423,24 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
             RuntimeError) as err:  # fmt: skip
         print(f"o2o-learner: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # during start-up: data, store, an inline pretraining (which saved itself)
+        pretrained = isinstance(stop, stopping.Stopped)
+        saved = f"; its pretraining checkpoint (step {stop.step}): {stop.checkpoint}" if pretrained else ""
+        print(f"o2o-learner: stopped by {stopping.requested() or 'KeyboardInterrupt'} during start-up, before any "
+              f"online update of this run{saved}")  # fmt: skip
+        return
     print(f"online: {result['updates']} updates, {result['rows']} rows, policy version {result['policy_version']}")
     if len(result["evaluations"]) >= 2:
         print(evaluation_line(result["evaluations"][0], result["evaluations"][-1]))
+    if result["interrupted"]:
+        print(f"o2o-learner: stopped by {stopping.requested() or 'KeyboardInterrupt'} after {result['updates']} "
+              f"updates; checkpoint written to {result['checkpoint']} (resume={result['checkpoint'].parent} "
+              "continues the run)")  # fmt: skip
 
 
 def main() -> None:
-    _hydra_main()
+    with stopping.graceful_stop("o2o-learner"):  # SIGTERM too stops gracefully; a second signal exits at once
+        _hydra_main()
 
 
 if __name__ == "__main__":

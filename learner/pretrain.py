@@ -37,6 +37,7 @@ from .divergence import DivergedError, check_losses
 from .evaluation import evaluate
 from .export_onnx import export_policy
 from .metrics import MetricsLogger, RunningMean
+from .stopping import Stopped, deferred, graceful_stop, requested
 
 log = logging.getLogger("o2o.pretrain")
 
@@ -134,23 +135,33 @@ def train(cfg: PretrainConfig, run_dir: Path, agent: CalQLAgent, spec: AgentSpec
         # (parity with torch is checked either way); `o2o-export` offers both.
         export_policy(agent, spec, run_dir / "policy.onnx", step=step, exporter="torchscript")
 
-    running, last_eval = RunningMean(), {}
+    running, last_eval, done = RunningMean(), {}, start
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc=desc)
-    for step in bar:
-        running.add(agent.update(sample()))
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            shown = logger.log(done, "train", running.pop())
-            check_losses(shown, done)
-            bar.set_postfix(q=f"{shown['train/q_data']:.2f}", mc=f"{shown['train/mc_return']:.2f}",
-                            bound=f"{shown['train/bound_rate']:.2f}", eval=last_eval.get("normalized_score", "-"))
-        if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.steps:
-            last_eval = evaluate(agent, task, cfg.eval.episodes, cfg.eval.seed, low, high)
-            logger.log(done, "eval", last_eval)
-            tqdm.write(f"step {done}: eval return {last_eval['return']:.2f}, success {last_eval['success']:.0%}, "
-                       f"score {last_eval['normalized_score']:.1f}")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint(done)
+    try:
+        for step in bar:
+            with deferred():  # a stop lands between updates: the checkpoint holds whole updates
+                running.add(agent.update(sample()))
+                done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                shown = logger.log(done, "train", running.pop())
+                check_losses(shown, done)
+                bar.set_postfix(q=f"{shown['train/q_data']:.2f}", mc=f"{shown['train/mc_return']:.2f}",
+                                bound=f"{shown['train/bound_rate']:.2f}", eval=last_eval.get("normalized_score", "-"))
+            if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.steps:
+                last_eval = evaluate(agent, task, cfg.eval.episodes, cfg.eval.seed, low, high)
+                logger.log(done, "eval", last_eval)
+                tqdm.write(f"step {done}: eval return {last_eval['return']:.2f}, success {last_eval['success']:.0%}, "
+                           f"score {last_eval['normalized_score']:.1f}")
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+    except KeyboardInterrupt:  # SIGTERM/SIGINT (stopping.py): save the last whole update as the end does
+        bar.close()
+        if running.count:
+            logger.log(done, "train", running.pop())
+        checkpoint(done)  # ~0.2 s with its ONNX export; a second signal exits without waiting
+        logger.close()
+        log.info("stopped at step %d: checkpoint and policy written to %s", done, run_dir)
+        raise Stopped(done, run_dir / CHECKPOINT_NAME) from None
     if start >= cfg.steps:
         log.info("checkpoint is already at step %d >= steps=%d: nothing to do", start, cfg.steps)
         checkpoint(start)
@@ -170,11 +181,21 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"o2o-pretrain: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        print(f"o2o-pretrain: stopped by {requested() or 'KeyboardInterrupt'} at step {stop.step} of {cfg.steps}; "
+              f"checkpoint and policy written to {run_dir} (the same command with resume={run_dir} continues "
+              "it)")  # fmt: skip
+        return
+    except KeyboardInterrupt:  # while loading or building the data
+        print(f"o2o-pretrain: stopped by {requested() or 'KeyboardInterrupt'} before the first update: no checkpoint "
+              "written")  # fmt: skip
+        return
     print(f"run folder: {run_dir}\n  checkpoint: {run_dir / CHECKPOINT_NAME}\n  policy:     {run_dir / 'policy.onnx'}")
 
 
 def main() -> None:
-    _hydra_main()
+    with graceful_stop("o2o-pretrain"):  # SIGTERM too stops gracefully; a second signal exits at once
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from .divergence import DivergedError
 from .fine_tuning import explicit_keys
 from .online_data import concat_batches
 from .pretrain import load_offline_data, make_agent, resolve_device, train
+from .stopping import Stopped, graceful_stop, requested
 
 log = logging.getLogger("o2o.retrain")
 
@@ -217,7 +218,12 @@ def retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = frozenset())
         "steps": cfg.steps,
     }
     _write_summary(run_dir, summary)
-    evaluation = train(cfg, run_dir, agent, spec, task, sample, start, desc="retrain")
+    try:
+        evaluation = train(cfg, run_dir, agent, spec, task, sample, start, desc="retrain")
+    except Stopped as stop:  # the checkpoint is written; "stopped" (not "done") keeps the learner off it
+        summary.update(status="stopped", stopped_at_step=stop.step, checkpoint=str(stop.checkpoint))
+        _write_summary(run_dir, summary)
+        raise
     summary.update(status="done", eval=evaluation, checkpoint=str(run_dir / CHECKPOINT_NAME),
                    policy=str(run_dir / "policy.onnx"))  # fmt: skip
     _write_summary(run_dir, summary)
@@ -254,13 +260,23 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     except (DatasetError, StoreError, DivergedError, KeyError, ValueError, FileNotFoundError) as err:
         print(f"o2o-retrain: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        print(f"o2o-retrain: stopped by {requested() or 'KeyboardInterrupt'} at step {stop.step} of {cfg.steps} (not "
+              f"evaluated; {SUMMARY_FILE} says status stopped); checkpoint written to {stop.checkpoint} "
+              f"(the same command with resume={stop.checkpoint.parent} continues it)")  # fmt: skip
+        return
+    except KeyboardInterrupt:  # while reading the store or the dataset
+        print(f"o2o-retrain: stopped by {requested() or 'KeyboardInterrupt'} before the first update: no checkpoint "
+              "written")  # fmt: skip
+        return
     score = summary["eval"].get("normalized_score", float("nan"))
     print(f"retrained on {summary['offline_rows']} offline + {summary['online_rows']} online rows: score {score:.1f}\n"
           f"  policy:  {summary['policy']}\n  summary: {Path(summary['checkpoint']).parent / SUMMARY_FILE}")
 
 
 def main() -> None:
-    _hydra_main()
+    with graceful_stop("o2o-retrain"):  # SIGTERM too stops gracefully; a second signal exits at once
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ learner turns into a clear error and a non-zero exit. Episodes of actors silent
 for ``abandon_idle_s`` are closed as abandoned, so the store does not keep them
 open (and re-read them at every reopen) forever.
 
+With ``keys`` (transport/security.py) the socket is a CURVE server: only allowed keys complete
+the handshake, and each message's ZAP User-Id (the actor_id its key belongs to) must match the
+actor_id it names and still be allowed, else ``key_refused``. ``max_rows_per_s`` is a per-actor
+token bucket: a chunk past it is not stored, acked or consumed (``rate_limited``), and the actor
+is asked to resend from it once its bucket holds the rows: backpressure, never loss.
+
 Log lines stay bounded whatever actors send: ids, socket identities and messages are
 clipped (``clip``, ``short_identity``), and rejections are logged at most once per reason
 per ``LOG_INTERVAL_S`` (likewise lost seqs, reconnects, internal errors), the lines held
@@ -69,7 +75,9 @@ from o2o.transport.wire import (
     BAD_SPEC,
     BAD_TYPE,
     BAD_VALUE,
+    KEY_REFUSED,
     NOT_WELCOMED,
+    RATE_LIMITED,
     TOO_MANY_ACTORS,
     Ack,
     ChunkSpec,
@@ -85,6 +93,8 @@ from o2o.transport.wire import (
     is_newer_policy,
     make_policy,
 )
+
+from .security import LearnerKeys
 
 log = logging.getLogger("o2o.ingest")
 
@@ -145,6 +155,7 @@ class ActorStats:
     duplicates: int = 0
     out_of_order: int = 0
     lost_seqs: int = 0  # seqs declared lost by the actor's hello
+    rate_limited: int = 0  # chunks refused for now (over max_rows_per_s), resent later
     rejected: dict[str, int] = dataclasses.field(default_factory=dict)
     last_contact: float = 0.0  # time.time() of the last message
     policy_version: int = -1  # policy version of the last chunk
@@ -183,6 +194,10 @@ class IngestServer:
         max_actors: int = 4096,
         commit_retry_s: float = 60.0,
         abandon_idle_s: float | None = 600.0,
+        keys: LearnerKeys | None = None,
+        max_rows_per_s: float | None = None,
+        rate_burst_s: float = 2.0,
+        max_queued_messages: int = 10000,
         context: zmq.Context | None = None,
     ):
         self.store = store
@@ -196,6 +211,10 @@ class IngestServer:
         self.max_actors = max_actors
         self.commit_retry_s = commit_retry_s
         self.abandon_idle_s = abandon_idle_s
+        self.keys = keys
+        self.max_rows_per_s = max_rows_per_s
+        self.rate_burst_s = rate_burst_s
+        self.max_queued_messages = max_queued_messages
         self.endpoint = endpoint
         self._context = context
         self._own_context = context is None
@@ -217,6 +236,8 @@ class IngestServer:
         self._last_commit = 0.0
         self._last_abandon_check = time.monotonic()
         self._skip_to: dict[str, int] = {}  # seqs consumed by actors the store does not know yet
+        self._buckets: dict[str, tuple[float, float]] = {}  # actor_id -> (rows it may send now, at time)
+        self._throttled: dict[str, tuple[int, int]] = {}  # actor_id -> (seq to ask for, rows) once it may send
         self._failing_since: float | None = None  # first failed commit of the current streak
         self._streak = 0  # failed commits in the current streak
         self._retry_at = 0.0
@@ -224,7 +245,8 @@ class IngestServer:
         self._actors: dict[str, ActorStats] = {}
         self._rejected: dict[str, int] = {}
         self._counters = {"commits": 0, "commit_failures": 0, "send_failures": 0, "callback_errors": 0,
-                          "internal_errors": 0, "forgotten_actors": 0, "abandoned_episodes": 0}  # fmt: skip
+                          "internal_errors": 0, "forgotten_actors": 0, "abandoned_episodes": 0,
+                          "rate_limited": 0}  # fmt: skip
 
     # ------------------------------------------------------------ lifecycle
 
@@ -307,6 +329,7 @@ class IngestServer:
                 "committed_rows": len(self.store),
                 "rejected": dict(self._rejected),
                 **self._counters,
+                "refused_keys": dict(self.keys.allow.refused) if self.keys is not None else {},
                 "actors": {
                     actor_id: {**dataclasses.asdict(s), "rejected": dict(s.rejected)}
                     for actor_id, s in self._actors.items()
@@ -321,6 +344,11 @@ class IngestServer:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
             sock.setsockopt(zmq.MAXMSGSIZE, self.spec.max_frame_bytes)  # a huge frame drops the peer, not us
             sock.setsockopt(zmq.LINGER, 2000)
+            # Bounded: past this many unread messages ZeroMQ stops reading from the actors' sockets
+            # (TCP backpressure; they keep their chunks spooled), never an unbounded queue here.
+            sock.setsockopt(zmq.RCVHWM, self.max_queued_messages)
+            if self.keys is not None:
+                self.keys.serve(self._context, sock)  # CURVE server + ZAP allow-list, before binding
             sock.bind(self.endpoint)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._waker = Waker(self._context, "ingest")
@@ -341,6 +369,8 @@ class IngestServer:
         finally:
             self._limited.flush(force=True)  # what was held back is counted in the log too
             sock.close()
+            if self.keys is not None:
+                self.keys.close()
             waker, self._waker = self._waker, None
             if waker is not None:
                 waker.close()
@@ -371,6 +401,7 @@ class IngestServer:
                     if self._commit_due():
                         self._commit(sock)
             self._run_commands(sock)
+            self._resume_throttled(sock)
             self._abandon_idle_episodes()
             self._limited.flush()
             if self._commit_due():
@@ -502,11 +533,20 @@ class IngestServer:
         except WireError as err:
             self._reject(sock, identity, self._actor_of.get(identity), -1, err)
             return
+        owner = None
+        if self.keys is not None:
+            # CURVE: the ZAP handler named the actor_id the sender's key belongs to; a key removed
+            # from the allow-list since the handshake is refused from its next message on.
+            owner = body[0].get("User-Id") if hasattr(body[0], "get") else ""
+            if not owner or not self.keys.allow.allows(owner):
+                err = WireError(KEY_REFUSED, "this actor's key is no longer in the learner's allow-list")
+                self._reject(sock, identity, self._actor_of.get(identity), -1, err, claimed=owner or None)
+                return
         kind = header["type"]
         if kind == "chunk":
             self._on_chunk(sock, identity, body, header)
         elif kind == "hello":
-            self._on_hello(sock, identity, body, header)
+            self._on_hello(sock, identity, body, header, owner)
         else:
             err = WireError(BAD_TYPE, f"actors send 'chunk' or 'hello' messages, not {kind!r}")
             self._reject(sock, identity, self._actor_of.get(identity), -1, err)
@@ -562,7 +602,13 @@ class IngestServer:
             self._duplicate(sock, chunk.actor_id)
             return
         if chunk.seq > expected:
-            self._out_of_order(sock, chunk.actor_id, expected)
+            if chunk.actor_id in self._throttled:  # the rest of a window sent past the limit: asked again later
+                stats.out_of_order += 1
+            else:
+                self._out_of_order(sock, chunk.actor_id, expected)
+            return
+        if not self._within_rate(chunk.actor_id, chunk.n):
+            self._rate_limited(sock, chunk.actor_id, expected, chunk.n)
             return
         if chunk.actor_id in self._skip_to:  # its first accepted chunk: now the store learns the skip
             self.store.skip(chunk.actor_id, self._skip_to.pop(chunk.actor_id))
@@ -582,6 +628,43 @@ class IngestServer:
         else:
             self._duplicate(sock, chunk.actor_id)
 
+    def _tokens(self, actor_id: str) -> float:
+        """Token bucket: ``max_rows_per_s`` per actor, bursts of ``rate_burst_s`` seconds' worth."""
+        now = time.monotonic()
+        capacity = self.max_rows_per_s * self.rate_burst_s
+        tokens, last = self._buckets.get(actor_id, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * self.max_rows_per_s)
+        self._buckets[actor_id] = (tokens, now)
+        return tokens
+
+    def _within_rate(self, actor_id: str, rows: int) -> bool:
+        if self.max_rows_per_s is None:
+            return True
+        tokens = self._tokens(actor_id)
+        # A chunk larger than a whole burst passes on a full bucket.
+        if tokens < min(rows, self.max_rows_per_s * self.rate_burst_s):
+            return False
+        self._buckets[actor_id] = (tokens - rows, self._buckets[actor_id][1])
+        return True
+
+    def _rate_limited(self, sock: zmq.Socket, actor_id: str, expected: int, rows: int) -> None:
+        """Backpressure, not loss: the chunk is not stored, not acked and not consumed; the actor keeps
+        it spooled, and is asked to resend from it once its bucket holds the chunk's rows."""
+        self._counters["rate_limited"] += 1
+        self._actors[actor_id].rate_limited += 1
+        self._throttled[actor_id] = (expected, rows)
+        self._limited.log(RATE_LIMITED, logging.WARNING, "actor %s sends more than %g rows/s (ingest "
+                          "max_rows_per_s): its chunks wait in its spool", clip(actor_id, MAX_ID_CHARS),
+                          self.max_rows_per_s)  # fmt: skip
+
+    def _resume_throttled(self, sock: zmq.Socket) -> None:
+        for actor_id, (seq, rows) in list(self._throttled.items()):
+            if self._tokens(actor_id) >= min(rows, self.max_rows_per_s * self.rate_burst_s):
+                del self._throttled[actor_id]
+                identity = self._identity.get(actor_id)
+                if identity is not None:
+                    self._send(sock, identity, encode(Resend(actor_id, seq)))
+
     def _duplicate(self, sock: zmq.Socket, actor_id: str) -> None:
         self._actors[actor_id].duplicates += 1
         if self.store.uncommitted:
@@ -597,9 +680,12 @@ class IngestServer:
             self._resend_sent[actor_id] = (expected, now)
             self._send(sock, self._identity[actor_id], encode(Resend(actor_id, expected)))
 
-    def _on_hello(self, sock: zmq.Socket, identity: bytes, body: list, header: dict) -> None:
+    def _on_hello(self, sock: zmq.Socket, identity: bytes, body: list, header: dict, owner: str | None) -> None:
         try:
             hello = decode_hello(body, header)
+            if owner is not None and hello.actor_id != owner:
+                raise WireError(KEY_REFUSED, f"this key belongs to actor {clip(owner, MAX_ID_CHARS)!r}, not "
+                                f"{clip(hello.actor_id, MAX_ID_CHARS)!r}: each actor has its own key", hello.actor_id)  # fmt: skip
             wrong = []
             if self.task is not None and hello.task != self.task:
                 wrong.append(f"task {hello.task!r} (learner: {self.task!r})")
@@ -673,6 +759,8 @@ class IngestServer:
         self._skip_to.pop(actor_id, None)
         self._resend_sent.pop(actor_id, None)
         self._to_ack.discard(actor_id)
+        self._buckets.pop(actor_id, None)
+        self._throttled.pop(actor_id, None)
         self._counters["forgotten_actors"] += 1
         return True
 

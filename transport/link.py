@@ -22,6 +22,10 @@ this thread does the rest:
   run's policy is taken whatever its version (``wire.is_newer_policy``).
 * a spool that cannot write to disk (ENOSPC...) stops the actor safely
   (``status().stop``), whatever ``spool.on_full`` says.
+* with ``keys`` the socket is a CURVE client of the learner's public key (transport/security.py);
+  a socket monitor reports a refused handshake (unknown key, no key, another learner), handled
+  as a refused hello: retried, fatal after ``id_in_use_timeout_s``. ``key_refused`` (a key for
+  another actor_id, or revoked) is fatal at once.
 * after ``timeout_s`` of silence the learner counts as lost (``learner_lost``;
   the loop then continues or stops, per config) and the socket is recreated
   until the learner answers again.
@@ -41,11 +45,14 @@ import uuid
 from typing import NamedTuple, Protocol
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from o2o.transport.security import ActorKeys
 from o2o.transport.wakeup import Waker
 from o2o.transport.wire import (
     ACTOR_ID_IN_USE,
     BAD_SPEC,
+    KEY_REFUSED,
     MAX_POLICY_BYTES,
     NOT_WELCOMED,
     TOO_MANY_ACTORS,
@@ -96,6 +103,8 @@ class SinkStatus(NamedTuple):
 
 
 LOG_EVERY_S = 5.0  # at most one line per kind of repeated warning per interval
+# What the socket monitor reports when the learner refuses the CURVE handshake.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 @dataclasses.dataclass
@@ -124,6 +133,7 @@ class Link:
         policies: PolicyTaker,
         cfg: LinkConfig | None = None,
         changed: threading.Condition | None = None,
+        keys: ActorKeys | None = None,
     ):
         self.endpoint = endpoint
         self.actor_id = actor_id
@@ -133,6 +143,7 @@ class Link:
         self.spool = spool
         self.cfg = cfg or LinkConfig()
         self.policies = policies
+        self.keys = keys  # CURVE: the learner must hold the secret of keys.learner_public
         self.changed = changed if changed is not None else threading.Condition()  # the loop's wake-up
         held = policies.latest()
         self._received_version = held.version if held is not None else -1
@@ -154,6 +165,7 @@ class Link:
         self.hold = False  # the learner's flow control (ack.hold): see status().held
         # Link-thread state.
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # handshake failures of a CURVE link
         self._welcomed = False
         self._next_send = 0
         self._max_sent = -1
@@ -194,6 +206,12 @@ class Link:
         except Exception as err:  # never keep the caller from closing its env
             log.error("spool %s could not be closed (%s): up to %d unacked chunks were not saved",
                       self.spool.folder, err, len(self.spool))  # fmt: skip
+
+    def stop_draining(self) -> None:
+        """End a ``close`` that waits for acks now (safe from a signal handler): what is unacked
+        stays in the spool, on disk, for the next run. No wake-up (its lock is not signal-safe):
+        a closing link polls every 10 ms."""
+        self._drain_until = 0.0
 
     # ------------------------------------------------------------ seams (control-loop thread)
 
@@ -238,8 +256,14 @@ class Link:
     def _new_socket(self) -> None:
         if self._sock is not None:
             self._poller.unregister(self._sock)
+            self._close_monitor()
             self._sock.close(linger=0)
         sock = self._context.socket(zmq.DEALER)
+        if self.keys is not None:
+            self.keys.secure(sock)
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)  # tells why a learner refuses us
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._poller.register(self._monitor, zmq.POLLIN)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a learner that is not there
         sock.setsockopt(zmq.SNDHWM, max(16, 2 * self.cfg.max_in_flight))
@@ -265,6 +289,8 @@ class Link:
                     self._waker.drain()
                 if self._sock in events:
                     self._receive()
+                if self._monitor is not None and self._monitor in events:
+                    self._on_handshake_failed()
                 self._take_inbox()
                 self._send_window()
                 self._keepalive()
@@ -275,9 +301,35 @@ class Link:
             log.exception("actor link stopped by an error")
         finally:
             self._take_inbox()
+            self._close_monitor()
             if self._sock is not None:
                 self._sock.close(linger=0)
             self._notify()
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._poller.unregister(self._monitor)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _on_handshake_failed(self) -> None:
+        """The learner refused our CURVE handshake; ZeroMQ retries it as it reconnects."""
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = (f"the learner refused this actor's key (ZAP status {event['value']}): actor {self.actor_id} "
+                       "is not in its allow-list (o2o-keys add on the learner's machine) or was revoked")  # fmt: skip
+            elif self.keys is None:
+                why = ("the learner encrypts its link (it runs with keys=...): pass this actor its key folder, "
+                       "keys=KEYS/actors/<actor_id> made by `o2o-keys add`")  # fmt: skip
+            else:
+                why = ("the encrypted handshake with the learner failed: does the learner run with keys=..., "
+                       "and is this actor's learner.key that learner's public key?")  # fmt: skip
+            self._refused("handshake", why)
 
     def _notify(self) -> None:
         """Wake a loop waiting on ``changed``: each turn may change ``status()`` (an ack frees room,
@@ -377,7 +429,7 @@ class Link:
             self.spool.drop(reject.seq)
             self._warn(f"reject-{reject.reason}", "learner rejected chunk seq %d: %s: %s (dropped from the spool)",
                        reject.seq, reject.reason, reject.message)  # fmt: skip
-        elif reject.reason == BAD_SPEC:
+        elif reject.reason in (BAD_SPEC, KEY_REFUSED):
             self.fatal = f"the learner refused this actor: {reject.message}"
             log.error("%s", self.fatal)
         elif reject.reason == NOT_WELCOMED:
@@ -395,22 +447,26 @@ class Link:
 
     def _on_refused(self, reject) -> None:
         """The learner refused our hello; ``_keepalive`` says hello again every ``heartbeat_s``."""
-        self._welcomed = False
-        now = time.monotonic()
-        if self._refused_since is None:
-            self._refused_since = now
         if reject.reason == ACTOR_ID_IN_USE:
             why = (f"another running actor process holds actor_id {self.actor_id} ({reject.message}): "
                    "give each actor a unique actor_id")  # fmt: skip
         else:
             why = f"it serves its maximum number of actors ({reject.message})"
+        self._refused(reject.reason, why)
+
+    def _refused(self, reason: str, why: str) -> None:
+        """Refused for now (retried); fatal after ``id_in_use_timeout_s`` of refusals in a row."""
+        self._welcomed = False
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
         limit = self.cfg.id_in_use_timeout_s
         if limit and now - self._refused_since > limit:
             self.fatal = (f"learner {self.endpoint} refused actor {self.actor_id} for over {limit} s "
                           f"(link.id_in_use_timeout_s): {why}")  # fmt: skip
             log.error("%s", self.fatal)
         elif not self.fatal:
-            self._warn(f"refused-{reject.reason}", "learner %s refused actor %s: %s. Retrying every %.1f s%s",
+            self._warn(f"refused-{reason}", "learner %s refused actor %s: %s. Retrying every %.1f s%s",
                        self.endpoint, self.actor_id, why, self.cfg.heartbeat_s,
                        f", stopping after {limit} s (link.id_in_use_timeout_s)" if limit else "")  # fmt: skip
 

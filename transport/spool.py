@@ -13,7 +13,9 @@ The disk part survives an actor restart: a new ``Spool`` on the same folder
 finds the unacked chunks again (a torn record at the end of a file, from a
 crash during a write, is cut off). On a clean shutdown ``close(spill=True)``
 writes the memory part to disk too. The memory part of a crashed actor is
-lost: the learner declares those seqs lost when the actor says hello again.
+lost: if chunks on disk follow it, the learner declares its seqs lost when the
+actor says hello again; if not, the restarted actor numbers its new chunks from
+the learner's next seq (no gap, and nothing counts what was lost).
 ``acked.json`` keeps the highest acked seq, so a reopened spool skips acked records;
 it is deleted as soon as seqs restart below it (a fresh learner numbers from 0).
 

@@ -91,6 +91,8 @@ BAD_SPEC = "bad_spec"  # hello for another task / other dimensions
 ACTOR_ID_IN_USE = "actor_id_in_use"  # hello: another live connection holds this actor_id
 NOT_WELCOMED = "not_welcomed"  # chunk from a connection that has not been welcomed: say hello first
 TOO_MANY_ACTORS = "too_many_actors"  # hello: the learner serves its maximum number of actors
+KEY_REFUSED = "key_refused"  # CURVE: the sender's key is not (or no longer) allowed, or belongs to another actor_id
+RATE_LIMITED = "rate_limited"  # a chunk past its actor's rows/s budget: not stored, the actor resends it later
 REASONS = frozenset(
     {
         BAD_HEADER,
@@ -108,6 +110,8 @@ REASONS = frozenset(
         ACTOR_ID_IN_USE,
         NOT_WELCOMED,
         TOO_MANY_ACTORS,
+        KEY_REFUSED,
+        RATE_LIMITED,
     }
 )
 
