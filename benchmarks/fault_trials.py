@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 {elapsed:.0f} s, load average {load_before:.1f} before, {load_after:.1f} after (other jobs shared the machine: times are
 for orientation only). Real processes (forked from one fork server that imported the modules once): a learner
 process (`IngestServer` over a `ReplayStore` on /tmp, fsync on, default group commit) and actor processes sending through the actor's
-`Link` with an on-disk `Spool` (memory part {p.memory_chunks} chunks for the learner faults, the default
+`Link` with an on-disk write-through `Spool` (memory cache {p.memory_chunks} chunks for the learner faults, the default
 {ft.SpoolConfig().memory_chunks} for the actor restarts), over ZeroMQ on loopback TCP; `LinkConfig.timeout_s`
 {ft.LINK['timeout_s']}, learner `actor_live_s` {ft.ACTOR_LIVE_S}. The trials and checks are in
 `tests/fault_trials.py` (CI: `tests/test_fault_trials.py`, 3 SIGKILL trials, the SIGSTOP trial, 3 actor

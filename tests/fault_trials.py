@@ -17,12 +17,17 @@ sigkill --sigkill 1 --seed S`` replays one's random draws):
   0..N-1 each stored exactly once, equal to what was sent, and once it stopped cleanly the
   verifier finds nothing at all (what the killed commit left is overwritten or removed).
 * ``sigstop_trial``: the learner paused (SIGSTOP) until every actor counted it lost (its
-  ``LinkConfig.timeout_s``) and spooled its last chunks (to disk); resumed (SIGCONT), the actors
-  drain: all stored exactly once.
+  ``LinkConfig.timeout_s``) and spooled its last chunks (every one on disk); resumed (SIGCONT),
+  the actors drain: all stored exactly once.
 * ``actor_restart_trial``: one actor process SIGKILLed at random moments and restarted on the same
   spool folder, ``kills`` times, the last run finishing: its seqs 0..N-1 each stored exactly once
   (no duplicate, no gap), none declared lost by the learner, each from the run that owned it
   (chunks carry their run as ``policy_version``).
+* ``actor_kill_while_learner_away_trial``: the learner paused (SIGSTOP) or killed; the actor,
+  having counted it lost, spools a few chunks (all within ``memory_chunks``), is SIGKILLed and
+  restarted on the same spool folder, the learner resumed (or restarted): every chunk the killed
+  run spooled is stored, from that run, exactly once (a spool that kept them in memory only lost
+  them silently: the restarted actor reused their seqs, no gap).
 
 No timing is asserted; waits are conditions with generous hang guards (``HANG_S``).
 """
@@ -91,7 +96,7 @@ class Params:
     chunks: int = 60  # per actor, ROWS rows each
     tail: int = 12  # the last chunks of each actor, sent only once the fault is in place
     pace_s: float = 0.004  # between two chunks of one actor
-    memory_chunks: int = 8  # spool memory part: the rest spills to disk
+    memory_chunks: int = 8  # spool memory cache (every chunk is on disk too)
     store_chunk_rows: int = 512  # Zarr rows per chunk: commits span chunk files
 
 
@@ -224,7 +229,8 @@ class Rig:
 
     # actors
 
-    def start_actor(self, actor_id: str, gate_at: int | None = None) -> mp.Process:
+    def start_actor(self, actor_id: str, gate_at: int | None = None, chunks: int | None = None) -> mp.Process:
+        """A new run of ``actor_id``: it sends up to ``chunks`` (default all of ``params.chunks``)."""
         self.actor_runs[actor_id] += 1
         run = self.actor_runs[actor_id]
         shared = self.shared[actor_id]
@@ -233,8 +239,8 @@ class Rig:
         p = self.params
         gate_at = p.chunks if gate_at is None else gate_at
         name = self.root / f"{actor_id}-{run}"
-        args = (self.endpoint, actor_id, run, str(self.root / "spool"), p.chunks, gate_at, self.gate, shared, p.pace_s,
-                p.memory_chunks, f"{name}.json", f"{name}.log")  # fmt: skip
+        args = (self.endpoint, actor_id, run, str(self.root / "spool"), chunks or p.chunks, gate_at, self.gate, shared,
+                p.pace_s, p.memory_chunks, f"{name}.json", f"{name}.log")  # fmt: skip
         proc = self.actors[actor_id] = CTX.Process(target=actor_main, args=args, daemon=True)
         proc.start()
         return proc
@@ -444,13 +450,13 @@ def sigstop_trial(root: Path, seed: int, params: Params | None = None) -> TrialR
         rows_at_stop = len(prefix["actor"])
         # Past LinkConfig.timeout_s: each actor counts the learner lost ...
         rig.wait(lambda: all(rig.shared[a][LOST] for a in params.actors), "every actor to count the learner lost")
-        rig.gate.set()  # ... and spools on (memory_chunks in memory, the rest on disk)
+        rig.gate.set()  # ... and spools on (every chunk on disk, the oldest memory_chunks cached in memory too)
         rig.wait(lambda: all(rig.shared[a][NEXT] == params.chunks for a in params.actors), "the tail spooled")
         spooled = {a: (int(rig.shared[a][DEPTH]), int(rig.shared[a][DISK])) for a in params.actors}
         for actor_id, (depth, disk) in spooled.items():
-            if depth < params.tail or disk == 0:
+            if depth < params.tail or disk != depth:
                 raise TrialFailed(f"actor {actor_id}: {depth} chunks spooled ({disk} on disk) while paused, "
-                                  f"expected >= {params.tail} and some on disk")  # fmt: skip
+                                  f"expected >= {params.tail}, all on disk")  # fmt: skip
         paused_s = time.monotonic() - t_stop
         # Committed data is intact while paused (readers go on).
         check_committed(rig.store_path, prefix=prefix)
@@ -500,3 +506,47 @@ def actor_restart_trial(root: Path, seed: int, kills: int, params: Params | None
         return result
 
     return _trial("actor_restart", seed, root, params, body)
+
+
+def actor_kill_while_learner_away_trial(root: Path, seed: int, learner: str = "paused", acked: int = 10,
+                                        spooled: int = 47, params: Params | None = None) -> TrialResult:  # fmt: skip
+    """The learner acks ``acked`` chunks, then is paused (SIGSTOP) or killed (``learner="down"``);
+    the actor counts it lost and spools ``spooled`` more (all within ``memory_chunks``), is
+    SIGKILLed, and restarted on the same spool folder once the learner is back: the chunks the
+    killed run spooled are all stored, as that run sent them, each once; none declared lost."""
+    params = params or Params(actors=("k0",), chunks=acked + spooled + 20, memory_chunks=SpoolConfig().memory_chunks)
+    (actor_id,) = params.actors
+    if spooled > params.memory_chunks:
+        raise ValueError(f"spooled={spooled} must fit in memory_chunks={params.memory_chunks}")
+
+    def body(rig: Rig, rng: np.random.Generator) -> TrialResult:
+        shared = rig.shared[actor_id]
+        rig.start_learner()
+        proc = rig.start_actor(actor_id, gate_at=acked, chunks=acked + spooled)
+        rig.wait(lambda: shared[ACKED] == acked - 1, f"{acked} chunks acked")
+        rig.signal_learner(signal.SIGSTOP if learner == "paused" else signal.SIGKILL)
+        rig.mark(f"learner {learner}")
+        rig.wait(lambda: shared[LOST] == 1, "the actor to count the learner lost")
+        rig.gate.set()
+        rig.wait(lambda: shared[NEXT] == acked + spooled and shared[DEPTH] == spooled, f"{spooled} chunks spooled")
+        depth, disk = int(shared[DEPTH]), int(shared[DISK])
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        rig.mark("actor killed")
+        if learner == "paused":
+            rig.signal_learner(signal.SIGCONT)
+        else:
+            rig.start_learner()
+        rig.start_actor(actor_id)  # run 2, on the same spool folder: to the end
+        result = _finish(rig, "actor_kill_while_learner_away", seed, acked * ROWS, 2, {})
+        first = rig.actor_stats(actor_id)["first_seq"]
+        # Run 2 resends what run 1 spooled, then goes on after it; run 1's chunks are stored as it sent them.
+        if first != acked + spooled:
+            raise TrialFailed(f"run 2 began at seq {first}, but run 1 had spooled seqs {acked}..{acked + spooled - 1}: "
+                              "lost, and no seq was declared lost")  # fmt: skip
+        check_runs(rig.store_path, actor_id, [0, acked + spooled])
+        result.detail = f"learner {learner}; run 1 spooled {depth} chunks ({disk} on disk); run 2 began at seq {first}"
+        return result
+
+    return _trial("actor_kill_while_learner_away", seed, root, params, body)

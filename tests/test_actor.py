@@ -218,41 +218,50 @@ def as_bytes(frames) -> list[bytes]:
     return [bytes(f) for f in frames]
 
 
-def test_spool_keeps_chunks_until_acked_and_spills_past_memory(tmp_path):
+def test_spool_writes_every_chunk_through_to_disk_and_caches_the_oldest(tmp_path):
     spool = Spool(memory_chunks=4, folder=tmp_path, max_disk_bytes=1 << 20, segment_bytes=3000)
     for seq in range(10):
         spool.put(seq, frames_of(seq))
     stats = spool.stats()
-    assert (stats.memory_chunks, stats.disk_chunks, stats.first_seq, stats.last_seq) == (4, 6, 0, 9)
-    assert len(list(tmp_path.glob("seg-*"))) == 3  # two ~1.1 kB records per 3 kB segment
+    assert (stats.depth, stats.disk_chunks, stats.memory_only_chunks) == (10, 10, 0)  # every chunk on disk
+    assert (stats.first_seq, stats.last_seq) == (0, 9)
+    assert (stats.memory_chunks, stats.spilled_chunks) == (4, 6)  # seqs 0-3 cached, 4-9 on disk only
+    assert len(list(tmp_path.glob("seg-*"))) == 5  # two ~1.2 kB records per 3 kB segment
     for seq in range(10):
         assert as_bytes(spool.get(seq)) == frames_of(seq)
+    assert spool.stats().disk_reads == 6  # the cached ones never touch the disk
     with pytest.raises(ValueError, match="must increase"):
         spool.put(5, frames_of(5))
-    assert spool.ack(5) == 6 and spool.first_seq == 6
-    assert len(list(tmp_path.glob("seg-*"))) == 2  # the acked segment file is deleted
+    assert spool.ack(5) == 6 and spool.first_seq == 6 and spool.stats().memory_chunks == 0
+    assert len(list(tmp_path.glob("seg-*"))) == 2  # the acked segment files are deleted
+    spool.get(6)  # read from disk once, then cached: the oldest chunk past an empty cache
+    assert spool.stats().memory_chunks == 1 and as_bytes(spool.get(6)) == frames_of(6)
+    assert spool.stats().disk_reads == 7
     assert spool.drop(7) and not spool.drop(7)
-    assert spool.next_held(7) == 8 and spool.stats().rejected_chunks == 1
-    assert spool.ack(9) == 3 and len(spool) == 0 and not list(tmp_path.glob("seg-*"))
-    spool.put(10, frames_of(10))  # disk empty again: back to memory
-    assert spool.stats().memory_chunks == 1
+    assert spool.next_held(7) == 8 and spool.stats().rejected_chunks == 1 and spool.next_held(10) is None
+    assert spool.ack(9) == 3 and len(spool) == 0 and spool.stats().memory_chunks == 0
+    spool.put(10, frames_of(10))  # into the emptied segment being written, and cached
+    stats = spool.stats()
+    assert (stats.disk_chunks, stats.memory_chunks) == (1, 1) and len(list(tmp_path.glob("seg-*"))) == 1
+    spool.ack(10)
     spool.close()
+    assert not list(tmp_path.glob("seg-*"))  # an empty segment is not left behind
 
 
-def test_spool_disk_part_survives_a_restart_and_a_torn_record(tmp_path):
+def test_spool_keeps_every_unacked_chunk_across_a_kill_a_restart_and_a_torn_record(tmp_path):
     spool = Spool(memory_chunks=3, folder=tmp_path, meta={"actor_id": "a"})
     for seq in range(8):
         spool.put(seq, frames_of(seq))
-    spool.close(spill=False)  # a crash: the memory part (seqs 0-2) is lost
+    spool.close(spill=False)  # as a killed process leaves it: nothing more is written at close
     last = sorted(tmp_path.glob("seg-*"))[-1]
     with open(last, "ab") as f:
         f.write(b"REC1\x08\x00\x00\x00")  # a record torn by the crash
     spool = Spool(memory_chunks=3, folder=tmp_path, meta={"actor_id": "a"})
-    assert (spool.first_seq, spool.last_seq, len(spool)) == (3, 7, 5)
-    assert [as_bytes(spool.get(s)) for s in range(3, 8)] == [frames_of(s) for s in range(3, 8)]
+    assert (spool.first_seq, spool.last_seq, len(spool)) == (0, 7, 8)  # the 3 cached ones too
+    assert [as_bytes(spool.get(s)) for s in range(8)] == [frames_of(s) for s in range(8)]
     spool.ack(4)
     spool.put(8, frames_of(8))
-    spool.close(spill=True)  # a clean shutdown keeps the memory part too
+    assert spool.close(spill=True) == 0  # nothing was only in memory
     spool = Spool(memory_chunks=3, folder=tmp_path, meta={"actor_id": "a"})
     assert (spool.first_seq, len(spool)) == (5, 4)
     assert [as_bytes(spool.get(s)) for s in range(5, 9)] == [frames_of(s) for s in range(5, 9)]
@@ -272,16 +281,22 @@ def test_spool_full_refuses_and_reports_no_room(tmp_path):
     with pytest.raises(SpoolFull, match="no disk spool"):
         memory_only.put(2, frames_of(2))
     memory_only.put(2, frames_of(2), force=True)  # a chunk already taken is never dropped
-    assert len(memory_only) == 3
-    small_disk = Spool(memory_chunks=1, folder=tmp_path, max_disk_bytes=3000)
-    for seq in range(3):  # 1 in memory + 2 x 1.2 kB records on disk
+    stats = memory_only.stats()
+    assert len(memory_only) == 3 and (stats.memory_only_chunks, stats.disk_chunks, stats.depth) == (3, 0, 3)
+    small_disk = Spool(memory_chunks=4, folder=tmp_path, max_disk_bytes=3000)
+    for seq in range(2):  # 2 x 1.2 kB records: the disk cap counts every unacked chunk, cached or not
         small_disk.put(seq, frames_of(seq))
     assert not small_disk.has_room()
     with pytest.raises(SpoolFull, match="3000 bytes on disk"):
-        small_disk.put(3, frames_of(3))
-    small_disk.ack(2)  # the segment file is deleted once all its chunks are acked
-    assert small_disk.has_room()
+        small_disk.put(2, frames_of(2))
+    small_disk.ack(1)  # acked: the room of the segment being written is reused
+    assert small_disk.has_room(extra_chunks=1)
+    for seq in range(2, 6):
+        small_disk.put(seq, frames_of(seq))
+        small_disk.ack(seq)
+        assert small_disk.stats().disk_bytes <= 3000
     small_disk.close()
+    assert not list(tmp_path.glob("seg-*"))
 
 
 # ---------------------------------------------------------------- link + spool against a real learner
@@ -297,14 +312,16 @@ def test_learner_outage_chunks_are_spooled_then_replayed_in_order(tmp_path, poli
         # The link thread spools the last chunk on its next turn (late on a loaded machine).
         wait_for(lambda: link.learner_lost and len(link.spool) == 20, "the outage noticed, every chunk spooled")
         spooled = link.spool.stats()
-        assert spooled.depth == 20 and spooled.disk_chunks == 17  # 400 steps / 20 rows, 3 in memory
+        assert spooled.depth == spooled.disk_chunks == 20  # 400 steps / 20 rows, every one on disk ...
+        assert spooled.memory_chunks == 3  # ... the first 3 cached in memory too
         server = restart(server, policies["pusher"])  # ... and comes back
         wait_for(lambda: all_acked(link), "the spool to be replayed and acked")
         assert not link.learner_lost and link.stats.reconnects >= 1
-        assert not list((tmp_path / "spool" / "t1").glob("seg-*"))
+        assert link.spool.stats().disk_chunks == 0
     finally:
         link.close()
         server.stop()
+    assert not list((tmp_path / "spool" / "t1").glob("seg-*"))
     check_store_in_order(server.store, 600)
     assert server.store.committed_seq("t1") == 29
 
@@ -315,9 +332,9 @@ def test_restarted_actor_resends_its_disk_spool_and_continues_the_sequence(tmp_p
     actor.run(max_steps=100)
     wait_for(lambda: all_acked(link), "acks")
     server.stop()
-    actor.run(max_steps=150)  # mid-episode, learner down: 8 chunks spooled (2 in memory)
-    link.close(drain_s=0)  # a clean exit writes the memory part to disk too
-    assert link.spool.stats().disk_chunks == 8  # seqs 5-12, the 2 in memory included
+    actor.run(max_steps=150)  # mid-episode, learner down: 8 chunks spooled (2 of them cached in memory)
+    link.close(drain_s=0)
+    assert link.spool.stats().disk_chunks == 8  # seqs 5-12, the 2 cached ones included
     assert len(list((tmp_path / "spool" / "t1").glob("seg-*"))) >= 1
     server = restart(server, policies["pusher"])
     actor, link = linked_actor(cfg)  # a new actor process, same actor_id and spool folder

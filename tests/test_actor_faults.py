@@ -160,7 +160,7 @@ def test_a_stale_acked_mark_does_not_drop_the_chunks_of_a_new_numbering(tmp_path
         assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
     run3 = Spool(memory_chunks=4, folder=tmp_path)
     try:
-        held = list(range(10)) if run2_exit == "clean" else list(range(1, 11))  # killed: seq 0 was in memory
+        held = list(range(10)) if run2_exit == "clean" else list(range(11))  # killed: seq 0 (cached) is on disk too
         assert [s for s in range(11) if run3.get(s) is not None] == held
     finally:
         run3.close()
@@ -208,12 +208,35 @@ def test_spool_put_on_a_full_disk_keeps_the_chunk_and_reports_no_room(small_disk
     assert not spool.has_room()
     assert [as_bytes(spool.get(s)) for s in range(seq + 1)] == [frames_of(s, 10_000) for s in range(seq + 1)]
     assert spool.first_seq == 0 and spool.next_held(1) == 1 and spool.next_held(seq) == seq
+    assert spool.stats().memory_only_chunks == 2  # the chunk the disk refused, and the next one
     spool.ack(seq - 1)
-    assert len(spool) == 1 and spool.first_seq == seq
-    spool.close(spill=True)  # no room for it either: logged, never raised
+    assert len(spool) == 1 and spool.first_seq == seq and spool.stats().memory_only_chunks == 1
+    # The acks freed the disk: close tries once more and saves the chunk held in memory only.
+    assert spool.close(spill=True) == 1
     reopened = Spool(memory_chunks=1, folder=small_disk / "a1")
     try:  # whole records only on disk: what did not fit was cut away, nothing torn is left
-        assert all(as_bytes(reopened.get(s)) == frames_of(s, 10_000) for s in range(seq + 1) if reopened.get(s))
+        assert [s for s in range(seq + 1) if reopened.get(s) is not None] == [seq]
+        assert as_bytes(reopened.get(seq)) == frames_of(seq, 10_000)
+    finally:
+        reopened.close()
+
+
+def test_spool_close_on_a_disk_still_full_logs_the_chunks_it_cannot_save(small_disk, caplog):
+    filler = small_disk / "filler"
+    spool = Spool(memory_chunks=1, folder=small_disk / "a1", segment_bytes=64 << 10)
+    spool.put(0, frames_of(0, 10_000))
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):  # something else fills the disk
+        while True:
+            f.write(b"x" * 4096)
+    spool.put(1, frames_of(1, 10_000), force=True)
+    assert spool.disk_error is not None and not spool.has_room()
+    assert [as_bytes(spool.get(s)) for s in range(2)] == [frames_of(s, 10_000) for s in range(2)]
+    assert spool.close(spill=True) == 0  # logged, never raised
+    assert "1 of 1 unacked chunks in memory could not be saved" in caplog.text
+    filler.unlink()
+    reopened = Spool(memory_chunks=1, folder=small_disk / "a1")
+    try:  # seq 0 was written through before the disk filled up; nothing torn is left of seq 1
+        assert len(reopened) == 1 and as_bytes(reopened.get(0)) == frames_of(0, 10_000)
     finally:
         reopened.close()
 

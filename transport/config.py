@@ -8,17 +8,22 @@ import dataclasses
 @dataclasses.dataclass
 class SpoolConfig:
     dir: str | None = ".o2o-spool"
-    """Folder for chunks past ``memory_chunks``; one subfolder per actor_id. It survives restarts:
-    a restarted actor resends what was never acked. null = memory only."""
+    """Folder of the spool, one subfolder per actor_id: every chunk is written there as it is
+    made (to the OS page cache, no fsync), so unacked chunks survive the actor process being
+    killed or crashing (not a power loss); a restarted actor resends what was never acked.
+    null = memory only, by the user's explicit choice: an actor crash then loses every unacked chunk."""
     memory_chunks: int = 256
-    """Unacked chunks held in memory before spilling to disk."""
+    """Unacked chunks whose frames are also cached in memory (the oldest), so sends and resends
+    need no disk read; with dir=null, the spool's whole capacity."""
     max_disk_mb: float = 1024.0
-    """Disk cap of the spool, in MiB."""
+    """Disk cap of the spool, in MiB: it bounds all unacked chunks (each one is on disk)."""
     segment_mb: float = 16.0
-    """Size of one spool file, in MiB (a file is deleted once all its chunks are acked)."""
+    """Size of one spool file, in MiB (a file is deleted once all its chunks are acked; the one
+    being written is reused)."""
     on_full: str = "pause"
-    """When memory and disk are full (the learner has acked nothing for long): "pause"
-    (stop stepping the env, the robot holds, resume when acks arrive) or "stop" (end safely)."""
+    """When the spool is full (max_disk_mb, or memory_chunks with dir=null: the learner has acked
+    nothing for long): "pause" (stop stepping the env, the robot holds, resume when acks arrive)
+    or "stop" (end safely)."""
 
 
 @dataclasses.dataclass

@@ -191,7 +191,7 @@ class Link:
 
     def close(self, drain_s: float | None = None) -> None:
         """Wait up to ``drain_s`` for acks of what is spooled, then stop the thread, close the
-        sockets and the spool (its memory part is written to disk for the next run)."""
+        sockets and the spool (write-through: what is unacked is on disk for the next run)."""
         drain_s = self.cfg.drain_s if drain_s is None else drain_s
         self._drain_until = time.monotonic() + drain_s
         self._stop.set()
@@ -551,7 +551,7 @@ class Link:
             task=self.task,
             obs_dim=self.obs_dim,
             action_dim=self.action_dim,
-            # Seqs below this are acked or rejected (or lost with a crashed run's memory spool).
+            # Seqs below this are acked or rejected (or lost with a memory-only spool, spool.dir=null).
             next_seq=first if first is not None else (self._spooled_next if self._next_seq is not None else 0),
             policy_version=self._received_version,
             policy_run=self._received_run,

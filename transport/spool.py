@@ -1,23 +1,33 @@
 """The actor's spool: every sent chunk is kept until the learner acks or rejects it.
 
-Chunks are held as their encoded wire frames, in seq order. The first
-``memory_chunks`` live in memory; past that, new chunks spill to append-only
-segment files on disk (up to ``max_disk_bytes``); once spilling, every new
-chunk goes to disk until the disk part is empty again, so memory always holds
-the oldest seqs and disk the newest. A full spool refuses ``put`` (the caller
-checks ``has_room`` first and pauses or stops: data is never dropped silently).
-A disk write that fails (ENOSPC or any OSError) is not raised: the chunk stays in
-memory, ``disk_error`` says why, and ``has_room()`` is False from then on.
+Chunks are held as their encoded wire frames, in seq order. With a folder the spool is
+write-through: ``put`` appends every chunk to append-only segment files on disk at once,
+before it is sent. That is a plain write into the OS page cache (no fsync per chunk), so
+the chunks survive the actor process being killed (SIGKILL, a crash, the OOM killer), not
+a power loss or a kernel crash. Memory holds a bounded cache of the frames of the oldest
+unacked chunks (``memory_chunks``), so sends and resends do not read the disk in the
+common case; chunks past it are read back from disk when they are sent. ``max_disk_bytes``
+caps everything unacked; a full spool refuses ``put`` (the caller checks ``has_room``
+first and pauses or stops: data is never dropped silently). Acks and rejects free the
+cache; a segment file is deleted once all its chunks are acked, except the one being
+written: once emptied it is reused (cut back to its header when full or when its room is
+needed) and deleted at ``close``.
 
-The disk part survives an actor restart: a new ``Spool`` on the same folder
-finds the unacked chunks again (a torn record at the end of a file, from a
-crash during a write, is cut off). On a clean shutdown ``close(spill=True)``
-writes the memory part to disk too. The memory part of a crashed actor is
-lost: if chunks on disk follow it, the learner declares its seqs lost when the
-actor says hello again; if not, the restarted actor numbers its new chunks from
-the learner's next seq (no gap, and nothing counts what was lost).
-``acked.json`` keeps the highest acked seq, so a reopened spool skips acked records;
-it is deleted as soon as seqs restart below it (a fresh learner numbers from 0).
+A disk write that fails (ENOSPC or any OSError) is not raised: the chunk stays in memory
+only, ``disk_error`` says why, and ``has_room()`` is False from then on (the actor stops
+safely). ``close(spill=True)`` tries once more to write such chunks to disk.
+
+A new ``Spool`` on the same folder (the restarted actor) finds every unacked chunk again,
+whether the previous process closed cleanly or was killed (a torn record at the end of a
+file, from a kill during a write, is cut off). ``acked.json`` keeps the highest acked seq
+(written at ``close``), so a reopened spool skips acked records; after a kill it is older
+and the restarted actor offers chunks the learner already has (its welcome acks them). It
+is deleted as soon as seqs restart below it (a fresh learner numbers from 0).
+
+``folder`` None keeps memory only, full at ``memory_chunks``: the user's explicit choice
+(``spool.dir=null``) to lose every unacked chunk if the actor process dies. The learner
+cannot tell: if nothing follows them, the restarted actor numbers its new chunks from the
+learner's next seq, and those chunks are gone uncounted.
 
 Segment file format (no pickle)::
 
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -60,7 +71,7 @@ Frames = list  # list of bytes-like frames
 
 
 class SpoolFull(RuntimeError):
-    """``put`` with no room left in memory or on disk."""
+    """``put`` with no room left (on disk, or in memory without a folder)."""
 
 
 class SpoolError(RuntimeError):
@@ -77,18 +88,21 @@ class _Segment:
 
 @dataclasses.dataclass
 class SpoolStats:
-    memory_chunks: int
-    disk_chunks: int
+    memory_chunks: int  # unacked chunks whose frames are in memory: the cache, plus the memory-only ones
+    disk_chunks: int  # unacked chunks on disk (with a folder and a working disk: all of them)
+    memory_only_chunks: int  # unacked chunks in memory only (no folder, or after a disk error): a crash loses them
     disk_bytes: int
     acked_chunks: int
     rejected_chunks: int
-    spilled_chunks: int
+    spilled_chunks: int  # chunks put past the memory cache: their sends read them back from disk
+    disk_reads: int  # ``get`` calls answered from disk
     first_seq: int | None
     last_seq: int | None
 
     @property
     def depth(self) -> int:
-        return self.memory_chunks + self.disk_chunks
+        """Unacked chunks held."""
+        return self.disk_chunks + self.memory_only_chunks
 
 
 def _frames_bytes(frames: Sequence) -> int:
@@ -96,10 +110,10 @@ def _frames_bytes(frames: Sequence) -> int:
 
 
 class Spool:
-    """Unacked chunks by seq: memory first, then disk; thread-safe.
+    """Unacked chunks by seq: all on disk (write-through), the oldest cached in memory; thread-safe.
 
-    ``folder`` None keeps memory only (full at ``memory_chunks``). ``meta`` (e.g.
-    actor id, task, dimensions) is saved in the folder; reopening it with other
+    ``folder`` None keeps memory only (full at ``memory_chunks``; lost if the process dies).
+    ``meta`` (e.g. actor id, task, dimensions) is saved in the folder; reopening it with other
     values is refused, so a spool never replays chunks into the wrong learner.
     """
 
@@ -118,10 +132,13 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.folder = Path(folder) if folder is not None else None
         self._lock = threading.Lock()
-        self._memory: collections.OrderedDict[int, Frames] = collections.OrderedDict()
         self._disk: dict[int, tuple[_Segment, int, int]] = {}  # seq -> (segment, record offset, n_frames)
+        # Frames of the oldest seqs of _disk (a prefix of it, in seq order), at most memory_chunks.
+        self._cache: collections.OrderedDict[int, Frames] = collections.OrderedDict()
+        # Chunks in memory only, in seq order: no folder, or taken after a disk error.
+        self._memory: collections.OrderedDict[int, Frames] = collections.OrderedDict()
         self._segments: list[_Segment] = []
-        self._writer = None  # open file object of the current (last) segment
+        self._fd: int | None = None  # open file of the current (last, writable) segment
         self._largest = 0  # largest chunk seen, in bytes: the room a next chunk needs
         self._last_seq: int | None = None
         self._acked_seq = -1  # highest seq acked (a crashed run's acks are unknown: then -1)
@@ -129,6 +146,7 @@ class Spool:
         self.acked = 0
         self.rejected = 0
         self.spilled = 0
+        self.disk_reads = 0
         self._lock_fd: int | None = None
         if self.folder is not None:
             self._open_folder(meta or {})
@@ -212,7 +230,7 @@ class Spool:
 
     def __len__(self) -> int:
         with self._lock:  # consistent with a concurrent ack (its files are gone once it returns 0)
-            return len(self._memory) + len(self._disk)
+            return len(self._disk) + len(self._memory)
 
     @property
     def first_seq(self) -> int | None:
@@ -221,8 +239,8 @@ class Spool:
             return self._first_seq()
 
     def _first_seq(self) -> int | None:
-        # Memory holds the oldest seqs, except after a disk error (then the newest too): take the min.
-        firsts = [next(iter(held)) for held in (self._memory, self._disk) if held]
+        # Disk holds the oldest seqs; memory only those taken after a disk error (or all, with no folder).
+        firsts = [next(iter(held)) for held in (self._disk, self._memory) if held]
         return min(firsts) if firsts else None
 
     @property
@@ -233,27 +251,33 @@ class Spool:
     def _disk_bytes(self) -> int:
         return sum(s.size for s in self._segments)
 
+    def _held_bytes(self) -> int:
+        """Disk bytes, less the acked records of the segment being written (cut when their room is needed)."""
+        emptied = self._fd is not None and not self._segments[-1].live
+        return self._disk_bytes() - (self._segments[-1].size - FILE_HEADER.size if emptied else 0)
+
     def has_room(self, extra_chunks: int = 0) -> bool:
         """Can ``extra_chunks + 1`` more chunks (of the largest size seen) be put? Never after a disk error."""
         with self._lock:
             if self.disk_error is not None:
                 return False
-            free_memory = self.memory_chunks - len(self._memory) if not self._disk else 0
-            need = extra_chunks + 1 - max(free_memory, 0)
-            if need <= 0:
-                return True
+            need = extra_chunks + 1
+            if self.folder is None:
+                return len(self._memory) + need <= self.memory_chunks
             chunk = self._largest + RECORD.size + CRC.size + 256
-            return self._disk_bytes() + FILE_HEADER.size + need * chunk <= self.max_disk_bytes
+            return self._held_bytes() + FILE_HEADER.size + need * chunk <= self.max_disk_bytes
 
     def stats(self) -> SpoolStats:
         with self._lock:
             return SpoolStats(
-                memory_chunks=len(self._memory),
+                memory_chunks=len(self._cache) + len(self._memory),
                 disk_chunks=len(self._disk),
+                memory_only_chunks=len(self._memory),
                 disk_bytes=self._disk_bytes(),
                 acked_chunks=self.acked,
                 rejected_chunks=self.rejected,
                 spilled_chunks=self.spilled,
+                disk_reads=self.disk_reads,
                 first_seq=self._first_seq(),
                 last_seq=self._last_seq,
             )
@@ -261,9 +285,10 @@ class Spool:
     # ------------------------------------------------------------ put / get
 
     def put(self, seq: int, frames: Sequence, force: bool = False) -> None:
-        """Hold a chunk's frames; seqs must increase. Raises ``SpoolFull`` when there is no room,
-        unless ``force``: then the chunk is kept past the caps (memory, or disk if there is a folder).
-        A disk that fails (see ``disk_error``) never loses the chunk: it is kept in memory."""
+        """Hold a chunk's frames (on disk at once, with a folder); seqs must increase. Raises
+        ``SpoolFull`` when there is no room, unless ``force``: then the chunk is kept past the cap
+        (on disk, or in memory without a folder). A disk that fails (see ``disk_error``) never
+        loses the chunk: it is kept in memory."""
         with self._lock:
             if self._last_seq is not None and seq <= self._last_seq:
                 raise ValueError(f"spool seqs must increase: got {seq} after {self._last_seq}")
@@ -276,11 +301,18 @@ class Spool:
                     self._try_disk(self._save_acked)
             size = _frames_bytes(frames)
             self._largest = max(self._largest, size)
-            in_memory = not self._disk and (len(self._memory) < self.memory_chunks or (force and self.folder is None))
-            if in_memory or not self._try_disk(self._write, seq, frames, size, force):
+            if self.folder is None:
+                if len(self._memory) >= self.memory_chunks and not force:
+                    raise SpoolFull(f"spool full: {len(self._memory)} chunks in memory and no disk spool configured")
                 self._memory[seq] = list(frames)
+            elif self._try_disk(self._write, seq, frames, size, force):
+                # Cached while the cache has room and holds every older chunk (it stays the oldest ones).
+                if len(self._cache) < self.memory_chunks and len(self._cache) == len(self._disk) - 1:
+                    self._cache[seq] = list(frames)
+                else:
+                    self.spilled += 1
             else:
-                self.spilled += 1
+                self._memory[seq] = list(frames)
             self._last_seq = seq
 
     def _try_disk(self, write: Callable, *args) -> bool:
@@ -293,20 +325,20 @@ class Spool:
         except OSError as err:
             self.disk_error = err
             log.error("spool %s: cannot write to disk: %s. No more chunks are taken (has_room() is False) and "
-                      "those held stay in memory: free space there, or point spool.dir at a disk with room",
+                      "the next ones stay in memory only: free space there, or point spool.dir at a disk with room",
                       self.folder, err)  # fmt: skip
             self._abandon_writer()
             return False
 
     def _abandon_writer(self) -> None:
         """After a failed write: close the segment and cut the part of a record that reached it."""
-        writer, self._writer = self._writer, None
-        if writer is None or not self._segments:
+        fd, self._fd = self._fd, None
+        if fd is None:
             return
         segment = self._segments[-1]  # the writer's
         segment.writable = False
         try:
-            writer.close()  # raises again for the bytes it could not flush: they are cut below
+            os.close(fd)
         except OSError:
             pass
         try:
@@ -320,40 +352,64 @@ class Spool:
 
     def _write(self, seq: int, frames: Sequence, size: int, force: bool = False) -> None:
         record_size = RECORD.size + len(frames) * FRAME_LEN.size + size + CRC.size
-        over = self._disk_bytes() + FILE_HEADER.size + record_size > self.max_disk_bytes
-        if self.folder is None or (over and not force):
-            where = f"{self.max_disk_bytes} bytes on disk in {self.folder}" if self.folder else "no disk spool configured"
-            raise SpoolFull(f"spool full: {len(self._memory)} chunks in memory and {where}")
-        segment = self._segments[-1] if self._segments and self._segments[-1].writable else None
-        if segment is None or segment.size + record_size > self.segment_bytes:
+        segment = self._segments[-1] if self._fd is not None else None
+        if segment is not None and not segment.live and segment.size > FILE_HEADER.size:
+            # All its records are acked: cut it back to its header when it is full, or its bytes are needed.
+            if (segment.size + record_size > self.segment_bytes
+                    or self._disk_bytes() + FILE_HEADER.size + record_size > self.max_disk_bytes):  # fmt: skip
+                os.ftruncate(self._fd, FILE_HEADER.size)
+                segment.size = FILE_HEADER.size
+        if self._disk_bytes() + FILE_HEADER.size + record_size > self.max_disk_bytes and not force:
+            raise SpoolFull(f"spool full: {len(self._disk)} chunks held and {self.max_disk_bytes} bytes on disk "
+                            f"in {self.folder}")  # fmt: skip
+        if segment is None or (segment.live and segment.size + record_size > self.segment_bytes):
             segment = self._new_segment(seq)
-        payload = bytearray()
+        parts = [b""]  # the record header, once the payload's crc is known
+        crc = 0
         for frame in frames:
             view = memoryview(frame).cast("B")
-            payload += FRAME_LEN.pack(view.nbytes)
-            payload += view
-        record = RECORD.pack(RECORD_MAGIC, seq, len(frames), len(payload)) + payload + CRC.pack(zlib.crc32(payload))
-        offset = segment.size
-        self._writer.write(record)
-        # Flushed to the OS at once: the disk part must survive this process being killed.
-        self._writer.flush()
-        segment.size += len(record)
+            length = FRAME_LEN.pack(view.nbytes)
+            crc = zlib.crc32(view, zlib.crc32(length, crc))
+            parts += (length, view)
+        parts[0] = RECORD.pack(RECORD_MAGIC, seq, len(frames), record_size - RECORD.size - CRC.size)
+        parts.append(CRC.pack(crc))
+        # Into the page cache at once, no copy: it survives this process being killed (not a power loss).
+        self._pwrite(parts, segment.size, record_size)
+        self._disk[seq] = (segment, segment.size, len(frames))
+        segment.size += record_size
         segment.live.add(seq)
-        self._disk[seq] = (segment, offset, len(frames))
+
+    def _pwrite(self, parts: list, offset: int, total: int) -> None:
+        while True:
+            written = os.pwritev(self._fd, parts[:512], offset)  # under IOV_MAX
+            total -= written
+            if total == 0:
+                return
+            if written <= 0:
+                raise OSError(errno.EIO, "the spool segment took no more bytes")
+            offset += written  # a short write: go on with the rest
+            while written >= memoryview(parts[0]).nbytes:
+                written -= memoryview(parts.pop(0)).nbytes
+            if written:
+                parts[0] = memoryview(parts[0]).cast("B")[written:]
 
     def _new_segment(self, seq: int) -> _Segment:
         self._close_writer()
         path = self.folder / f"seg-{seq:020d}-{os.getpid()}.o2ospool"
-        self._writer = open(path, "wb")
-        self._writer.write(FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION))
-        segment = _Segment(path, FILE_HEADER.size, set(), writable=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        segment = _Segment(path, 0, set(), writable=True)
         self._segments.append(segment)
+        self._pwrite([FILE_HEADER.pack(FILE_MAGIC, FILE_VERSION)], 0, FILE_HEADER.size)
+        segment.size = FILE_HEADER.size
         return segment
 
     def get(self, seq: int) -> Frames | None:
-        """The frames of ``seq`` (None if not held: acked, rejected or never put)."""
+        """The frames of ``seq`` (None if not held: acked, rejected or never put); from memory if
+        cached there, else read from disk (and cached if it is the next oldest and there is room)."""
         with self._lock:
-            frames = self._memory.get(seq)
+            frames = self._cache.get(seq)
+            if frames is None:
+                frames = self._memory.get(seq)
             if frames is not None:
                 return frames
             where = self._disk.get(seq)
@@ -371,15 +427,27 @@ class Spool:
                 pos += FRAME_LEN.size
                 frames.append(payload[pos : pos + n])
                 pos += n
+            self.disk_reads += 1
+            if len(self._cache) < self.memory_chunks and self._next_uncached(seq):
+                self._cache[seq] = frames
             return frames
+
+    def _next_uncached(self, seq: int) -> bool:
+        """Is ``seq`` (on disk, not cached) the oldest chunk on disk past the cache?"""
+        if not self._cache:
+            return seq == next(iter(self._disk))
+        last = next(reversed(self._cache))
+        return seq - last <= self.memory_chunks and not any(s in self._disk for s in range(last + 1, seq))
 
     def next_held(self, seq: int) -> int | None:
         """The smallest held seq >= ``seq`` (None if none)."""
         with self._lock:
-            if seq in self._memory or seq in self._disk:
+            if seq in self._disk or seq in self._memory:
                 return seq
-            # Each is in seq order; after a disk error memory may hold seqs above the disk's.
-            found = [next((s for s in held if s >= seq), None) for held in (self._memory, self._disk)]
+            if self._last_seq is None or seq > self._last_seq:
+                return None
+            # Each is in seq order; after a disk error memory holds seqs above the disk's.
+            found = [next((s for s in held if s >= seq), None) for held in (self._disk, self._memory)]
             return min((s for s in found if s is not None), default=None)
 
     # ------------------------------------------------------------ ack / drop
@@ -389,11 +457,13 @@ class Spool:
         with self._lock:
             dropped = 0
             self._acked_seq = max(self._acked_seq, seq)
-            while self._memory and next(iter(self._memory)) <= seq:
-                self._memory.popitem(last=False)
-                dropped += 1
+            while self._cache and next(iter(self._cache)) <= seq:
+                self._cache.popitem(last=False)
             while self._disk and next(iter(self._disk)) <= seq:
                 self._forget_disk(next(iter(self._disk)))
+                dropped += 1
+            while self._memory and next(iter(self._memory)) <= seq:
+                self._memory.popitem(last=False)
                 dropped += 1
             self.acked += dropped
             return dropped
@@ -404,6 +474,7 @@ class Spool:
             if self._memory.pop(seq, None) is None:
                 if seq not in self._disk:
                     return False
+                self._cache.pop(seq, None)
                 self._forget_disk(seq)
             self.rejected += 1
             return True
@@ -411,25 +482,25 @@ class Spool:
     def _forget_disk(self, seq: int) -> None:
         segment, _, _ = self._disk.pop(seq)
         segment.live.discard(seq)
-        if not segment.live:
-            if segment.writable:
-                self._writer.close()
-                self._writer = None
+        if not segment.live and not segment.writable:  # the one being written goes on (see _write)
             segment.path.unlink(missing_ok=True)
             self._segments.remove(segment)
 
     # ------------------------------------------------------------ shutdown
 
     def close(self, spill: bool = True) -> int:
-        """Release the folder; ``spill`` first writes the memory part to disk (a clean
-        shutdown keeps every unacked chunk for the next run). Returns the chunks spilled.
-        Disk errors are logged (with what could not be saved), never raised."""
+        """Release the folder. Every chunk is on disk already, except those taken after a disk
+        error: ``spill`` tries once more to write them there. Returns the chunks spilled. Disk
+        errors are logged (with what could not be saved), never raised. Without a folder, the
+        unacked chunks are discarded (logged)."""
         spilled = 0
         with self._lock:
-            if spill and self.folder is not None and self._memory:
+            if self._memory and self.folder is None:
+                log.warning("spool: %d unacked chunks discarded at close (spool.dir is null: memory only)",
+                            len(self._memory))  # fmt: skip
+            elif self._memory and spill:
                 spilled = self._spill()
-            if self._writer is not None:
-                self._try_disk(self._close_writer)
+            self._close_writer()
             if self.folder is not None and self._lock_fd is not None:
                 try:
                     self._save_acked()
@@ -445,15 +516,16 @@ class Spool:
             self._lock_fd = None
 
     def _spill(self) -> int:
-        first = next(iter(self._memory))
-        held = len(self._memory)
+        """Write the memory-only chunks (taken after a disk error) to disk, past the cap if need be:
+        keeping data beats honouring the cap here."""
+        held, error = len(self._memory), self.disk_error
+        self.disk_error = None  # one more try: acks may have freed room since
         spilled = 0
-        # A new segment, written past the disk cap if need be: keeping data beats honouring the cap here.
-        if self._try_disk(self._new_segment, first):
-            for seq, frames in self._memory.items():
-                if not self._try_disk(self._write, seq, frames, _frames_bytes(frames), True):
-                    break
-                spilled += 1
+        for seq, frames in self._memory.items():
+            if not self._try_disk(self._write, seq, frames, _frames_bytes(frames), True):
+                break
+            spilled += 1
+        self.disk_error = self.disk_error or error
         self._memory.clear()
         if spilled < held:
             log.error("spool %s: %d of %d unacked chunks in memory could not be saved to disk (%s): they are lost; "
@@ -464,10 +536,19 @@ class Spool:
         return spilled
 
     def _close_writer(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            self._segments[-1].writable = False
-            writer.close()
+        """Close the segment being written; delete it if it holds no unacked chunk."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        segment = self._segments[-1]
+        segment.writable = False
+        try:
+            os.close(fd)
+            if not segment.live:
+                self._segments.remove(segment)
+                segment.path.unlink(missing_ok=True)
+        except OSError:  # an empty segment left behind is removed when the folder is reopened
+            pass
 
     def _save_acked(self) -> None:
         path = self.folder / ACKED_FILE
