@@ -220,7 +220,8 @@ def answers(cells: list[Cell], tasks: list[str]) -> list[str]:
         if calql and cql:
             out.append(f"- {task}: dip Cal-QL {fmt([c.early_dip for c in calql])} vs CQL {fmt([c.early_dip for c in cql])} "
                        f"(Cal-QL {compare([c.early_dip for c in calql], [c.early_dip for c in cql])}); final Cal-QL "
-                       f"{compare(finals(task, 'calql'), finals(task, 'cql'))} than CQL")  # fmt: skip
+                       f"{fmt(finals(task, 'calql'))} vs CQL {fmt(finals(task, 'cql'))} "
+                       f"(Cal-QL {compare(finals(task, 'calql'), finals(task, 'cql'))})")  # fmt: skip
     out += ["", "**Does the OOO retrained policy score at least as well as the exploring policy it was trained from?**"]
     for task in tasks:
         for method in ordered([c for c in cells if c.task == task]):
