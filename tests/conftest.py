@@ -1,8 +1,10 @@
 """Test-wide setup: Minari datasets go to a private temporary folder; real mounts for fault tests."""
 
 import os
+import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,34 @@ def tmpfs(mounts, tmp_path):
     disk = tmp_path / "tmpfs"
     mounts.tmpfs(disk, "64m")
     return disk
+
+
+# ---------------------------------------------------------------- a prebuilt offline dataset
+
+POINTMAZE_DATASET = "o2o/pointmaze-umaze/mixed-v0"
+
+
+@pytest.fixture(scope="session")
+def pointmaze_minari(tmp_path_factory) -> Path:
+    """A Minari datasets folder holding ``POINTMAZE_DATASET`` (6 episodes of o2o's builder), built
+    once per session. Read only: give a test's processes ``private_minari`` (a copy) instead."""
+    from o2o.datasets.builders import build_dataset, parse_dataset_id
+
+    root = tmp_path_factory.mktemp("pointmaze-minari")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        build_dataset(*parse_dataset_id(POINTMAZE_DATASET), n_episodes=6, progress=False)
+    finally:
+        if previous is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    return root
+
+
+@pytest.fixture
+def private_minari(pointmaze_minari, tmp_path) -> Path:
+    """tmp_path/minari: this test's own copy of ``pointmaze_minari``, for its processes'
+    MINARI_DATASETS_PATH (a learner finds its offline dataset there instead of building it)."""
+    return Path(shutil.copytree(pointmaze_minari, tmp_path / "minari"))

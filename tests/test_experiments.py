@@ -49,6 +49,10 @@ def test_report_numbers_by_hand(tmp_path):
     assert "calql higher (+30.0)" in text  # final 70 vs offline 40, beyond the spread of 8.2
     assert "retrain no verdict: 1 seed(s), 3 needed (+40.0)" in text  # one seed: numbers, no verdict
     assert "seeds [0, 1, 2]" in text and "test box" in text
+    # What is missing is listed (cql: 1 of 3 seeds; sac: never run), and the small budget is named as such.
+    missing = text[text.index("## What this matrix cannot show"):]
+    assert "cql (1 of 3 seeds)" in missing and "sac (0 of 3 seeds)" in missing and "calql (" not in missing
+    assert "Budget small is far below the papers'" in missing and "`budget=paper`" in missing
 
 
 def test_report_without_cells_is_a_clear_error(tmp_path):
@@ -66,7 +70,8 @@ TINY = [
                                          "checkpoint_every=40"),
     "budget.learner_args=" + hydra_list("online_updates=40", "batch_size=32", "warmup_rows=100", "eval_every_steps=0",
                                         "eval.episodes=1", *NET, "max_updates_ahead=0"),
-    "budget.actor_args=" + hydra_list("control_hz=0", "eval_every=0", "max_episode_steps=50"),
+    # link.drain_s=0: o2o-launch stops the actor after the learner, when no acks can come.
+    "budget.actor_args=" + hydra_list("control_hz=0", "eval_every=0", "max_episode_steps=50", "link.drain_s=0"),
     "budget.dataset_quality=mixed",
     "budget.dataset_episodes=6",
 ]  # fmt: skip

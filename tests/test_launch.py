@@ -28,8 +28,12 @@ from o2o.learner.fine_tuning import explicit_keys
 from o2o.learner.launch import (GROUPS, LaunchConfig, actor_command, flatten, hydra_overrides, hydra_value,
                                 learner_command)  # fmt: skip
 
+# One torch thread: the learner shares 2 cores with the launcher and the actors (more threads thrash).
 LEARNER = ["learner.build_episodes=6", "learner.batch_size=32", "learner.warmup_rows=100", "learner.publish_every=20",
-           "learner.checkpoint_every=20", "learner.log_every=10", "learner.eval.episodes=1"]  # fmt: skip
+           "learner.checkpoint_every=20", "learner.log_every=10", "learner.eval.episodes=1",
+           "learner.threads=1"]  # fmt: skip
+# The launcher stops the actors after the learner: no acks can come then, so they need not wait for any.
+ACTOR = ["actor.link.drain_s=0"]
 
 
 def launch(tmp_path: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -40,7 +44,9 @@ def launch(tmp_path: Path, run_dir: Path, *args: str) -> subprocess.CompletedPro
 
 def test_launch_pretrains_then_fine_tunes_with_two_actors(tmp_path):
     run_dir = tmp_path / "run"
-    done = launch(tmp_path, run_dir, "learner.steps=40", "learner.online_updates=60", "actors=2", *LEARNER)
+    # 50-step episodes: rows become trainable (their episode ended) within a second of acting.
+    done = launch(tmp_path, run_dir, "learner.steps=40", "learner.online_updates=60", "actors=2", *LEARNER, *ACTOR,
+                  "actor.max_episode_steps=50")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "done: 60 online updates" in done.stdout
     assert "pretraining" in done.stderr and "online updates" in done.stderr  # both progress bars were shown
@@ -65,11 +71,13 @@ def tiny_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "checkpoint.pt", spec.build_agent(), spec, step=0)
 
 
-def test_nested_overrides_reach_the_real_learner_and_actor(tmp_path):
+def test_nested_overrides_reach_the_real_learner_and_actor(tmp_path, private_minari):
+    # private_minari: the offline dataset is already in tmp_path/minari (launch()'s), not built again.
     run_dir, stats = tmp_path / "run", tmp_path / "actor stats.json"
     learner = [f"pretrained={tiny_checkpoint(tmp_path / 'pre')}", "online_updates=30", "warmup_rows=40",
-               "publish_every=7", "algo.cql_alpha=1.0", "build_episodes=6", "batch_size=32", "eval.episodes=1"]
-    actor = ["actor_id=robot", "max_episode_steps=20", "control_hz=100", f"stats_file='{stats}'"]
+               "publish_every=7", "algo.cql_alpha=1.0", "build_episodes=6", "batch_size=32", "eval.episodes=1",
+               "threads=1"]  # fmt: skip
+    actor = ["actor_id=robot", "max_episode_steps=20", "control_hz=100", f"stats_file='{stats}'", "link.drain_s=0"]
     done = launch(tmp_path, run_dir, "actors=1", *(f"learner.{a}" for a in learner), *(f"actor.{a}" for a in actor))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # The learner composed them into its own config (Hydra saves it in its run folder; the launcher's
@@ -149,14 +157,42 @@ def test_hydra_value_reads_back_as_the_same_value(value):
     assert OverridesParser.create().parse_override(f"key={hydra_value(value)}").value() == value
 
 
-@pytest.mark.parametrize("args, message", [
+REFUSED = [
     (["learner.utdd=0.5"], "utdd"),
     (["task=pointmaze-umazee"], "pointmaze-umaze"),
     (["learner.task=pusher"], "task=NAME"),
     (["actor.learner=tcp://x:1"], "port="),
     (["actor.policy.swap=never"], "policy.swap"),
-])  # fmt: skip
-def test_typos_and_settings_the_launcher_owns_are_clear_errors(tmp_path, args, message):
-    done = launch(tmp_path, tmp_path / "run", *args)
-    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
-    assert not (tmp_path / "run" / "learner.log").exists()  # refused before anything started
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> list[tuple[Path, int, str]]:
+    """(run folder, exit status, stderr) of o2o-launch with each REFUSED command line; the launchers
+    run side by side (each spends its time starting up)."""
+    root = tmp_path_factory.mktemp("refused")
+    started = []
+    for i, (args, _) in enumerate(REFUSED):
+        run_dir = root / str(i) / "run"
+        cmd = [sys.executable, "-m", "o2o.learner.launch", "refresh_s=0.5", *args, f"hydra.run.dir={run_dir}"]
+        env = {**os.environ, "MINARI_DATASETS_PATH": str(root / str(i) / "minari")}
+        started.append((run_dir, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                  env=env)))  # fmt: skip
+    results = []
+    for run_dir, proc in started:
+        try:
+            _, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        results.append((run_dir, proc.returncode, err))
+    return results
+
+
+@pytest.mark.parametrize("case", range(len(REFUSED)), ids=[message for _, message in REFUSED])
+def test_typos_and_settings_the_launcher_owns_are_clear_errors(refused, case):
+    run_dir, returncode, stderr = refused[case]
+    message = REFUSED[case][1]
+    assert returncode != 0 and message in stderr, stderr[-2000:]
+    assert not (run_dir / "learner.log").exists()  # refused before anything started

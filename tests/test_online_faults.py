@@ -25,7 +25,10 @@ from o2o.transport.ingest import IngestServer
 from o2o.learner.online import PolicyPublisher
 
 TASK = "pointmaze-umaze"
-TINY = ["batch_size=32", "log_every=10", "checkpoint_every=20", "progress=false"]
+# One torch thread: the learner shares 2 cores with actors (more threads thrash); one evaluation
+# episode at the start and the end (no test here looks at the learner's own evaluations).
+TINY = ["batch_size=32", "log_every=10", "checkpoint_every=20", "progress=false", "threads=1", "eval.episodes=1",
+        "eval_every_steps=0"]  # fmt: skip
 
 
 def free_endpoint() -> str:
@@ -47,7 +50,9 @@ def learner_cmd(run_dir: Path, endpoint: str, *args: str) -> list[str]:
 
 def start_actor(tmp: Path, endpoint: str, actor_id: str, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "o2o.actor.main", f"task={TASK}", f"learner={endpoint}", f"actor_id={actor_id}",
-           f"spool.dir={tmp / 'spool'}", "chunk_rows=50", "link.timeout_s=2", *args]  # fmt: skip
+           f"spool.dir={tmp / 'spool'}", "chunk_rows=50", "link.timeout_s=2",
+           "link.drain_s=0",  # stopped after the learner: no acks can come, do not wait for them
+           *args]  # fmt: skip
     return subprocess.Popen(cmd, stdout=open(tmp / f"{actor_id}.log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -124,7 +129,7 @@ def test_a_learner_whose_store_turns_read_only_exits_with_a_clear_error(tmp_path
     forever while the actors filled their spools."""
     run_dir, endpoint, store = tmp_path / "run", free_endpoint(), tmpfs / "replay"
     cmd = learner_cmd(run_dir, endpoint, f"pretrained={tiny_checkpoint(tmp_path / 'pre')}", f"store={store}",
-                      "warmup_rows=100000", "online_updates=0", "commit_retry_s=2")  # fmt: skip
+                      "warmup_rows=100000", "online_updates=0", "commit_retry_s=1")  # fmt: skip
     learner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     actor = start_actor(tmp_path, endpoint, "a0", "control_hz=500")
     try:
@@ -171,22 +176,25 @@ def test_a_resumed_run_never_publishes_a_version_number_twice(tmp_path):
 
 def launch_cmd(tmp_path: Path, run_dir: Path, *args: str) -> list[str]:
     learner = ["batch_size=32", "log_every=10", "checkpoint_every=20", "build_episodes=6", "warmup_rows=50",
-               "publish_every=50", f"pretrained={tiny_checkpoint(tmp_path / 'pre')}"]  # fmt: skip
+               "publish_every=50", "threads=1", "eval.episodes=1", "eval_every_steps=0",
+               f"pretrained={tiny_checkpoint(tmp_path / 'pre')}"]  # fmt: skip
     return [sys.executable, "-m", "o2o.learner.launch", *(f"learner.{arg}" for arg in learner), "refresh_s=0.5",
-            f"hydra.run.dir={run_dir}", *args]  # fmt: skip
+            "actor.link.drain_s=0", f"hydra.run.dir={run_dir}", *args]  # fmt: skip
 
 
-def test_launch_with_eval_episodes_runs_past_the_old_flow_control_deadlock(tmp_path):
+def test_launch_with_eval_episodes_runs_past_the_old_flow_control_deadlock(tmp_path, private_minari):
     """Before: eval rows counted towards the fleet hold but never became trainable; with an eval
     episode after every training episode, the fleet was held for good after the first one and
-    the learner waited for data forever (o2o-launch's defaults: near 15,100 updates; here at 560)."""
+    the learner waited for data forever (o2o-launch's defaults: near 15,100 updates; here, with
+    50-step episodes, near 260: the fleet hold of the old code, on committed rows, stopped there)."""
     run_dir = tmp_path / "run"
-    cmd = launch_cmd(tmp_path, run_dir, "learner.online_updates=1500", "actors=2", "actor.eval_every=1",
-                     "learner.max_rows_ahead=60", "actor.control_hz=200", "learner.max_updates_ahead=10")  # fmt: skip
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    cmd = launch_cmd(tmp_path, run_dir, "learner.online_updates=500", "actors=2", "actor.eval_every=1",
+                     "learner.max_rows_ahead=60", "actor.control_hz=200", "learner.max_updates_ahead=10",
+                     "actor.max_episode_steps=50")  # fmt: skip
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(private_minari)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "done: 1500 online updates" in done.stdout  # the old code stopped for good at 560
+    assert "done: 500 online updates" in done.stdout  # the old code stopped for good near 260
     store = ReplayStore.open(run_dir / "replay", "r")
     episodes = store.episodes(["eval", "ended", "length"])
     eval_rows = episodes["length"][episodes["eval"]].sum()
@@ -207,12 +215,14 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_while_the_launcher_stops_leaves_no_actor_behind(tmp_path, second):
+def test_a_second_signal_while_the_launcher_stops_leaves_no_actor_behind(tmp_path, private_minari, second):
     """Before: a second Ctrl-C or a SIGTERM during the learner's wait skipped stopping the actors,
     which ran on forever (link.on_learner_lost=continue)."""
     run_dir = tmp_path / "run"
-    cmd = launch_cmd(tmp_path, run_dir, "learner.online_updates=0", "actors=2", "actor.control_hz=50")
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    # Chunks of 25 rows: the first commit (everyone up and talking) half a second after the actors start.
+    cmd = launch_cmd(tmp_path, run_dir, "learner.online_updates=0", "actors=2", "actor.control_hz=50",
+                     "actor.chunk_rows=25")  # fmt: skip
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(private_minari)}
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     actors_of_this_run = f"spool.dir={run_dir / 'spool'}"
     try:

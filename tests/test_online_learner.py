@@ -21,7 +21,7 @@ from o2o.learner.checkpoint import AgentSpec, save_checkpoint
 from o2o.learner.config import CalQLConfig, NetworkConfig
 
 TASK = "pointmaze-umaze"
-STEPS_PER_ACTOR = 3000
+STEPS_PER_ACTOR = 1500
 CONTROL_HZ = 400  # slow enough that the learner is killed while the actors are still sending
 
 
@@ -41,7 +41,9 @@ def start_learner(run_dir: Path, endpoint: str, *args: str) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "o2o.learner.online", f"task={TASK}", "build_episodes=8", f"endpoint={endpoint}",
         "online_updates=0", "warmup_rows=300", "publish_every=25", "checkpoint_every=25", "log_every=25",
-        "batch_size=32", "max_rows_ahead=0", "progress=false", f"hydra.run.dir={run_dir}", *args,
+        "batch_size=32", "max_rows_ahead=0", "progress=false", f"hydra.run.dir={run_dir}",
+        # One torch thread (it shares 2 cores with the actors); one evaluation episode at start and end.
+        "threads=1", "eval.episodes=1", "eval_every_steps=0", *args,
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=open(run_dir.parent / f"{run_dir.name}.log", "a"), stderr=subprocess.STDOUT)
 
@@ -61,6 +63,13 @@ def committed_rows(path: Path) -> int:
         return len(ReplayStore.open(path, "r"))
     except Exception:  # not created yet
         return 0
+
+
+def trained_after(metrics: Path, offset: int) -> bool:
+    """Whether metrics.jsonl holds a training line past byte ``offset``."""
+    with open(metrics, "rb") as f:
+        f.seek(offset)
+        return b'"train/critic_loss"' in f.read()
 
 
 def wait_for(condition, what: str, timeout: float = 240.0) -> None:
@@ -85,11 +94,13 @@ def test_kill_9_learner_mid_ingest_then_resume(tmp_path):
         seq_at_crash = {a: at_crash.committed_seq(a) for a in actors}
         assert 1000 <= len(at_crash) < 2 * STEPS_PER_ACTOR  # killed mid-ingest
 
+        logged = (run_dir / "metrics.jsonl").stat().st_size
         learner = start_learner(run_dir, endpoint, f"resume={run_dir}")
         for actor_id, proc in actors.items():
             assert proc.wait(timeout=300) == 0, (tmp_path / f"{actor_id}.log").read_text()[-3000:]
         wait_for(lambda: committed_rows(run_dir / "replay") >= 2 * STEPS_PER_ACTOR, "every row committed")
-        time.sleep(3)  # some updates and a checkpoint after the restart
+        # Some updates after the restart (it checkpoints them as it stops).
+        wait_for(lambda: trained_after(run_dir / "metrics.jsonl", logged), "updates after the restart")
     finally:
         for proc in [learner, *actors.values()]:
             if proc.poll() is None:

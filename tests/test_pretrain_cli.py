@@ -23,18 +23,38 @@ TINY = [
     "net.critic_hidden=[32,32]",
     "batch_size=32",
     "progress=false",
+    "threads=1",  # two runs share the 2 cores below; one thread each, the same in every run (exact resume)
 ]
 
 
-def pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "o2o.learner.pretrain", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
 
 
-def run_ok(run_dir: Path, *overrides: str) -> Path:
-    result = pretrain(run_dir, *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def side_by_side(*runs: tuple[Path, tuple[str, ...]]) -> list[subprocess.CompletedProcess]:
+    """``o2o-pretrain`` in each (run folder, overrides), all at once (each spends seconds starting up)."""
+    procs = [start(run_dir, *overrides) for run_dir, overrides in runs]
+    return [finish(proc) for proc in procs]
+
+
+def pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return side_by_side((run_dir, overrides))[0]
+
+
+def assert_ok(*results: subprocess.CompletedProcess) -> None:
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
 
 
 def weights(run_dir: Path) -> dict:
@@ -44,10 +64,12 @@ def weights(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    straight = run_ok(root / "straight", "steps=40")
-    first_half = run_ok(root / "half", "steps=20")
+    straight, first_half, resumed = root / "straight", root / "half", root / "resumed"
+    # The first run builds the dataset (if no earlier test did); the two others then run side by side.
+    assert_ok(pretrain(first_half, "steps=20"))
     # `resume` continues a run in its own folder: resume a copy, so first_half stays at step 20.
-    resumed = run_ok(shutil.copytree(first_half, root / "resumed"), "steps=40", f"resume={root / 'resumed'}")
+    shutil.copytree(first_half, resumed)
+    assert_ok(*side_by_side((straight, ("steps=40",)), (resumed, ("steps=40", f"resume={resumed}"))))
     return straight, first_half, resumed
 
 
@@ -80,14 +102,22 @@ def test_resume_continues_exactly(runs):
         assert torch.equal(value, b["agent"][key]), key
 
 
-def test_unknown_task_and_bad_override_are_clear_errors(tmp_path):
-    result = pretrain(tmp_path / "a", "task=pointmaze-umazee")
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> list[subprocess.CompletedProcess]:
+    """The command lines o2o-pretrain must refuse, run side by side."""
+    root = tmp_path_factory.mktemp("refused")
+    return side_by_side((root / "a", ("task=pointmaze-umazee",)), (root / "b", ("algo.cql_alpah=1.0",)),
+                        (root / "c", ("dataset=someone/missing-v0", "steps=5")))  # fmt: skip
+
+
+def test_unknown_task_and_bad_override_are_clear_errors(refused):
+    result = refused[0]
     assert result.returncode != 0 and "pointmaze-umaze" in result.stderr
-    result = pretrain(tmp_path / "b", "algo.cql_alpah=1.0")
+    result = refused[1]
     assert result.returncode != 0 and "cql_alpah" in result.stderr
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path):
-    result = pretrain(tmp_path / "c", "dataset=someone/missing-v0", "steps=5")
+def test_missing_dataset_is_a_clear_error(refused):
+    result = refused[2]
     assert result.returncode == 2
     assert "not found" in result.stderr and "MINARI_DATASETS_PATH" in result.stderr

@@ -18,13 +18,14 @@ from test_online_learner import free_endpoint
 TASK = "pointmaze-umaze"
 
 
-def run_learner_with_actor(run_dir: Path, mode: str) -> subprocess.CompletedProcess:
-    endpoint = free_endpoint()
+def start_learner_with_actor(run_dir: Path, mode: str, endpoint: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """The learner (output in <run_dir>/../learner.out and learner.log) and its actor (actor.log)."""
     learner_cmd = [
         sys.executable, "-m", "o2o.learner.online", f"task={TASK}", f"endpoint={endpoint}", "from_scratch=true",
         "algo.cql_alpha=0.0", "algo.calibrated=false", "online_updates=200", "warmup_rows=300", "batch_size=32",
         "publish_every=100", "checkpoint_every=100", "log_every=50", "max_rows_ahead=100", "max_updates_ahead=0", "progress=false",
         "net.policy_hidden=[32,32]", "net.critic_hidden=[32,32]", "eval.episodes=1",
+        "threads=1",  # the learners, their retrains and the actors share 2 cores: more torch threads thrash
         "retrain_every=100", f"retrain_at_end={str(mode == 'fine_tune').lower()}", f"retrain_mode={mode}",
         "retrain_steps=30",
         "retrain_args=['batch_size=32','log_every=10']", f"hydra.run.dir={run_dir}",
@@ -33,17 +34,46 @@ def run_learner_with_actor(run_dir: Path, mode: str) -> subprocess.CompletedProc
         sys.executable, "-m", "o2o.actor.main", f"task={TASK}", f"learner={endpoint}", "actor_id=a0",
         f"spool.dir={run_dir.parent / 'spool'}", "policy.act_before_policy=true", "max_steps=4000", "max_episode_steps=50",
         "link.timeout_s=2", "log_every_s=1",
+        "link.drain_s=0",  # stopped after the learner has exited: no acks can come
     ]  # fmt: skip
     with open(run_dir.parent / "actor.log", "w") as actor_log:
         actor = subprocess.Popen(actor_cmd, stdout=actor_log, stderr=subprocess.STDOUT)
-        try:
-            learner = subprocess.run(learner_cmd, capture_output=True, text=True, timeout=600)
-        finally:
-            actor.terminate()
-            actor.wait(30)
-    (run_dir.parent / "learner.log").write_text(learner.stderr)
-    assert learner.returncode == 0, learner.stderr[-4000:]
-    return learner
+    with open(run_dir.parent / "learner.out", "w") as out, open(run_dir.parent / "learner.log", "w") as err:
+        learner = subprocess.Popen(learner_cmd, stdout=out, stderr=err)
+    return learner, actor
+
+
+def finish(run_dir: Path, learner: subprocess.Popen, actor: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        learner.wait(timeout=600)
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+            learner.wait()
+        actor.terminate()
+        actor.wait(30)
+    out, err = (run_dir.parent / "learner.out").read_text(), (run_dir.parent / "learner.log").read_text()
+    return subprocess.CompletedProcess(learner.args, learner.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Both modes' runs, side by side: each is mostly one process after another starting up (the
+    learner, its retrains), so together they take little longer than one."""
+    endpoints = [free_endpoint()]
+    while len(endpoints) < 2:
+        endpoint = free_endpoint()
+        if endpoint not in endpoints:
+            endpoints.append(endpoint)
+    started = {}
+    try:
+        for mode, endpoint in zip(("recommend", "fine_tune"), endpoints):
+            run_dir = tmp_path_factory.mktemp(mode) / "run"
+            run_dir.mkdir()
+            started[mode] = (run_dir, *start_learner_with_actor(run_dir, mode, endpoint))
+    finally:
+        done = {mode: (run_dir, finish(run_dir, learner, actor)) for mode, (run_dir, learner, actor) in started.items()}
+    return done
 
 
 def retrains(run_dir: Path) -> list[dict]:
@@ -63,10 +93,9 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("mode", ["recommend", "fine_tune"])
-def test_offline_rl_as_a_subroutine_of_online_rl(tmp_path, mode):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    learner = run_learner_with_actor(run_dir, mode)
+def test_offline_rl_as_a_subroutine_of_online_rl(runs, mode):
+    run_dir, learner = runs[mode]
+    assert learner.returncode == 0, learner.stderr[-4000:]
 
     jobs = sorted(p for p in (run_dir / "retrain").iterdir())
     assert jobs[0].name == "00000100"  # the first periodic retrain (one runs at a time: 200 may be skipped)
