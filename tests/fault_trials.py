@@ -471,6 +471,9 @@ def sigstop_trial(root: Path, seed: int, params: Params | None = None) -> TrialR
     return _trial("sigstop", seed, root, params, body)
 
 
+FD_SLACK = 8
+
+
 def actor_restart_trial(root: Path, seed: int, kills: int, params: Params | None = None) -> TrialResult:
     """SIGKILL one actor process ``kills`` times at random moments, restarting it on its spool;
     the last run finishes: its seqs 0..N-1 each stored exactly once, none declared lost."""
@@ -480,12 +483,13 @@ def actor_restart_trial(root: Path, seed: int, kills: int, params: Params | None
     def body(rig: Rig, rng: np.random.Generator) -> TrialResult:
         shared = rig.shared[actor_id]
         rig.start_learner()
-        firsts, acked_at_kill = [], []
+        firsts, acked_at_kill, fds = [], [], []  # fds: the learner's open file descriptors after each welcome
         for _ in range(kills):
             proc = rig.start_actor(actor_id)
             rig.wait(lambda: shared[FIRST] >= 0, "the actor's welcome")
             first = int(shared[FIRST])
             firsts.append(first)
+            fds.append(len(os.listdir(f"/proc/{rig.learner.pid}/fd")))  # sockets, store files, pipes
             if acked_at_kill and first <= acked_at_kill[-1]:
                 raise TrialFailed(f"run {len(firsts)} starts at seq {first}, seq {acked_at_kill[-1]} was acked")
             n_new = int(rng.integers(1, 20))
@@ -502,7 +506,11 @@ def actor_restart_trial(root: Path, seed: int, kills: int, params: Params | None
         result = _finish(rig, "actor_restart", seed, 0, kills, {})
         firsts.append(rig.actor_stats(actor_id)["first_seq"])
         check_runs(rig.store_path, actor_id, firsts)
-        result.detail = f"runs started at seqs {firsts}"
+        # A killed actor's connection is closed by the learner: its descriptors do not grow with
+        # the kills (a few of slack for store files open at the moment of counting).
+        if fds and max(fds) > fds[0] + FD_SLACK:
+            raise TrialFailed(f"the learner's open file descriptors grew with the actor kills: {fds}")
+        result.detail = f"runs started at seqs {firsts}; learner open fds after each welcome {fds}"
         return result
 
     return _trial("actor_restart", seed, root, params, body)
