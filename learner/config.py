@@ -200,6 +200,10 @@ class OnlineConfig(PretrainConfig):
     fsync: bool = True
     """fsync each commit's files before its commit record (survives power loss; ~20-45 ms a commit
     on ext4, BENCHMARKS.md). false = survive process crashes only."""
+    commit_interval_s: float = 0.05
+    """Group commit: commit (then ack) staged rows at most this long after the previous commit, or at
+    each full Zarr chunk. Longer spreads each commit's fsyncs over more rows (BENCHMARKS.md,
+    "Reliability cost") at the price of later acks: acked rows stay committed whatever the value."""
     online_updates: int = 20_000
     """Stop after this many online updates (0 = run until interrupted)."""
     utd: float = 1.0

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from o2o.datasets.minari_io import DatasetError
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.envs import get_task
-from o2o.transport.ingest import IngestServer
+from o2o.transport.ingest import IngestServer, check_commit_interval
 from o2o.transport.security import LearnerKeys, require_keys_off_loopback
 
 from . import stopping
@@ -198,6 +198,7 @@ def check_sera_batch(batch_size: int, offline_ratio: float, k: int) -> None:
 def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
     """Fine-tune online; ``explicit``: the dotted config keys the user set (see ``fine_tuning``)."""
     require_keys_off_loopback(cfg.endpoint, cfg.keys, cfg.insecure, "the learner")
+    check_commit_interval(cfg.commit_interval_s)  # before any pretraining
     keys = LearnerKeys(cfg.keys) if cfg.keys else None  # bad keys fail before any pretraining
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -221,6 +222,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
 
     publisher = PolicyPublisher(agent, spec, run_dir, int(extra.get("policy_version", 0)), extra.get("run_id"))
     server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=on_commit, run_id=publisher.run_id,
+                          commit_interval_s=cfg.commit_interval_s,
                           commit_retry_s=cfg.commit_retry_s, abandon_idle_s=cfg.abandon_idle_s,
                           keys=keys, max_rows_per_s=cfg.max_rows_per_s).start()  # fmt: skip
     publisher.server = server

@@ -265,3 +265,13 @@ def test_hold_reaches_every_actor_at_once_and_rides_on_acks(tmp_path):
         server.set_hold(False)
         assert next_ack().hold is False
         dealer.close()
+
+
+@pytest.mark.parametrize("seconds", [0.0, -0.05, 1.5, float("nan")])
+def test_a_commit_interval_outside_0_to_1_s_is_refused_before_the_server_starts(tmp_path, seconds):
+    store = new_store(tmp_path / "replay")
+    try:
+        with pytest.raises(ValueError, match=r"commit_interval_s must be in \(0, 1\] seconds"):
+            IngestServer(store, free_endpoint(), commit_interval_s=seconds)
+    finally:
+        store.close()

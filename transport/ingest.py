@@ -163,6 +163,12 @@ class ActorStats:
     instance: str = ""  # the actor process that holds this actor_id (from its hello)
 
 
+def check_commit_interval(seconds: float) -> None:
+    """Refuse a group-commit interval outside (0, 1] s: acks later than ~1 s crowd the actors' 5 s link timeout."""
+    if not 0 < seconds <= 1.0:
+        raise ValueError(f"commit_interval_s must be in (0, 1] seconds, not {seconds}")
+
+
 class IngestServer:
     """Receives actors' chunks into a ``ReplayStore`` and publishes policies.
 
@@ -200,6 +206,7 @@ class IngestServer:
         max_queued_messages: int = 10000,
         context: zmq.Context | None = None,
     ):
+        check_commit_interval(commit_interval_s)
         self.store = store
         self.spec = spec or ChunkSpec(store.config.obs_dim, store.config.action_dim)
         self.task = task or store.config.task
