@@ -212,46 +212,68 @@ class Progress:
                 "policy": self.version}  # fmt: skip
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+class StopSignals:
+    """SIGINT and SIGTERM for the launcher: the first one while the run loop is interruptible raises
+    KeyboardInterrupt (stop gracefully: the learner checkpoints); any other one means "now" and kills
+    the children at once.
+
+    Why one handler for the whole run: before, the stop path installed its own handler, and a second
+    Ctrl-C landing between the KeyboardInterrupt and that install (a few ms; longer on a loaded machine)
+    was taken as a first one: the launcher then waited up to LEARNER_STOP_S for the learner.
+    """
+
+    def __init__(self):
+        self.urgent = threading.Event()
+        self.received = 0
+        self.interruptible = False  # in the run loop, no signal yet
+        self.stopping = False  # past the run loop: any signal hurries the stop
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, *_) -> None:
+        self.received += 1
+        if self.interruptible:
+            self.interruptible = False
+            raise KeyboardInterrupt
+        if self.received > 1 or self.stopping:
+            if not self.urgent.is_set():
+                tqdm.write("second signal: killing the learner and the actors now")
+            self.urgent.set()
+        # else a first signal while the children start: enter_loop raises it
+
+    def enter_loop(self) -> None:
+        self.interruptible = True
+        if self.received:  # a signal came while the children started
+            self.interruptible = False
+            raise KeyboardInterrupt
+
+    def leave_loop(self) -> None:
+        self.interruptible, self.stopping = False, True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 LEARNER_STOP_S = 120.0  # a learner checkpoints and commits when stopped: give it time
 ACTOR_STOP_S = 15.0
 
 
-def stop_processes(learner: subprocess.Popen, actors: list[subprocess.Popen]) -> None:
-    """Stop the learner if it still runs (it checkpoints), then every actor, whatever signals
-    arrive meanwhile.
+def stop_processes(learner: subprocess.Popen, actors: list[subprocess.Popen], urgent: threading.Event) -> None:
+    """Stop the learner if it still runs (it checkpoints), then every actor; once ``urgent`` is set
+    (a second signal), kill them at once.
 
     Why: the children run in their own sessions, so only this process can stop them; an
-    actor left behind runs on forever (link.on_learner_lost=continue). A second Ctrl-C or a
-    SIGTERM while this waits does not cut it short: it kills the children at once instead.
+    actor left behind runs on forever (link.on_learner_lost=continue).
     """
-    urgent = threading.Event()
-
-    def hurry(*_) -> None:
-        if not urgent.is_set():
-            tqdm.write("second signal: killing the learner and the actors now")
-        urgent.set()
-
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # no signal between here and the new handlers
-    previous = {sig: signal.signal(sig, hurry) for sig in blocked}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-    try:
-        if learner.poll() is None:
-            learner.send_signal(signal.SIGINT)
-        _wait_or_kill(learner, LEARNER_STOP_S, urgent)
-        for actor in actors:
-            if actor.poll() is None:
-                actor.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + ACTOR_STOP_S
-        for actor in actors:
-            _wait_or_kill(actor, max(0.0, deadline - time.monotonic()), urgent)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    if learner.poll() is None:
+        learner.send_signal(signal.SIGINT)
+    _wait_or_kill(learner, LEARNER_STOP_S, urgent)
+    for actor in actors:
+        if actor.poll() is None:
+            actor.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + ACTOR_STOP_S
+    for actor in actors:
+        _wait_or_kill(actor, max(0.0, deadline - time.monotonic()), urgent)
 
 
 def _wait_or_kill(proc: subprocess.Popen, timeout_s: float, urgent: threading.Event) -> None:
@@ -290,7 +312,7 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
 
     # SIGTERM (e.g. from `timeout` or a scheduler) stops the run like Ctrl-C: children are in
     # their own sessions, so only this process can stop them.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signals = StopSignals()
     learner = start(learner_command(cfg, groups, explicit, run_dir, endpoint), "learner")
     actors = [start_actor(i) for i in range(cfg.actors)]
     progress = Progress(learner_dir / "metrics.jsonl")
@@ -302,6 +324,7 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
     bar = tqdm(total=steps if pretraining else online_updates,
                desc="pretraining" if pretraining else "online updates")  # fmt: skip
     try:
+        signals.enter_loop()
         while learner.poll() is None:
             time.sleep(cfg.refresh_s)
             for i, actor in enumerate(actors):
@@ -320,10 +343,14 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
                 pretraining, bar = None, tqdm(total=online_updates, desc="online updates")
             bar.n = progress.updates
             bar.set_postfix(progress.postfix())
+        signals.leave_loop()  # the learner is done
     except KeyboardInterrupt:
         tqdm.write("interrupted: stopping the learner (it checkpoints) and the actors")
     finally:
-        stop_processes(learner, actors)
+        try:
+            stop_processes(learner, actors, signals.urgent)
+        finally:
+            signals.restore()
         progress.poll()
         if pretraining is None:
             bar.n = progress.updates

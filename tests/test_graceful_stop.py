@@ -8,6 +8,7 @@ link.drain_s however often it was signalled.
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import socket
@@ -139,6 +140,45 @@ def test_a_second_signal_exits_at_once_with_one_line(first, second):
     done = run_waiter([first, second])
     assert done.returncode == 128 + second
     assert done.stderr == f"demo: second signal ({second.name}): exiting now, without waiting for the checkpoint\n"
+
+
+def test_the_launcher_takes_any_signal_after_the_first_as_urgent_wherever_it_lands():
+    """o2o-launch's signals, sent to this process: a first one in the run loop interrupts it; any
+    later one (even one landing before the stop path runs) means "kill now", never a second
+    graceful wait; a signal while the children start stops the run as the loop begins; once the
+    learner is done, a first signal hurries the stop."""
+    from o2o.learner.launch import StopSignals
+
+    signals = StopSignals()
+    try:
+        signals.enter_loop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises on the main thread at once
+        assert not signals.urgent.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)  # straight after, before any stop path began
+        assert signals.urgent.is_set()
+    finally:
+        signals.restore()
+
+    signals = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # while the children start: remembered
+        assert not signals.urgent.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signals.enter_loop()
+    finally:
+        signals.restore()
+
+    signals = StopSignals()
+    try:
+        signals.enter_loop()
+        signals.leave_loop()  # the learner finished on its own
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.urgent.is_set()
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
 # ---------------------------------------------------------------- o2o-learner and o2o-actor
