@@ -11,7 +11,11 @@ Reads each cell's folder (<root>/runs/<task>/<method>/seed<k>: cell.json, metric
 - early dip = the lowest evaluation within the first 10% of online steps (at least the first
   evaluation after the start) minus the offline score;
 - training regret = sum over the exploring policy's training episodes of (1 - success);
-- OOO: the last retrain's evaluation against the exploring policy's final evaluation (same data).
+- OOO: the last retrain's evaluation against the exploring policy's at the same data: its last
+  evaluation made by the update at which the retrain took the store (the final one for a retrain
+  at the end);
+- the deployed policy of a subroutine mode: recommend, the last retrain; fine_tune, the agent the run
+  ends with (the last retrain when it was switched in after the last evaluation).
 Means are over seeds, with the standard deviation; a difference smaller than the spread is said so.
 """
 
@@ -42,6 +46,8 @@ class Cell:
     eval_episodes: int
     train_success: np.ndarray  # success of each exploring (training) episode, in order
     retrain_scores: list[float]  # each finished retrain's evaluation, in order
+    retrain_started: list[float]  # the online update at which each took the store (nan: not logged)
+    retrain_logged: list[int]  # the online update at which each finished (was logged)
 
     @property
     def offline(self) -> float:
@@ -61,6 +67,30 @@ class Cell:
         horizon = max(0.1 * self.eval_steps[-1], self.eval_steps[trained][0])
         early = self.eval_scores[trained & (self.eval_steps <= horizon)]
         return float(early.min() - self.offline)
+
+    @property
+    def exploring_at_retrain(self) -> float:
+        """The exploring policy's score at the last retrain's data: its last evaluation made by the
+        update at which the retrain took the store (the final evaluation when that is not logged)."""
+        started = self.retrain_started[-1]
+        if math.isnan(started):
+            return self.final
+        made = self.eval_updates <= started
+        return float(self.eval_scores[made][-1]) if made.any() else self.offline
+
+    @property
+    def retrain_mode(self) -> str | None:
+        args = self.meta.get("config", {}).get("method", {}).get("online_args", [])
+        return next((a.split("=", 1)[1] for a in args if a.startswith("retrain_mode=")), None)
+
+    @property
+    def deployed(self) -> float:
+        """The score of the policy the run hands over: recommend, the last retrain's; fine_tune, the
+        agent it ends with (the last retrain when switched in after the last evaluation); else final."""
+        if self.retrain_scores and (self.retrain_mode == "recommend" or (
+                self.retrain_mode == "fine_tune" and self.retrain_logged[-1] >= self.eval_updates[-1])):
+            return self.retrain_scores[-1]
+        return self.final
 
     @property
     def regret(self) -> float:
@@ -83,12 +113,14 @@ def load_cell(folder: Path) -> Cell | None:
         elif "online/success" in row:
             train.append(row["online/success"])
         elif "retrain/normalized_score" in row:
-            retrains.append(row["retrain/normalized_score"])
+            retrains.append((row["retrain/normalized_score"], row.get("retrain/started_at_updates", math.nan),
+                             row["step"]))  # fmt: skip
     if not evals:
         return None
     steps, scores, episodes, updates = map(np.asarray, zip(*evals))
+    retrain_scores, retrain_started, retrain_logged = (list(x) for x in zip(*retrains)) if retrains else ([], [], [])
     return Cell(meta["task"], meta["method"], meta["seed"], meta, steps, updates, scores, int(episodes.max()),
-                np.asarray(train, float), retrains)  # fmt: skip
+                np.asarray(train, float), retrain_scores, retrain_started, retrain_logged)  # fmt: skip
 
 
 def load_cells(root: Path) -> list[Cell]:
@@ -189,10 +221,12 @@ def write_report(root: Path, out_dir: Path) -> Path:
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for method in ordered(task_cells):
             runs = by(cells, task, method)
-            retrain = [c.retrain_scores[-1] for c in runs if c.retrain_scores]
+            retrained = [c for c in runs if c.retrain_scores]
+            retrain = fmt([c.retrain_scores[-1] for c in retrained]) if retrained else "-"
+            exploring = fmt([c.exploring_at_retrain for c in retrained]) if retrained else "-"
             lines.append(f"| {method} | {len(runs)} | {fmt([c.offline for c in runs])} | {fmt([c.final for c in runs])} | "
                          f"{fmt([c.early_dip for c in runs])} | {fmt([c.regret for c in runs])} | "
-                         f"{fmt(retrain) if retrain else '-'} | {fmt([c.final for c in runs]) if retrain else '-'} |")  # fmt: skip
+                         f"{retrain} | {exploring} |")  # fmt: skip
         lines.append("")
     lines += answers(cells, tasks)
     lines += coverage(cells, tasks)
@@ -228,9 +262,9 @@ def answers(cells: list[Cell], tasks: list[str]) -> list[str]:
         for method in ordered([c for c in cells if c.task == task]):
             runs = [c for c in by(cells, task, method) if c.retrain_scores]
             if runs:
-                out.append(f"- {task} / {method}: retrain {fmt([c.retrain_scores[-1] for c in runs])} vs exploring "
-                           f"{fmt([c.final for c in runs])}: retrain "
-                           f"{compare([c.retrain_scores[-1] for c in runs], [c.final for c in runs])}")  # fmt: skip
+                retrain, exploring = [c.retrain_scores[-1] for c in runs], [c.exploring_at_retrain for c in runs]
+                out.append(f"- {task} / {method}: retrain {fmt(retrain)} vs exploring at the same data "
+                           f"{fmt(exploring)}: retrain {compare(retrain, exploring)}")  # fmt: skip
     out += ["", "**What does SERA change? What do the subroutine modes give over SAC from scratch?**"]
     for task in tasks:
         if by(cells, task, "calql_sera") and by(cells, task, "calql"):
@@ -239,11 +273,9 @@ def answers(cells: list[Cell], tasks: list[str]) -> list[str]:
         for mode in ("sac_recommend", "sac_fine_tune"):
             runs = by(cells, task, mode)
             if runs and by(cells, task, "sac"):
-                # recommend: the deployable policy is the retrained one; fine_tune: the online agent itself.
-                deployed = [c.retrain_scores[-1] if mode == "sac_recommend" and c.retrain_scores else c.final
-                            for c in runs]  # fmt: skip
-                out.append(f"- {task}: {mode} {fmt(deployed)} vs SAC {fmt(finals(task, 'sac'))}: "
-                           f"{compare(deployed, finals(task, 'sac'))}")
+                deployed = [c.deployed for c in runs]  # the policy the run hands over
+                out.append(f"- {task}: {mode} (the policy it hands over) {fmt(deployed)} vs SAC "
+                           f"{fmt(finals(task, 'sac'))}: {compare(deployed, finals(task, 'sac'))}")
     out.append("")
     return out
 

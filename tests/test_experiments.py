@@ -55,6 +55,31 @@ def test_report_numbers_by_hand(tmp_path):
     assert "Budget small is far below the papers'" in missing and "`budget=paper`" in missing
 
 
+def test_retrains_are_compared_at_their_own_data_and_fine_tune_hands_over_its_last_switch(tmp_path):
+    root = tmp_path / "root"
+    evals = [(0, 0), (1000, 20), (2000, 40), (3000, 60)]  # at updates 0, 10, 20, 30 (write_cell: step = 10 i)
+    for seed, mode in enumerate(["fine_tune", "fine_tune", "recommend"]):
+        write_cell(root, "pointmaze-medium", f"sac_{mode}", seed, evals, [0], retrains=[5, 90])
+        folder = root / "runs" / "pointmaze-medium" / f"sac_{mode}" / f"seed{seed}"
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        # The retrains took the store at updates 10 and 15 and finished at 20 and (seed 1: before the last
+        # evaluation) 25 or (else) 30.
+        retrains = [r for r in rows if "retrain/normalized_score" in r]
+        retrains[0].update({"retrain/started_at_updates": 10, "step": 20})
+        retrains[1].update({"retrain/started_at_updates": 15, "step": 25 if seed == 1 else 30})
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        cell = json.loads((folder / "cell.json").read_text())
+        cell["config"] = {"method": {"online_args": ["retrain_every=10", f"retrain_mode={mode}"]}}
+        (folder / "cell.json").write_text(json.dumps(cell))
+    cells = {c.seed: c for c in load_cells(root)}
+    # The exploring policy at the last retrain's data: the last evaluation by update 15, the one at update 10.
+    assert [cells[k].exploring_at_retrain for k in range(3)] == [20, 20, 20]
+    # fine_tune ends on the retrain switched in at update 30 (seed 0), not on one switched in before the
+    # last evaluation (seed 1: the evaluation at 30 is of the agent it ends with); recommend hands over the retrain.
+    assert [cells[k].deployed for k in range(3)] == [90, 60, 90]
+    assert [cells[k].final for k in range(3)] == [60, 60, 60]
+
+
 def test_report_without_cells_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "o2o.experiments.report", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "no finished cell" in done.stderr
