@@ -250,10 +250,10 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             "online_updates": updates, "policy_version": publisher.version, "run_id": publisher.run_id,
             "from_scratch": scratch, "retrain_switches": switches})
 
-    def use_retrain(summary: dict | None, at_end: bool = False) -> None:
-        """A finished retrain: logged, then recommended or taken over (``retrain_mode``)."""
+    def use_retrain(summary: dict | None, at_end: bool = False) -> bool:
+        """A finished retrain: logged, then recommended or taken over (``retrain_mode``); True if taken over."""
         if summary is None:
-            return
+            return False
         score = summary["eval"]
         logger.log(updates, "retrain", {**score, "store_rows": summary["store_rows"], "online_rows": summary["online_rows"],
                                         "started_at_updates": summary["updates"]})  # fmt: skip
@@ -261,7 +261,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             path = recommend(run_dir, summary)
             log.info("recommended policy (retrained on %d store rows, score %.1f): %s", summary["store_rows"],
                      score["normalized_score"], path)  # fmt: skip
-            return
+            return False
         retrained, _, _ = load_checkpoint(summary["checkpoint"], agent.device)
         agent.load_networks(retrained)
         switches.append({"updates": updates, "checkpoint": summary["checkpoint"], "store_rows": summary["store_rows"],
@@ -274,6 +274,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         else:
             publisher.publish(updates)
         checkpoint()
+        return True
 
     total = cfg.online_updates or None
     bar = tqdm(initial=updates, total=total, desc="online", disable=not cfg.progress)
@@ -351,11 +352,13 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         try:
             if stopping.requested():  # a signal while closing (noted by `shutdown`): no retrain at the end
                 raise KeyboardInterrupt
-            use_retrain(retrainer.poll(wait=True))  # the last periodic one
+            switched = use_retrain(retrainer.poll(wait=True))  # the last periodic one
             if cfg.retrain_at_end:
                 log.info("retraining on the whole store (%d rows)", online.committed_rows)
                 retrainer.start(updates, online.committed_rows)
-                use_retrain(retrainer.poll(wait=True), at_end=True)
+                switched = use_retrain(retrainer.poll(wait=True), at_end=True) or switched
+            if switched:  # the run now ends with the retrained agent: the final evaluation must be of it
+                evaluate_policy()
         except KeyboardInterrupt:  # the final checkpoint is written: only the retrain is cut short
             interrupted = True
             retrainer.stop()

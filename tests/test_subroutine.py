@@ -126,5 +126,9 @@ def test_offline_rl_as_a_subroutine_of_online_rl(runs, mode):
         assert jobs[-1].name == "00000200" and len(jobs) >= 2  # and the retrain at the end
         assert len(extra["retrain_switches"]) == len(jobs)  # every switch is checkpointed
         assert log.count("the online agent continues from the retrained one") == len(jobs)
-        # The switch at the end: the run's final agent IS the last retrained one, weight for weight.
+        # The switch at the end: the run's final agent IS the last retrained one, weight for weight,
+        # and the run's last evaluation (its closing line) is of that agent, after the switch.
         assert_same(final, last_retrain)
+        order = [("eval" if "eval/online_steps" in r else "retrain") for r in rows if "eval/online_steps" in r
+                 or any(k.startswith("retrain/") for k in r)]  # fmt: skip
+        assert order[-1] == "eval" and order[-2] == "retrain"
