@@ -228,6 +228,9 @@ def test_concurrent_reader_sees_a_growing_intact_prefix(tmp_path):
     out = SPAWN.Queue()
     reader = SPAWN.Process(target=read_while_written, args=(str(path), 40, out), daemon=True)
     writer.start()
+    while len(ReplayStore.open(path, "r")) == 0:  # the writer is up (a spawned process takes seconds)
+        writer.join(0.05)
+        assert writer.exitcode is None, "the writer died on its own"
     reader.start()
     report = out.get(timeout=60)
     reader.join()
