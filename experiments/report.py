@@ -308,9 +308,25 @@ def coverage(cells: list[Cell], tasks: list[str]) -> list[str]:
             "Cal-QL 53.0 -> 97.3 vs CQL 48.4 -> 95.6, OOO +14-26%, SERA +9-12%) need that budget: a difference "
             "within spread here is no evidence against them. The budget that would show them is `budget=paper` "
             "(README, 'Experiments and the results report'), on a GPU server or a cluster.")  # fmt: skip
+    retrained = [c for c in cells if c.retrain_scores and budget_setting(c, "learner_args", "retrain_steps")]
+    if retrained:
+        c = retrained[0]
+        steps, online = budget_setting(c, "learner_args", "retrain_steps"), budget_setting(c, "learner_args", "online_updates")
+        offline = budget_setting(c, "pretrain_args", "steps")
+        out.append(
+            f"- A retrain (OOO, the subroutine modes) trains a new agent from scratch for {steps} updates (budget "
+            f"{c.meta['budget']}), while the exploring policy it is compared with had {online} online updates"
+            f"{f', after {offline} offline ones where the method pretrains' if offline else ''}. OOO retrains for a full offline "
+            "budget; at this one a retrain scoring below the exploring policy says little about OOO's claim.")  # fmt: skip
     out.append("- Every method runs with the same settings of its budget; nothing was tuned on the evaluation seeds.")
     out.append("")
     return out
+
+
+def budget_setting(cell: Cell, args: str, key: str) -> str | None:
+    """``key=value`` from a cell's budget (its ``learner_args`` or ``pretrain_args``), or None."""
+    values = cell.meta.get("config", {}).get("budget", {}).get(args, [])
+    return next((a.split("=", 1)[1] for a in values if a.startswith(f"{key}=")), None)
 
 
 def main(argv: list[str] | None = None) -> None:

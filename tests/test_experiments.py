@@ -69,7 +69,8 @@ def test_retrains_are_compared_at_their_own_data_and_fine_tune_hands_over_its_la
         retrains[1].update({"retrain/started_at_updates": 15, "step": 25 if seed == 1 else 30})
         (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         cell = json.loads((folder / "cell.json").read_text())
-        cell["config"] = {"method": {"online_args": ["retrain_every=10", f"retrain_mode={mode}"]}}
+        cell["config"] = {"method": {"online_args": ["retrain_every=10", f"retrain_mode={mode}"]},
+                          "budget": {"pretrain_args": ["steps=300"], "learner_args": ["online_updates=30", "retrain_steps=7"]}}
         (folder / "cell.json").write_text(json.dumps(cell))
     cells = {c.seed: c for c in load_cells(root)}
     # The exploring policy at the last retrain's data: the last evaluation by update 15, the one at update 10.
@@ -78,6 +79,10 @@ def test_retrains_are_compared_at_their_own_data_and_fine_tune_hands_over_its_la
     # last evaluation (seed 1: the evaluation at 30 is of the agent it ends with); recommend hands over the retrain.
     assert [cells[k].deployed for k in range(3)] == [90, 60, 90]
     assert [cells[k].final for k in range(3)] == [60, 60, 60]
+    text = write_report(root, tmp_path / "docs").read_text()
+    assert "| sac_fine_tune | 2 | 0.0 ± 0.0 | 60.0 ± 0.0 | 20.0 ± 0.0 | 1.0 ± 0.0 | 90.0 ± 0.0 | 20.0 ± 0.0 |" in text
+    # The retrains' handicap at this budget is stated, with the budget's own numbers.
+    assert "from scratch for 7 updates (budget small)" in text and "had 30 online updates, after 300 offline" in text
 
 
 def test_report_without_cells_is_a_clear_error(tmp_path):
