@@ -80,8 +80,7 @@ class Cell:
 
     @property
     def retrain_mode(self) -> str | None:
-        args = self.meta.get("config", {}).get("method", {}).get("online_args", [])
-        return next((a.split("=", 1)[1] for a in args if a.startswith("retrain_mode=")), None)
+        return setting(self, "method", "online_args", "retrain_mode")
 
     @property
     def deployed(self) -> float:
@@ -308,11 +307,11 @@ def coverage(cells: list[Cell], tasks: list[str]) -> list[str]:
             "Cal-QL 53.0 -> 97.3 vs CQL 48.4 -> 95.6, OOO +14-26%, SERA +9-12%) need that budget: a difference "
             "within spread here is no evidence against them. The budget that would show them is `budget=paper` "
             "(README, 'Experiments and the results report'), on a GPU server or a cluster.")  # fmt: skip
-    retrained = [c for c in cells if c.retrain_scores and budget_setting(c, "learner_args", "retrain_steps")]
+    retrained = [c for c in cells if c.retrain_scores and setting(c, "budget", "learner_args", "retrain_steps")]
     if retrained:
         c = retrained[0]
-        steps, online = budget_setting(c, "learner_args", "retrain_steps"), budget_setting(c, "learner_args", "online_updates")
-        offline = budget_setting(c, "pretrain_args", "steps")
+        steps, online = setting(c, "budget", "learner_args", "retrain_steps"), setting(c, "budget", "learner_args", "online_updates")
+        offline = setting(c, "budget", "pretrain_args", "steps")
         out.append(
             f"- A retrain (OOO, the subroutine modes) trains a new agent from scratch for {steps} updates (budget "
             f"{c.meta['budget']}), while the exploring policy it is compared with had {online} online updates"
@@ -323,9 +322,9 @@ def coverage(cells: list[Cell], tasks: list[str]) -> list[str]:
     return out
 
 
-def budget_setting(cell: Cell, args: str, key: str) -> str | None:
-    """``key=value`` from a cell's budget (its ``learner_args`` or ``pretrain_args``), or None."""
-    values = cell.meta.get("config", {}).get("budget", {}).get(args, [])
+def setting(cell: Cell, group: str, args: str, key: str) -> str | None:
+    """The value of ``key=value`` in a cell's config group (``method`` or ``budget``) list ``args``, or None."""
+    values = cell.meta.get("config", {}).get(group, {}).get(args, [])
     return next((a.split("=", 1)[1] for a in values if a.startswith(f"{key}=")), None)
 
 

@@ -27,6 +27,7 @@ from o2o.learner.config import CalQLConfig, NetworkConfig, OnlineConfig
 from o2o.learner.fine_tuning import explicit_keys
 from o2o.learner.launch import (GROUPS, LaunchConfig, actor_command, flatten, hydra_overrides, hydra_value,
                                 learner_command)  # fmt: skip
+from test_pretrain_cli import finish
 
 # One torch thread: the learner shares 2 cores with the launcher and the actors (more threads thrash).
 LEARNER = ["learner.build_episodes=6", "learner.batch_size=32", "learner.warmup_rows=100", "learner.publish_every=20",
@@ -180,13 +181,8 @@ def refused(tmp_path_factory) -> list[tuple[Path, int, str]]:
                                                   env=env)))  # fmt: skip
     results = []
     for run_dir, proc in started:
-        try:
-            _, err = proc.communicate(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        results.append((run_dir, proc.returncode, err))
+        done = finish(proc)
+        results.append((run_dir, done.returncode, done.stderr))
     return results
 
 
