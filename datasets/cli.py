@@ -9,7 +9,7 @@ import numpy as np
 
 from o2o.envs import TASKS, get_task
 
-from .builders import BUILDER_MODULES, QUALITIES, build_dataset, dataset_id
+from .builders import BUILDER_MODULES, QUALITIES, build_dataset, dataset_id, recorded_build
 from .minari_io import DatasetError, datasets_root, load_transitions, open_dataset
 
 
@@ -37,6 +37,9 @@ def cmd_inspect(args) -> None:
     spec = dataset.spec
     print(f"id: {spec.dataset_id}\nenv: {spec.env_spec.id if spec.env_spec else None}")
     print(f"episodes: {spec.total_episodes}  steps: {spec.total_steps}")
+    record = recorded_build(dataset)
+    if record:
+        print(f"built by o2o-dataset: {record.describe()}")
     print(f"observation space: {dataset.observation_space}\naction space: {dataset.action_space}")
     if args.task:
         data = load_transitions(dataset, get_task(args.task), gamma=args.gamma)

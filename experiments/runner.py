@@ -20,7 +20,6 @@ skipped when the matrix is run again, so an interrupted matrix resumes where it 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import platform
@@ -37,7 +36,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from o2o.datasets.minari_io import datasets_root
+from o2o.datasets.builders import ensure_dataset as build_offline_dataset
+from o2o.datasets.file_lock import FileLock
 
 CELL_FILE = "cell.json"
 
@@ -99,22 +99,6 @@ class ExperimentConfig:
 ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
 
 
-class FileLock:
-    """An exclusive flock on a file, held for a ``with`` block (parallel cells, one pretraining)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-
 def run_logged(cmd: list[str], log_path: Path) -> None:
     """Run a command with its output in ``log_path`` (first line: the command); raise if it fails."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,15 +116,10 @@ def dataset_id(cfg: ExperimentConfig) -> str:
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> None:
-    """Build the cell's offline dataset once (under a per-task lock: parallel cells share it)."""
+    """Build the cell's offline dataset once (under a per-task lock: parallel cells share it); one built
+    with other parameters is refused (builders.ensure_dataset)."""
     with FileLock(Path(cfg.root) / "locks" / f"dataset-{cfg.task}.lock"):
-        if (datasets_root() / dataset_id(cfg)).exists():
-            return
-        cmd = [sys.executable, "-m", "o2o.datasets.cli", "build", "--task", cfg.task,
-               "--quality", cfg.budget.dataset_quality, "--quiet"]  # fmt: skip
-        if cfg.budget.dataset_episodes:
-            cmd += ["--episodes", str(cfg.budget.dataset_episodes)]
-        run_logged(cmd, Path(cfg.root) / "datasets" / f"{cfg.task}-{cfg.budget.dataset_quality}.log")
+        build_offline_dataset(dataset_id(cfg), cfg.budget.dataset_episodes or None, progress=False)
 
 
 def pretrained_checkpoint(cfg: ExperimentConfig) -> Path | None:
@@ -168,7 +147,7 @@ def online_command(cfg: ExperimentConfig, checkpoint: Path | None, run_dir: Path
     start = [f"learner.pretrained={checkpoint}"] if checkpoint else ["learner.from_scratch=true"]
     return [
         sys.executable, "-m", "o2o.learner.launch", f"task={cfg.task}", f"preset={cfg.budget.preset}",
-        f"learner.dataset={dataset_id(cfg)}",
+        f"learner.dataset={dataset_id(cfg)}", "learner.build_missing_dataset=false",  # ensure_dataset built it
         f"actors={cfg.budget.actors}", f"learner.seed={cfg.seed}", f"actor.seed={cfg.seed}",
         f"learner.threads={cfg.threads}", f"learner.device={cfg.device}", *start, *learner,
         *(f"actor.{arg}" for arg in cfg.budget.actor_args), f"hydra.run.dir={run_dir}",

@@ -143,9 +143,15 @@ class PretrainConfig:
     dataset: str = "o2o/pointmaze-umaze/mixed-v0"
     """Minari dataset id (under MINARI_DATASETS_PATH) or a dataset folder path."""
     build_missing_dataset: bool = True
-    """Build an o2o dataset id (o2o/<task>/<quality>-v0) locally if it is not there."""
-    build_episodes: int = 300
-    """Episodes recorded when the dataset has to be built."""
+    """Build an o2o dataset id (o2o/<task>/<quality>-v0) locally if it is not there, and refuse one
+    there that was built with other parameters than build_episodes / build_seed."""
+    build_episodes: int | None = None
+    """Episodes of an o2o dataset (None = the task's default, as `o2o-dataset build`: 300 for the
+    mazes and pusher, 500 for fetch)."""
+    build_seed: int = 0
+    """Seed of an o2o dataset's scripted controller and resets (`o2o-dataset build --seed`)."""
+    rebuild_dataset: bool = False
+    """Rebuild an o2o dataset that was built with other parameters (else the run stops and says how)."""
     steps: int = 20_000
     """Gradient updates."""
     batch_size: int = 256

@@ -39,9 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from o2o.actor.config import ActorConfig, validate
+from o2o.datasets.builders import ensure_dataset
+from o2o.datasets.minari_io import DatasetError
 from o2o.learner.config import OnlineConfig
 from o2o.learner.fine_tuning import explicit_keys
-from o2o.learner.online import evaluation_line
+from o2o.learner.online import evaluation_line, evaluation_summary
 from o2o.learner.overrides import hydra_value
 from o2o.transport.security import ACTORS
 
@@ -293,6 +295,16 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
     """Run the learner and the actors until the learner is done; ``groups``: the learner's config
     group choices (task, preset); ``explicit``: the keys given on the command line."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    learner_cfg = cfg.learner
+    if learner_cfg.build_missing_dataset and not learner_cfg.from_scratch:
+        # Here, not in the learner, so the build shows its own progress bar (not a 0% pretraining one)
+        # and a dataset built with other parameters is refused before anything starts.
+        try:
+            ensure_dataset(learner_cfg.dataset, learner_cfg.build_episodes, learner_cfg.build_seed,
+                           rebuild=learner_cfg.rebuild_dataset)  # fmt: skip
+        except DatasetError as err:
+            print(f"o2o-launch: error: {err}", file=sys.stderr)
+            return 2
     endpoint = f"tcp://127.0.0.1:{cfg.port or free_port()}"
     # A resumed learner goes on in its own folder (the one given, or the one holding the checkpoint given).
     resumed = Path(cfg.learner.resume or run_dir)
@@ -323,6 +335,7 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
     pretraining = Progress(run_dir / "pretrain" / "metrics.jsonl") if pretrains else None
     bar = tqdm(total=steps if pretraining else online_updates,
                desc="pretraining" if pretraining else "online updates")  # fmt: skip
+    starting_shown = False
     try:
         signals.enter_loop()
         while learner.poll() is None:
@@ -341,6 +354,12 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
                 bar.n = steps
                 bar.close()
                 pretraining, bar = None, tqdm(total=online_updates, desc="online updates")
+            if progress.evaluations and not starting_shown:  # the policy online fine-tuning starts from
+                first = progress.evaluations[0]
+                offline = int(first["online_steps"]) == 0 and not cfg.learner.from_scratch
+                tqdm.write(evaluation_summary("offline policy, where online fine-tuning starts" if offline
+                                              else "first evaluation", first))  # fmt: skip
+                starting_shown = True
             bar.n = progress.updates
             bar.set_postfix(progress.postfix())
         signals.leave_loop()  # the learner is done

@@ -370,11 +370,17 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             "checkpoint": run_dir / CHECKPOINT_NAME}
 
 
+def evaluation_summary(what: str, record: dict) -> str:
+    """One evaluation (the eval/ keys of a metrics record, prefix dropped) in words."""
+    return (f"{what} (online step {int(record['online_steps'])}): score {record['normalized_score']:.1f}, "
+            f"success {record['success']:.0%} over {int(record['episodes'])} deterministic episodes")
+
+
 def evaluation_line(first: dict, last: dict) -> str:
     """The starting and the final policy over the same deterministic episodes, in one line."""
-    return (f"evaluation over the same {last['episodes']} deterministic episodes: start (online step "
-            f"{first['online_steps']}) score {first['normalized_score']:.1f}, success {first['success']:.0%} -> end "
-            f"(online step {last['online_steps']}) score {last['normalized_score']:.1f}, success {last['success']:.0%}")
+    return (f"evaluation over the same {int(last['episodes'])} deterministic episodes: start (online step "
+            f"{int(first['online_steps'])}) score {first['normalized_score']:.1f}, success {first['success']:.0%} -> end "
+            f"(online step {int(last['online_steps'])}) score {last['normalized_score']:.1f}, success {last['success']:.0%}")
 
 
 def shutdown(steps: list, raise_first: bool) -> None:

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from o2o.datasets.builders import build_dataset, parse_dataset_id
+from o2o.datasets.builders import ensure_dataset, parse_dataset_id
 from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions, open_dataset
 from o2o.envs import TaskSpec, get_task, make_env
 
@@ -58,15 +58,11 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
     ``algo`` (default ``cfg.algo``) gives the data settings: fine-tuning passes the checkpoint's."""
     algo = algo or cfg.algo
     built = parse_dataset_id(cfg.dataset)
-    if built and cfg.build_missing_dataset:
-        try:
-            open_dataset(cfg.dataset)
-        except DatasetError:
-            log.info("dataset %s not found: building it (%d episodes)", cfg.dataset, cfg.build_episodes)
-            _, summary = build_dataset(*built, n_episodes=cfg.build_episodes, progress=cfg.progress)
-            log.info("built %s: %s", cfg.dataset, summary)
     if built and built[0] != task.name:
         raise DatasetError(f"dataset {cfg.dataset} was built for task {built[0]}, not {task.name}")
+    if cfg.build_missing_dataset:
+        ensure_dataset(cfg.dataset, cfg.build_episodes, cfg.build_seed, rebuild=cfg.rebuild_dataset,
+                       progress=cfg.progress)  # fmt: skip
     return load_transitions(
         cfg.dataset, task, gamma=algo.discount, reward_scale=algo.reward_scale, reward_bias=algo.reward_bias,
         infinite_horizon=algo.mc_infinite_horizon,

@@ -67,6 +67,7 @@ class Retrainer:
         return [
             sys.executable, "-m", "o2o.learner.retrain", f"task={cfg.task}", f"store={hydra_value(str(self.store_path))}",
             f"until_row={store_rows}", f"dataset={hydra_value(cfg.dataset)}", f"offline={str(not self.from_scratch).lower()}",
+            "build_missing_dataset=false",  # the learner checked (or built) the dataset before it started
             f"steps={cfg.retrain_steps}", f"seed={cfg.seed}", f"device={cfg.device}", f"threads={cfg.threads}",
             f"eval.episodes={cfg.eval.episodes}", f"eval.seed={cfg.eval.seed}", "eval.every=0", "progress=false",
             f"checkpoint_every={cfg.retrain_steps}", f"hydra.run.dir={hydra_value(str(out))}", *net, *cfg.retrain_args,

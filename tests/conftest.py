@@ -1,15 +1,14 @@
-"""Test-wide setup: Minari datasets go to a private temporary folder; real mounts for fault tests."""
+"""Test-wide setup: HOME and Minari datasets in a private temporary folder (user_files_guard, which
+fails the run if a test touches the user's files); real mounts for fault tests."""
 
-import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-# Set before any test imports minari, so no test reads or writes ~/.minari.
-os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="o2o-minari-")
+# First, before any test imports minari. Its hooks (the guard) become this conftest's.
+from user_files_guard import _user_files_untouched, minari_datasets_at, pytest_sessionfinish  # noqa: F401
 
 
 class Mounts:
@@ -73,15 +72,8 @@ def pointmaze_minari(tmp_path_factory) -> Path:
     from o2o.datasets.builders import build_dataset, parse_dataset_id
 
     root = tmp_path_factory.mktemp("pointmaze-minari")
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
+    with minari_datasets_at(root):
         build_dataset(*parse_dataset_id(POINTMAZE_DATASET), n_episodes=6, progress=False)
-    finally:
-        if previous is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
     return root
 
 

@@ -22,7 +22,7 @@ GOAL_KEYS = {"achieved_goal", "desired_goal", "observation"}
 def built(request):
     """(task, episodes, dataset id) of a small mixed dataset written as a real Minari dataset."""
     task = request.param
-    dataset_id = f"o2o/{task}/mixed-v0"
+    dataset_id = f"o2o-test/{task}/mixed-v0"  # not an o2o builder id: no build record
     episodes = build_episodes(task, "mixed", 10, seed=0)  # seed 0: successes and failures
     env = make_env(task, flatten=False)
     write_dataset(dataset_id, env, episodes, algorithm_name="test", description="fetch builder test")

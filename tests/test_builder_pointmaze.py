@@ -16,7 +16,7 @@ OBS_KEYS = ("achieved_goal", "desired_goal", "observation")
 def built(request):
     """A small mixed dataset per maze, written and read back through Minari."""
     task = request.param
-    dataset_id = f"o2o/{task}/mixed-v0"
+    dataset_id = f"o2o-test/{task}/mixed-v0"  # not an o2o builder id: no build record
     episodes = pointmaze.build_episodes(task, "mixed", 4, seed=0)
     env = make_env(task, flatten=False)
     write_dataset(dataset_id, env, episodes, algorithm_name="test", description="test")

@@ -16,7 +16,7 @@ from o2o.envs import get_task, make_env
 GAMMA = 0.99
 STEPS = 100  # Pusher's time limit; it never terminates
 OBS_DIM, ACT_DIM = 23, 7
-DATASET_ID = "o2o/pusher/expert-v0"
+DATASET_ID = "o2o-test/pusher/expert-v0"  # not an o2o builder id: no build record
 
 
 @pytest.fixture(scope="module")

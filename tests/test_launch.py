@@ -51,6 +51,11 @@ def test_launch_pretrains_then_fine_tunes_with_two_actors(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "done: 60 online updates" in done.stdout
     assert "pretraining" in done.stderr and "online updates" in done.stderr  # both progress bars were shown
+    assert "building dataset pointmaze-umaze/mixed" in done.stderr  # the build's own bar, not a 0% pretraining one
+    # What online fine-tuning starts from, said when it starts, with integers as integers.
+    assert "offline policy, where online fine-tuning starts (online step 0): score" in done.stdout
+    assert "over 1 deterministic episodes" in done.stdout
+    assert "evaluation over the same 1 deterministic episodes: start (online step 0)" in done.stdout
 
     for name in ("checkpoint.pt", "policy.onnx", "pretrain/checkpoint.pt", "pretrain/policy.onnx", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name

@@ -22,6 +22,7 @@ from o2o.learner.checkpoint import AgentSpec, load_checkpoint, save_checkpoint
 from o2o.learner.config import CalQLConfig, NetworkConfig
 from o2o.learner.divergence import DivergedError, non_finite_tensors
 from o2o.transport.ingest import IngestServer
+from user_files_guard import minari_datasets_at
 from o2o.learner.online import PolicyPublisher
 
 TASK = "pointmaze-umaze"
@@ -87,12 +88,9 @@ def poisoned_dataset(root: Path) -> str:
     env.close()
     for episode in episodes:
         episode["rewards"] = [3e38] * len(episode["rewards"])
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
+    with minari_datasets_at(root):
         write_dataset("test/overflow-v0", make_env(TASK, flatten=False), episodes, algorithm_name="random",
                       description="rewards of 3e38")  # fmt: skip
-    finally:
-        del os.environ["MINARI_DATASETS_PATH"]
     return "test/overflow-v0"
 
 

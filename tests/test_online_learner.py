@@ -39,7 +39,7 @@ def tiny_checkpoint(path: Path) -> Path:
 
 def start_learner(run_dir: Path, endpoint: str, *args: str) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "o2o.learner.online", f"task={TASK}", "build_episodes=8", f"endpoint={endpoint}",
+        sys.executable, "-m", "o2o.learner.online", f"task={TASK}", "build_episodes=6", f"endpoint={endpoint}",
         "online_updates=0", "warmup_rows=300", "publish_every=25", "checkpoint_every=25", "log_every=25",
         "batch_size=32", "max_rows_ahead=0", "progress=false", f"hydra.run.dir={run_dir}",
         # One torch thread (it shares 2 cores with the actors); one evaluation episode at start and end.

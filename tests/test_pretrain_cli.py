@@ -14,7 +14,7 @@ import torch
 
 TINY = [
     "task=pointmaze-umaze",
-    "build_episodes=8",
+    "build_episodes=6",
     "log_every=10",
     "eval.every=20",
     "eval.episodes=1",

@@ -72,7 +72,7 @@ def record_plan(
     try:
         return [
             record_episode(env, controller_for(kind), seed)
-            for kind, seed in tqdm(plan, desc=f"{task}/{quality}", disable=not progress)
+            for kind, seed in tqdm(plan, desc=f"building dataset {task}/{quality}", unit="episode", disable=not progress)
         ]
     finally:
         env.close()
