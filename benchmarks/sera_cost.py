@@ -6,7 +6,7 @@ Cases: batch 256 with 256x2 critics (this CPU's setting), and a "GPU-shaped" one
 1024 with the paper's 256x4 critics. The agent is ``CalQLAgent(obs, act, CalQLConfig(),
 NetworkConfig(critic_hidden=...))`` (no bonus switched on), timed on ``agent.update(batch)``
 from a fixed random batch. SERA gets half the batch (the online half, as the agent passes
-it): ``SeraBonus(agent.critic, k=10)`` on ``agent.normalizer(obs)``; the kNN part alone
+it): ``SeraBonus(agent.critic, agent.policy, k=10)`` on ``agent.normalizer(obs)``; the kNN part alone
 (``vcse_bonus``) is timed too. RND (512-512, 512 features, as OOO) is timed on ``bonus`` +
 ``update`` of the full batch's next observations, at batch 256 only.
 
@@ -94,7 +94,7 @@ def run_case(
     agent = CalQLAgent(OBS_DIM, ACT_DIM, CalQLConfig(), NetworkConfig(critic_hidden=hidden), device=device)
     batch = make_batch(batch_size, device, gen)
     half = batch_size // 2
-    sera = SeraBonus(agent.critic, k=K)
+    sera = SeraBonus(agent.critic, agent.policy, k=K)
     online_obs, online_action = agent.normalizer(batch.obs[-half:]), batch.action[-half:]
     with torch.no_grad():
         q = agent.critic(online_obs, online_action).min(dim=0).values
@@ -139,7 +139,7 @@ def report(results: list[dict], args, device: torch.device, load: tuple[float, f
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}. "
         f"Obs 17, action 6; agent `CalQLAgent(17, 6, CalQLConfig(), NetworkConfig(critic_hidden=...))` (policy 256x2, "
         f"2 critics, 10 CQL actions, no bonus on), `agent.update(batch)` from a fixed random batch. SERA: "
-        f"`SeraBonus(agent.critic, k={K})` on the online half of the batch (frozen-critic Q at the data action, "
+        f"`SeraBonus(agent.critic, agent.policy, k={K})` on the online half of the batch (frozen-critic V(s), "
         f"standardised, then VCSE's kNN estimate); kNN: `vcse_bonus` alone on the same rows. RND: 512-512 predictor "
         f"and target, 512 features, `bonus` + `update` on the batch's next observations (OOO's order).",
         "",

@@ -14,8 +14,9 @@ Bonuses and options, all inside the TD target y (the policy loss and the Cal-QL 
 see them; the bound stays the extrinsic MC return):
   RND (OOO, cq/ Cal-QL agent): y = r + rnd_coef * r_int(s') + gamma (1 - d) Q'. OOO also
       computes intrinsic MC returns, but its calibration bound never uses them: neither do we.
-  SERA (online rows only): r <- r + sera_coef * r_int(s, a) (learner/sera.py).
-  OOO retraining: y clipped to [min r, max r] / (1 - gamma) of the data (``set_td_target_bounds``).
+  SERA: r <- r + sera_coef * r_int(s) over the batch or its online rows (learner/sera.py).
+  OOO's Q bound (retraining; the exploring agent on some domains): Q' clipped to
+      [min r, max r] / (1 - gamma) of the data (``set_td_target_bounds``), widened online.
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ class CalQLAgent(nn.Module):
         return self._step_fn(batch)
 
     def freeze_sera_critic(self) -> None:
-        """SERA's Q: a frozen copy of the critic as it is now (call when fine-tuning starts)."""
-        self.sera = SeraBonus(self.critic, self.cfg.sera_k)
+        """SERA's value: frozen copies of the critic and policy as they are now (call when fine-tuning starts)."""
+        cfg = self.cfg
+        self.sera = SeraBonus(self.critic, self.policy, cfg.sera_k, cfg.sera_condition, cfg.sera_center)
 
     def load_networks(self, other: "CalQLAgent") -> None:
         """Continue from ``other`` (a retrained agent of the same shapes): its policy, critics,
@@ -140,12 +142,14 @@ class CalQLAgent(nn.Module):
         cfg, bonus, metrics = self.cfg, 0.0, {}
         if self.rnd is not None:
             bonus = bonus + cfg.rnd_coef * self.rnd.bonus(batch.next_obs)  # its metrics: RND.update
-        if cfg.sera and self.sera is not None and batch.online_rows >= 2:
-            n = batch.online_rows
-            sera = self.sera(self.normalizer(batch.obs[-n:]), batch.action[-n:])
-            offline_zero = torch.zeros(len(batch.reward) - n, device=sera.device)
-            bonus = bonus + cfg.sera_coef * torch.cat([offline_zero, sera])
-            metrics["sera_bonus"] = sera.mean()
+        if cfg.sera and self.sera is not None:
+            # batch: VCSE's rows (all); online: the online rows only (``mixed_batch`` puts them last).
+            n = len(batch.reward) if cfg.sera_rows == "batch" else batch.online_rows
+            if n >= 2:
+                sera = self.sera(self.normalizer(batch.obs[-n:]), batch.action[-n:])
+                offline_zero = torch.zeros(len(batch.reward) - n, device=sera.device)
+                bonus = bonus + cfg.sera_coef * torch.cat([offline_zero, sera])
+                metrics["sera_bonus"] = sera[-batch.online_rows:].mean() if batch.online_rows else sera.new_zeros(())
         return bonus, metrics
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -179,12 +183,14 @@ class CalQLAgent(nn.Module):
                 best = target_q.argmax(dim=-1, keepdim=True)
                 target_q, log_pi_target = target_q.gather(-1, best), log_pi_target.gather(-1, best)
             target_q = target_q.squeeze(-1)
+            if cfg.q_target_clip:
+                # OOO clips Q' itself, before the entropy backup (OOO_for_calql/conservative_sac.py,
+                # "Bound the Q target": target_q_values = clip(target_q_values, min_q, max_q)), not y.
+                target_q = target_q.clamp(self.td_target_bounds[0], self.td_target_bounds[1])
             if cfg.backup_entropy:
                 target_q = target_q - alpha * log_pi_target.squeeze(-1)
             intrinsic, bonus_metrics = self.intrinsic_reward(batch)
             td_target = batch.reward + intrinsic + (1.0 - batch.terminated) * cfg.discount * target_q
-            if cfg.q_target_clip:
-                td_target = td_target.clamp(self.td_target_bounds[0], self.td_target_bounds[1])
             random_action = torch.empty_like(pi_cur).uniform_(-1.0, 1.0)
 
         # All critic inputs at s in one ensemble call: data, random, pi(s), pi(s') actions.

@@ -104,15 +104,25 @@ class CalQLConfig:
     rnd_train_fraction: float = 0.25
     """Fraction of each batch the RND predictor trains on (OOO: a random 25%)."""
     sera: bool = False
-    """SERA bonus on online rows, r + sera_coef * r_int, from a frozen copy of the pretrained critic
-    (learner/sera.py); fine-tuning only (offline rows never get it)."""
+    """SERA bonus, r + sera_coef * r_int, from frozen copies of the pretrained critic and policy
+    (learner/sera.py); fine-tuning only."""
     sera_coef: float = 1.0
     """lambda of the SERA bonus (the paper: 1)."""
     sera_k: int = 10
     """k of SERA's k-nearest-neighbour entropy estimate (the paper: 10-25 by task)."""
+    sera_rows: str = "batch"
+    """Rows the kNN runs over and the bonus goes to: batch (VCSE: the whole batch, offline rows
+    included) or online (the online rows only; offline rows get 0)."""
+    sera_center: bool = True
+    """Subtract the bonus's mean over those rows: an exploration signal with no living reward (a raw
+    bonus of ~+2 per step outweighs a {0, 1} success on tasks that end at the goal)."""
+    sera_condition: str = "value"
+    """What the entropy is conditioned on: value (VCSE: V(s) = min Q(s, policy mean)) or q_data
+    (Q(s, a) at the transition's action, an earlier reading of SERA)."""
     q_target_clip: bool = False
-    """Clip TD targets to [min r, max r] / (1 - gamma) over the training data (after reward scale and
-    bias): an OOO retraining option (o2o-retrain turns it on)."""
+    """Clip the target critic's Q' to [min r, max r] / (1 - gamma) over the training data (after reward
+    scale and bias), as OOO's bound_q_functions: o2o-retrain turns it on; OOO's exploring agent uses it
+    on maze2d, Kitchen and hammer, the bounds widening with the online rewards."""
     grad_clip: float | None = None
     """Max gradient norm of the critic (None = no clipping; the official code does not clip)."""
     compile: bool = False

@@ -9,6 +9,8 @@ rows are never trained on by default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import queue
 from typing import NamedTuple
 
@@ -40,7 +42,11 @@ class OnlineData:
         reward_scale: float,
         reward_bias: float,
         train_on_eval: bool = False,
+        on_rewards: Callable[[np.ndarray], None] | None = None,
     ):
+        """``on_rewards``: called with the scaled rewards of each trainable chunk as it enters the
+        buffer (``QBound.widen``)."""
+        self.on_rewards = on_rewards
         self.buffer = buffer
         self.low, self.high = low, high
         self.reward_scale, self.reward_bias = reward_scale, reward_bias
@@ -105,6 +111,8 @@ class OnlineData:
             mc_return=mc_return,
         )
         self.trainable_rows += len(reward)
+        if self.on_rewards is not None and len(reward):
+            self.on_rewards(reward)
 
     def load_store(self, store: ReplayStore, chunk: int = 262_144) -> int:
         """After a restart: the committed, finished, non-eval rows of the store (the source of
@@ -140,6 +148,26 @@ class OnlineData:
     def pop_episodes(self) -> list[dict]:
         done, self.episodes = self.episodes, []
         return done
+
+
+class QBound:
+    """OOO's exploring agent's Q' bound, [min r, max r] / (1 - gamma) over the offline rewards and
+    every online reward so far: OOO_for_calql/conservative_sac_main.py sets min_q / max_q from the
+    dataset's rewards (``calculate_q_bounds_from_data``) and, after each batch of online
+    trajectories, ``min_q = min(min_q, min_reward / (1 - discount))`` (and max_q likewise).
+    Rewards are scaled (as the TD target's); the agent clips Q' with them (``algo.q_target_clip``)."""
+
+    def __init__(self, agent, discount: float, offline_rewards: np.ndarray | None = None):
+        self.agent, self.discount = agent, discount
+        self.low, self.high = np.inf, -np.inf
+        if offline_rewards is not None and len(offline_rewards):
+            self.widen(offline_rewards)
+
+    def widen(self, rewards: np.ndarray) -> None:
+        low, high = min(self.low, float(np.min(rewards))), max(self.high, float(np.max(rewards)))
+        if (low, high) != (self.low, self.high):
+            self.low, self.high = low, high
+            self.agent.set_td_target_bounds(low / (1.0 - self.discount), high / (1.0 - self.discount))
 
 
 def mixed_batch(offline: TransitionBuffer | None, online: TransitionBuffer, batch_size: int,

@@ -5,27 +5,34 @@ value-conditional state-entropy estimate of VCSE (Kim et al. 2023, "Accelerating
 Reinforcement Learning with Value-Conditional State Entropy Exploration": its kNN
 (KSG-style) estimator of the conditional entropy H(s | v); we did not have the paper's
 text to cite the equation number, the formula is taken from its code,
-``VCSE_SAC/vcse.py: VCSE.__call__`` of kingdy2002/VCSE) with the value v replaced by the
-pretrained critic's Q(s, a).
+``VCSE_SAC/vcse.py: VCSE.__call__`` and ``VCSE_SAC/agent/sac.py: SACAgent.update`` of
+kingdy2002/VCSE) with the value taken from the pretrained agent.
 
-What we took from the VCSE code:
+What we took from the VCSE code (``SACAgent.update``):
 - the estimator exactly (see ``vcse_bonus``): self included in the k nearest (distance 0),
   the max-norm of the joint space, strict ``<`` in the count, digamma(n + 1) / dim(s),
   log(2 eps + 1e-5), no normalisation of the result (VCSE's division by a running std is
   commented out);
-- the state is the transition's current state ``obs`` (not ``next_obs``);
-- the value is standardised over the batch: VCSE passes it through a fresh
-  ``nn.LayerNorm(B)``, i.e. (v - mean) / sqrt(population var + 1e-5); so do we for Q.
-VCSE_SAC also divides the observations by their dimension before the estimator
-(``obs / obs.shape[-1]``); SERA's formula is written on s, and we do not rescale.
+- the rows: the whole training batch (VCSE samples one batch and computes the bonus for all
+  of it). ``sera_rows=batch`` (default) does the same, offline rows included;
+- the state: the transition's current state ``obs`` (not ``next_obs``), divided by its
+  dimension before the estimator (``obs / obs.shape[-1]``); ours is the agent's normalised obs;
+- the value: V(s) = min over the critics of Q(s, mean action of the policy) (VCSE: its
+  extrinsic target critic at ``dist.mean``), standardised over the batch through a fresh
+  ``nn.LayerNorm(B)``, i.e. (v - mean) / sqrt(population var + 1e-5). SERA conditions on
+  the PRETRAINED agent: a frozen copy of its critic and policy (the paper reports that a
+  random Q made things worse than no bonus).
 
-ASSUMED, because the SERA paper's text was not available to us:
-- the kNN runs over the rows passed in (batch-wise, as VCSE), not over a whole buffer; the
-  caller passes only the online rows of a batch;
-- no squashing, clipping or running normalisation of r_int;
-- Q(s, a) at the transition's action, min over the ensemble, from a FROZEN copy of the
-  pretrained critic (the paper reports that a random Q made things worse than no bonus, so
-  the conditioning must stay the pretrained one rather than follow the fine-tuned critic).
+Ours, not VCSE's or SERA's (issue 18): VCSE's tasks never terminate, so a bonus of about
++2.3 per step there is harmless; on a task that ends at the goal with {0, 1} rewards, the
+same bonus pays ~2.3 / (1 - gamma) for NOT finishing. ``sera_center`` (default on)
+subtracts the batch mean of r_int, so the bonus ranks states (novel above familiar) without
+adding a living reward; off reproduces VCSE's raw bonus. ``sera_condition=q_data`` keeps
+the earlier reading of SERA's abstract (Q(s, a) at the transition's own action): the SERA
+paper's body was not available to check which one it uses.
+
+ASSUMED, because the SERA paper's text was not available to us: the kNN runs over the batch
+(as VCSE), not over a whole buffer; no squashing or clipping of r_int.
 """
 
 from __future__ import annotations
@@ -60,21 +67,28 @@ def vcse_bonus(states: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tens
 
 
 class SeraBonus(nn.Module):
-    """r_int(s, a) = vcse_bonus(s, standardise(min_i Q_i(s, a))) with a frozen copy of the pretrained critic.
+    """r_int(s) = vcse_bonus(s / dim, standardise(v(s))) from frozen copies of the pretrained critic and policy.
 
-    ``critic``: a ``learner.networks.CriticEnsemble``; it is deep-copied at construction
-    (``requires_grad`` False, part of ``state_dict()``), so fine-tuning the original does
-    not move the bonus. ``obs`` must be what that critic takes (with the agent's observation
-    normaliser on, ``agent.normalizer(batch.obs)``); the kNN runs on the same ``obs``.
+    ``condition``: "value" (VCSE: v(s) = min_i Q_i(s, tanh(mean pi(s)))) or "q_data" (v = min_i
+    Q_i(s, a) at the transition's action). ``center``: subtract the mean bonus of the rows
+    passed in (no living bonus on terminating tasks). The copies are made at construction
+    (``requires_grad`` False, part of ``state_dict()``), so fine-tuning the originals does not
+    move the bonus. ``obs`` must be what the critic takes (``agent.normalizer(batch.obs)``).
     """
 
-    def __init__(self, critic, k: int = 10):
+    def __init__(self, critic, policy, k: int = 10, condition: str = "value", center: bool = True):
         super().__init__()
-        self.k = k
+        if condition not in ("value", "q_data"):
+            raise ValueError(f"algo.sera_condition={condition!r}: use value (VCSE's V(s)) or q_data (Q(s, a_data))")
+        self.k, self.condition, self.center = k, condition, center
         self.critic = copy.deepcopy(critic).requires_grad_(False)
+        self.policy = copy.deepcopy(policy).requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        q = self.critic(obs, action).min(dim=0).values
-        q = (q - q.mean()) / torch.sqrt(q.var(unbiased=False) + STANDARDIZE_EPS)
-        return vcse_bonus(obs, q, self.k)
+        if self.condition == "value":
+            action = self.policy.deterministic(obs)
+        v = self.critic(obs, action).min(dim=0).values
+        v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + STANDARDIZE_EPS)
+        bonus = vcse_bonus(obs / obs.shape[-1], v, self.k)
+        return bonus - bonus.mean() if self.center else bonus

@@ -1,7 +1,7 @@
 """Where the exploration bonuses enter the Cal-QL agent: inside the TD target only.
 
 RND: y = r + beta * r_int(s') + gamma (1 - d) Q' (OOO); the policy loss and the Cal-QL bound never
-see it. SERA: r + lambda * r_int on the batch's online rows only, from the frozen pretrained critic.
+see it. SERA: r + lambda * r_int over the batch (centred) or its online rows, from the frozen pretrained agent.
 Checked against the same agent without the bonus, fed the bonus by hand in its rewards.
 """
 
@@ -58,24 +58,85 @@ def test_rnd_bonus_enters_the_td_target_only():
     assert not torch.allclose(got["td_loss"], losses(plain, b)["td_loss"])
 
 
-def test_sera_bonus_on_online_rows_only_from_the_frozen_critic():
+def sera_by_hand(agent: CalQLAgent, obs: torch.Tensor, k: int) -> torch.Tensor:
+    """VCSE's bonus computed apart from SeraBonus: normalised obs, v = min Q(s, tanh(policy mean)) of
+    the agent as it was frozen, standardised; the kNN on obs / dim (vcse_bonus is checked against a
+    slow double loop in test_sera.py)."""
+    with torch.no_grad():
+        x = (obs - agent.normalizer.mean) / agent.normalizer.std
+        mean, _ = agent.sera.policy.mean_and_log_std(x)
+        v = agent.sera.critic(x, torch.tanh(mean)).min(dim=0).values
+        v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+        return vcse_bonus(x / x.shape[-1], v, k)
+
+
+def test_sera_bonus_over_the_whole_batch_centred_by_default_on_normalised_observations():
     agent, plain = twins(sera=True, sera_coef=1.0, sera_k=5)
+    agent.normalizer.set_statistics(torch.full((OBS,), 5.0), torch.full((OBS,), 3.0))  # not the identity
+    plain.normalizer.load_state_dict(agent.normalizer.state_dict())
+    agent.freeze_sera_critic()
+    b = batch(online_rows=24)
+    b = dataclasses.replace(b, obs=5.0 + 3.0 * b.obs)
+    bonus, metrics = agent.intrinsic_reward(b)
+    raw = sera_by_hand(agent, b.obs, 5)
+    torch.testing.assert_close(bonus, raw - raw.mean())  # every row, offline ones too; mean zero
+    torch.testing.assert_close(metrics["sera_bonus"], (raw - raw.mean())[-24:].mean())
+    by_hand = dataclasses.replace(b, reward=b.reward + bonus)
+    torch.testing.assert_close(losses(agent, b)["td_loss"], losses(plain, by_hand)["td_loss"])
+    # Training moves the critic and the policy, not SERA's frozen copies.
+    for _ in range(5):
+        agent.update(b)
+    torch.testing.assert_close(agent.intrinsic_reward(b)[0], bonus)
+
+
+def test_sera_on_online_rows_only_is_a_setting():
+    agent, _ = twins(sera=True, sera_k=5, sera_rows="online", sera_center=False)
     agent.freeze_sera_critic()
     b = batch(online_rows=24)
     bonus, _ = agent.intrinsic_reward(b)
     assert torch.equal(bonus[:40], torch.zeros(40))  # offline rows: none
-    q = agent.critic(b.obs[40:], b.action[40:]).min(dim=0).values
-    q = (q - q.mean()) / torch.sqrt(q.var(unbiased=False) + 1e-5)
-    torch.testing.assert_close(bonus[40:], vcse_bonus(b.obs[40:], q, 5))  # the kNN over the online rows alone
-    by_hand = dataclasses.replace(b, reward=b.reward + bonus)
-    torch.testing.assert_close(losses(agent, b)["td_loss"], losses(plain, by_hand)["td_loss"])
-    # Training moves the critic, not SERA's frozen copy.
-    for _ in range(5):
-        agent.update(b)
-    again, _ = agent.intrinsic_reward(b)
-    torch.testing.assert_close(again, bonus)
-    # A batch of offline rows only gets no bonus at all.
-    assert agent.intrinsic_reward(batch(online_rows=0))[0] == 0.0
+    torch.testing.assert_close(bonus[40:], sera_by_hand(agent, b.obs[40:], 5))  # the kNN over the online rows alone
+    assert agent.intrinsic_reward(batch(online_rows=0))[0] == 0.0  # no online rows: no bonus at all
+
+
+def chain_q(bonus_go: float, bonus_stay: float, gamma: float = 0.99) -> tuple[float, float]:
+    """Q of a two-state chain by value iteration: from s0, `go` ends the episode with reward 1,
+    `stay` returns to s0 with reward 0; each gets its (mean) bonus added to the reward."""
+    q_go = q_stay = 0.0
+    for _ in range(20_000):
+        q_go, q_stay = 1.0 + bonus_go, bonus_stay + gamma * max(q_go, q_stay)
+    return q_go, q_stay
+
+
+def chain_bonuses(**sera) -> tuple[float, float]:
+    """The mean SERA bonus of the chain's `go` and `stay` rows over many batches (what Q-learning
+    averages), from the real agent. s0 is a cloud of nearby states; offline and online rows alike."""
+    torch.manual_seed(0)
+    agent = CalQLAgent(4, 1, CalQLConfig(sera=True, sera_k=10, **sera), NET)
+    agent.freeze_sera_critic()
+    g = torch.Generator().manual_seed(0)
+    go, stay = [], []
+    for _ in range(400):
+        n = 128
+        action = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).unsqueeze(1)  # even rows go, odd rows stay
+        b = Batch(obs=torch.randn(n, 4, generator=g), action=action, reward=(action[:, 0] > 0).float(),
+                  next_obs=torch.randn(n, 4, generator=g), terminated=(action[:, 0] > 0).float(),
+                  mc_return=torch.zeros(n), online_rows=64)  # fmt: skip
+        bonus, _ = agent.intrinsic_reward(b)
+        go.append(bonus[0::2].mean())
+        stay.append(bonus[1::2].mean())
+    return float(torch.stack(go).mean()), float(torch.stack(stay).mean())
+
+
+def test_sera_leaves_the_preference_for_reaching_the_goal_intact():
+    """Issue 18: a bonus that pays more for not finishing than the task pays for finishing is a defect."""
+    q_go, q_stay = chain_q(*chain_bonuses())  # the defaults: whole batch, centred
+    assert q_go > q_stay
+    # The earlier wiring (online rows only, the raw VCSE bonus, positive on every row) preferred never finishing.
+    raw_go, raw_stay = chain_bonuses(sera_rows="online", sera_center=False, sera_condition="q_data")
+    assert raw_stay > 0.1  # a living bonus: paid on every step that does not finish
+    q_go, q_stay = chain_q(raw_go, raw_stay)
+    assert q_stay > q_go
 
 
 def test_rnd_trains_with_every_update_and_resumes_from_a_checkpoint(tmp_path):
@@ -103,9 +164,12 @@ def test_rnd_trains_with_every_update_and_resumes_from_a_checkpoint(tmp_path):
 def test_sera_needs_more_online_rows_than_k():
     from o2o.learner.online import check_sera_batch
 
-    check_sera_batch(256, 0.5, 10)
+    check_sera_batch(256, 0.5, 10, "online")
     with pytest.raises(ValueError, match="more than algo.sera_k=10 online rows"):
-        check_sera_batch(16, 0.5, 10)
+        check_sera_batch(16, 0.5, 10, "online")
+    check_sera_batch(16, 0.5, 10, "batch")  # the whole batch counts
+    with pytest.raises(ValueError, match="sera_rows"):
+        check_sera_batch(256, 0.5, 10, "offline")
 
 
 def test_critic_feature_norm_by_hand():

@@ -2,6 +2,7 @@
 with the store's Cal-QL MC returns; eval rows are not trained on; batches mix by ratio."""
 
 import numpy as np
+import pytest
 
 from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
@@ -256,3 +257,27 @@ def test_learner_memory_stays_flat_over_ten_buffers_of_rows(tmp_path):
     # mirror held every row: 28 MB once past its initial 65536 rows, ~55x one commit.
     assert peak < 16 * commit_bytes, (peak, commit_bytes)
     assert retained < 8 * commit_bytes, (retained, commit_bytes)
+
+
+def test_the_exploring_agents_q_bound_widens_with_online_rewards():
+    """OOO's bound_q_functions on the exploring agent: [min r, max r] / (1 - gamma) over the offline
+    rewards, widened by each online chunk's (scaled) rewards as they enter the buffer."""
+    from o2o.learner.calql import CalQLAgent
+    from o2o.learner.config import CalQLConfig, NetworkConfig
+    from o2o.learner.online_data import QBound
+
+    agent = CalQLAgent(OBS, ACT, CalQLConfig(q_target_clip=True, discount=0.9),
+                       NetworkConfig(policy_hidden=[8], critic_hidden=[8]))  # fmt: skip
+    bound = QBound(agent, 0.9, np.array([0.0, 0.5, 1.0], np.float32))
+    assert agent.td_target_bounds.tolist() == pytest.approx([0.0, 10.0])
+    buffer = TransitionBuffer(OBS, ACT, 100, "cpu", online=True)
+    data = OnlineData(buffer, -np.ones(ACT), np.ones(ACT), reward_scale=2.0, reward_bias=0.0, on_rewards=bound.widen)
+    rows = lambda r: dict(obs=np.zeros((2, OBS), np.float32), action=np.zeros((2, ACT), np.float32),  # noqa: E731
+                          raw_reward=np.array(r, np.float32), next_obs=np.zeros((2, OBS), np.float32),
+                          terminated=np.zeros(2), mc_return=np.zeros(2, np.float32))  # fmt: skip
+    data.add_rows(**rows([1.5, 0.2]))  # scaled: 3.0, 0.4
+    assert agent.td_target_bounds.tolist() == pytest.approx([0.0, 30.0])
+    data.add_rows(**rows([-1.0, 0.0]))  # scaled: -2.0
+    assert agent.td_target_bounds.tolist() == pytest.approx([-20.0, 30.0])
+    data.add_rows(**rows([0.1, 0.3]))  # inside: no change
+    assert agent.td_target_bounds.tolist() == pytest.approx([-20.0, 30.0])

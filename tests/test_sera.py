@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from o2o.learner.networks import CriticEnsemble
+from o2o.learner.networks import CriticEnsemble, TanhGaussianPolicy
 from o2o.learner.sera import SeraBonus, vcse_bonus
 
 EULER_GAMMA = 0.57721566490153286060
@@ -85,37 +85,67 @@ def test_k_larger_than_the_batch_uses_all_rows():
     assert torch.isfinite(vcse_bonus(torch.zeros(1, 2), torch.zeros(1), 10)).all()  # one row: eps 0
 
 
-def test_sera_bonus_uses_a_frozen_copy_of_the_critic():
+def pretrained_like(obs_dim: int, act_dim: int) -> tuple[CriticEnsemble, TanhGaussianPolicy]:
     torch.manual_seed(0)
-    obs_dim, act_dim, n = 4, 2, 48
     critic = CriticEnsemble(obs_dim, act_dim, [32, 32], num_critics=2)
-    with torch.no_grad():  # a critic with visibly different members, as after pretraining
+    policy = TanhGaussianPolicy(obs_dim, act_dim, [32, 32])
+    with torch.no_grad():  # visibly different members and a policy that is not ~0, as after pretraining
         for w in critic.weights:
             w.mul_(torch.rand_like(w) * 30)
-    as_pretrained = copy.deepcopy(critic)
-    sera = SeraBonus(critic, k=5)
+        for w in policy.parameters():
+            w.mul_(5)
+    return critic, policy
+
+
+def value_by_hand(critic, policy, obs: torch.Tensor, action: torch.Tensor | None) -> np.ndarray:
+    """VCSE's v: min over the critics at the policy's mean action (or the data action), standardised
+    over the rows as nn.LayerNorm(B) does (population variance + 1e-5), in float64."""
+    with torch.no_grad():
+        if action is None:
+            mean, _ = policy.mean_and_log_std(obs)
+            action = torch.tanh(mean)
+        q = critic(obs, action).double().numpy().min(axis=0)
+    return (q - q.mean()) / np.sqrt(q.var() + 1e-5)
+
+
+def test_sera_bonus_is_vcse_on_scaled_states_conditioned_on_the_frozen_pretrained_value():
+    obs_dim, act_dim, n = 4, 2, 48
+    critic, policy = pretrained_like(obs_dim, act_dim)
+    as_pretrained = (copy.deepcopy(critic), copy.deepcopy(policy))
     obs, action = torch.randn(n, obs_dim), torch.rand(n, act_dim) * 2 - 1
 
-    # Expected: min over the ensemble at the data action, standardised over the batch
-    # (VCSE's LayerNorm: population variance + 1e-5), then the double loop.
-    with torch.no_grad():
-        q = as_pretrained(obs, action).double().numpy()
-    q = q.min(axis=0)
-    q = (q - q.mean()) / np.sqrt(q.var() + 1e-5)
-    expected = reference(obs.double().numpy(), q, 5)
-    before = sera(obs, action)
-    np.testing.assert_allclose(before.numpy(), expected, rtol=1e-4, atol=1e-4)
+    # VCSE_SAC/agent/sac.py: the kNN on obs / obs.shape[-1], v = min Q(s, dist.mean); raw (VCSE) and centred.
+    states = obs.double().numpy() / obs_dim
+    raw = reference(states, value_by_hand(*as_pretrained, obs, None), 5)
+    vcse = SeraBonus(critic, policy, k=5, condition="value", center=False)
+    np.testing.assert_allclose(vcse(obs, action).numpy(), raw, rtol=1e-4, atol=1e-4)
+    centred = SeraBonus(critic, policy, k=5)  # the default
+    np.testing.assert_allclose(centred(obs, action).numpy(), raw - raw.mean(), rtol=1e-4, atol=1e-4)
+    assert abs(float(centred(obs, action).mean())) < 1e-5
+    # The data action does not matter for V(s); for q_data it does.
+    torch.testing.assert_close(vcse(obs, -action), vcse(obs, action))
+    q_data = SeraBonus(critic, policy, k=5, condition="q_data", center=False)
+    np.testing.assert_allclose(q_data(obs, action).numpy(), reference(states, value_by_hand(*as_pretrained, obs, action), 5),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
 
-    with torch.no_grad():  # fine-tuning moves the original critic ...
-        for w in critic.weights:
+    before = centred(obs, action)
+    with torch.no_grad():  # fine-tuning moves the original critic and policy ...
+        for w in [*critic.parameters(), *policy.parameters()]:
             w.copy_(torch.randn_like(w))
-    torch.testing.assert_close(sera(obs, action), before, rtol=0, atol=0)  # ... not the bonus
-    assert not torch.allclose(SeraBonus(critic, k=5)(obs, action), before)  # (it does depend on Q)
+    torch.testing.assert_close(centred(obs, action), before, rtol=0, atol=0)  # ... not the bonus
+    assert not torch.allclose(SeraBonus(critic, policy, k=5)(obs, action), before)  # (it does depend on them)
 
-    assert not any(p.requires_grad for p in sera.parameters())
-    assert critic.weights[0].requires_grad  # the original is left trainable
-    keys = sera.state_dict().keys()
-    assert keys and all(k.startswith("critic.") for k in keys)
-    restored = SeraBonus(CriticEnsemble(obs_dim, act_dim, [32, 32], num_critics=2), k=5)
-    restored.load_state_dict(sera.state_dict())
+    assert not any(p.requires_grad for p in centred.parameters())
+    assert critic.weights[0].requires_grad  # the originals are left trainable
+    keys = centred.state_dict().keys()
+    assert any(k.startswith("critic.") for k in keys) and any(k.startswith("policy.") for k in keys)
+    restored = SeraBonus(*pretrained_like(obs_dim, act_dim), k=5)
+    restored.load_state_dict(centred.state_dict())
     torch.testing.assert_close(restored(obs, action), before, rtol=0, atol=0)
+
+
+def test_an_unknown_condition_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="sera_condition"):
+        SeraBonus(*pretrained_like(2, 1), condition="q")
