@@ -14,8 +14,9 @@ Reads each cell's folder (<root>/runs/<task>/<method>/seed<k>: cell.json, metric
 - OOO: the last retrain's evaluation against the exploring policy's at the same data: its last
   evaluation made by the update at which the retrain took the store (the final one for a retrain
   at the end);
-- the deployed policy of a subroutine mode: recommend, the last retrain; fine_tune, the agent the run
-  ends with (the last retrain when it was switched in after the last evaluation).
+- the deployed policy of a subroutine mode: recommend, the last retrain that passed validation;
+  fine_tune, the agent the run ends with (the last accepted retrain when switched in after the last
+  evaluation).
 Means are over seeds, with the standard deviation; a difference smaller than the spread is said so.
 """
 
@@ -48,6 +49,7 @@ class Cell:
     retrain_scores: list[float]  # each finished retrain's evaluation, in order
     retrain_started: list[float]  # the online update at which each took the store (nan: not logged)
     retrain_logged: list[int]  # the online update at which each finished (was logged)
+    retrain_accepted: list[bool]  # whether each passed validation and was used (runs before validation: all)
 
     @property
     def offline(self) -> float:
@@ -84,11 +86,14 @@ class Cell:
 
     @property
     def deployed(self) -> float:
-        """The score of the policy the run hands over: recommend, the last retrain's; fine_tune, the
-        agent it ends with (the last retrain when switched in after the last evaluation); else final."""
-        if self.retrain_scores and (self.retrain_mode == "recommend" or (
-                self.retrain_mode == "fine_tune" and self.retrain_logged[-1] >= self.eval_updates[-1])):
-            return self.retrain_scores[-1]
+        """The score of the policy the run hands over: recommend, the last accepted retrain's; fine_tune,
+        the agent it ends with (the last accepted retrain when switched in after the last evaluation);
+        else (or when no retrain passed validation) the final evaluation."""
+        used = [(score, logged) for score, logged, ok in
+                zip(self.retrain_scores, self.retrain_logged, self.retrain_accepted) if ok]  # fmt: skip
+        if used and (self.retrain_mode == "recommend" or (
+                self.retrain_mode == "fine_tune" and used[-1][1] >= self.eval_updates[-1])):
+            return used[-1][0]
         return self.final
 
     @property
@@ -113,13 +118,13 @@ def load_cell(folder: Path) -> Cell | None:
             train.append(row["online/success"])
         elif "retrain/normalized_score" in row:
             retrains.append((row["retrain/normalized_score"], row.get("retrain/started_at_updates", math.nan),
-                             row["step"]))  # fmt: skip
+                             row["step"], bool(row.get("retrain/accepted", 1))))  # fmt: skip
     if not evals:
         return None
     steps, scores, episodes, updates = map(np.asarray, zip(*evals))
-    retrain_scores, retrain_started, retrain_logged = (list(x) for x in zip(*retrains)) if retrains else ([], [], [])
+    retrain_columns = [list(x) for x in zip(*retrains)] if retrains else [[], [], [], []]
     return Cell(meta["task"], meta["method"], meta["seed"], meta, steps, updates, scores, int(episodes.max()),
-                np.asarray(train, float), retrain_scores, retrain_started, retrain_logged)  # fmt: skip
+                np.asarray(train, float), *retrain_columns)  # fmt: skip
 
 
 def load_cells(root: Path) -> list[Cell]:

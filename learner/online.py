@@ -46,9 +46,9 @@ from .evaluation import evaluate
 from .export_onnx import export_policy
 from .fine_tuning import explicit_keys, fine_tuning_algo
 from .metrics import MetricsLogger, RunningMean
-from .online_data import OnlineData, UpdateLimiter, mixed_batch
+from .online_data import OnlineData, QBound, UpdateLimiter, mixed_batch
 from .pretrain import load_offline_data, make_agent, pretrain, resolve_device
-from .subroutine import Retrainer, recommend
+from .subroutine import Retrainer, use_retrained
 
 log = logging.getLogger("o2o.learner")
 
@@ -172,24 +172,30 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     algo = agent.cfg
     scratch = bool(payload.get("extra", {}).get("from_scratch"))
     if algo.sera:
-        check_sera_batch(cfg.batch_size, 0.0 if scratch else algo.offline_ratio, algo.sera_k)
+        check_sera_batch(cfg.batch_size, 0.0 if scratch else algo.offline_ratio, algo.sera_k, algo.sera_rows)
         if agent.sera is None:
             agent.freeze_sera_critic()
-            log.info("SERA: Q-values from a frozen copy of the %s critic", "random (from scratch)" if scratch else
-                     "pretrained")  # fmt: skip
+            log.info("SERA: values from frozen copies of the %s critic and policy", "random (from scratch)" if scratch
+                     else "pretrained")  # fmt: skip
     low, high = action_bounds(spec)
-    offline = None if scratch else TransitionBuffer.from_transitions(load_offline_data(cfg, task, algo), low, high, device)
+    offline_data = None if scratch else load_offline_data(cfg, task, algo)
+    offline = None if scratch else TransitionBuffer.from_transitions(offline_data, low, high, device)
+    # OOO's exploring agent on maze2d, Kitchen, hammer: Q' clipped to bounds that widen with online rewards.
+    q_bound = QBound(agent, algo.discount, None if scratch else offline_data.reward) if algo.q_target_clip else None
     online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device, online=True)
-    online = OnlineData(online_buffer, low, high, algo.reward_scale, algo.reward_bias, cfg.train_on_eval)
+    online = OnlineData(online_buffer, low, high, algo.reward_scale, algo.reward_bias, cfg.train_on_eval,
+                        on_rewards=q_bound.widen if q_bound else None)  # fmt: skip
     store = open_store(cfg, run_dir, task.name, algo)
     if len(store):
         log.info("reloaded %d trainable rows from the store", online.load_store(store))
     return FineTuning(run_dir, agent, spec, payload, offline, online, online_buffer, store)
 
 
-def check_sera_batch(batch_size: int, offline_ratio: float, k: int) -> None:
-    """SERA's kNN runs over a batch's online rows: there must be more than k of them."""
-    online = batch_size - int(round(batch_size * offline_ratio))
+def check_sera_batch(batch_size: int, offline_ratio: float, k: int, rows: str = "batch") -> None:
+    """SERA's kNN runs over a batch (or its online rows): there must be more than k of them."""
+    if rows not in ("batch", "online"):
+        raise ValueError(f"algo.sera_rows={rows!r}: use batch (VCSE: every row) or online (the online rows only)")
+    online = batch_size - int(round(batch_size * offline_ratio)) if rows == "online" else batch_size
     if online <= k:
         raise ValueError(f"algo.sera needs more than algo.sera_k={k} online rows per batch, and batch_size={batch_size} "
                          f"with algo.offline_ratio={offline_ratio} has {online}")  # fmt: skip
@@ -232,6 +238,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
 
     low, high = action_bounds(spec)
     evaluations: list[dict] = []
+    evaluated_at = {"updates": None}  # the online update count of the last evaluation (None: the agent changed since)
 
     def evaluate_policy() -> dict:
         """The policy as it is now, over the same deterministic episodes every time (logged as eval/...)."""
@@ -239,6 +246,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                   "online_steps": online.committed_rows, "episodes": cfg.eval.episodes}  # fmt: skip
         logger.log(updates, "eval", result)
         evaluations.append(result)
+        evaluated_at["updates"] = updates
         return result
 
     scratch = bool(extra.get("from_scratch"))
@@ -250,24 +258,24 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             "online_updates": updates, "policy_version": publisher.version, "run_id": publisher.run_id,
             "from_scratch": scratch, "retrain_switches": switches})
 
+    def online_evaluation() -> dict:
+        """The online agent now, on the evaluation episodes: the evaluation at this update if there is one."""
+        if evaluated_at["updates"] == updates and evaluations:
+            return evaluations[-1]
+        return evaluate_policy()
+
     def use_retrain(summary: dict | None, at_end: bool = False) -> bool:
-        """A finished retrain: logged, then recommended or taken over (``retrain_mode``); True if taken over."""
+        """A finished retrain: validated against the current one on the same evaluation episodes,
+        logged, then (if accepted) recommended or taken over (``retrain_mode``; see
+        ``subroutine.validate``); True if taken over."""
         if summary is None:
             return False
-        score = summary["eval"]
-        logger.log(updates, "retrain", {**score, "store_rows": summary["store_rows"], "online_rows": summary["online_rows"],
-                                        "started_at_updates": summary["updates"]})  # fmt: skip
-        if cfg.retrain_mode == "recommend":
-            path = recommend(run_dir, summary)
-            log.info("recommended policy (retrained on %d store rows, score %.1f): %s", summary["store_rows"],
-                     score["normalized_score"], path)  # fmt: skip
+        decision = use_retrained(summary, cfg.retrain_mode, run_dir, agent, online_evaluation, logger, updates)
+        if not decision.accepted or cfg.retrain_mode != "fine_tune":
             return False
-        retrained, _, _ = load_checkpoint(summary["checkpoint"], agent.device)
-        agent.load_networks(retrained)
+        evaluated_at["updates"] = None  # the online agent changed at this update
         switches.append({"updates": updates, "checkpoint": summary["checkpoint"], "store_rows": summary["store_rows"],
-                         "score": score["normalized_score"]})  # fmt: skip
-        log.info("the online agent continues from the retrained one (%s, score %.1f) at %d updates",
-                 summary["checkpoint"], score["normalized_score"], updates)  # fmt: skip
+                         "score": decision.score, "incumbent_score": decision.incumbent_score})  # fmt: skip
         if at_end:  # the server is gone: the run's policy file is all there is to update
             export_policy(agent, spec, run_dir / "policy.onnx", version=publisher.version, step=updates,
                           exporter="torchscript")
@@ -302,6 +310,11 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 server.set_hold(hold)
             retrainer.maybe_start(updates, online.committed_rows)
             use_retrain(retrainer.poll())
+            if retrainer.pauses_updates:
+                # fine_tune: no online update (and no new policy) while a retrain runs, as the switch
+                # would throw them away; ingest goes on and the actors act with the last published policy.
+                time.sleep(0.01)
+                continue
             allowed = limiter.allowed(updates, online.trainable_rows)
             if allowed and publisher.version == 0:
                 publisher.publish(updates)  # from scratch: warm-up done, the first policy

@@ -121,3 +121,17 @@ def test_a_real_cell_runs_once_and_is_skipped_when_run_again(tmp_path, method):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "is done: skipped" in again.stdout
     assert len(load_cells(tmp_path)) == 1
+
+
+def test_a_recommended_run_hands_over_only_retrains_that_passed_validation(tmp_path):
+    root = tmp_path / "root"
+    write_cell(root, "pointmaze-medium", "sac_recommend", 0, [(0, 0), (2000, 50)], [0, 1], retrains=[30, 60, 20])
+    metrics = root / "runs" / "pointmaze-medium" / "sac_recommend" / "seed0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    accepted = iter([1, 1, 0])  # the last retrain (20) scored below the recommended one (60): rejected
+    rows = [{**r, "retrain/accepted": next(accepted)} if "retrain/normalized_score" in r else r for r in rows]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (cell,) = load_cells(root)
+    cell.meta["config"] = {"method": {"online_args": ["retrain_mode=recommend"]}}
+    assert cell.retrain_accepted == [True, True, False]
+    assert cell.deployed == 60  # the last accepted retrain, not the last one
