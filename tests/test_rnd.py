@@ -135,3 +135,164 @@ def test_training_state_round_trip(rng):
     torch.manual_seed(3)
     other.update(batch)
     torch.testing.assert_close(other.bonus(x), rnd.bonus(x), rtol=0, atol=0)
+
+
+# Issue 18 part 6: what the agent feeds RND, the input clip and the predictor's row mask; each test
+# was checked to fail with that behaviour broken (next_obs -> obs, no clip, every row trained).
+
+
+def z_by_hand(rnd: RND, x: torch.Tensor) -> torch.Tensor:
+    """The networks' input: (x - mean) / sqrt(var) with the stored statistics, clipped to [-5, 5]."""
+    z = (x.to(torch.float64) - rnd.obs_rms.mean) / rnd.obs_rms.var.sqrt()
+    return z.clamp(-5.0, 5.0).to(x.dtype)
+
+
+def bonus_by_hand(rnd: RND, x: torch.Tensor) -> torch.Tensor:
+    z = z_by_hand(rnd, x)
+    with torch.no_grad():
+        return (rnd.predictor(z) - rnd.target(z)).square().amax(-1) / rnd.bonus_rms.var.sqrt().float()
+
+
+def row_gradients(rnd: RND, z: torch.Tensor) -> torch.Tensor:
+    """(P, B): column i is the predictor's gradient of row i's loss, mean_f (pred(z_i) - target(z_i))^2."""
+    params = list(rnd.predictor.parameters())
+    with torch.no_grad():
+        target = rnd.target(z)
+    columns = []
+    for i in range(len(z)):
+        loss = (rnd.predictor(z[i : i + 1]) - target[i : i + 1]).square().mean()
+        columns.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(columns, 1).to(torch.float64)
+
+
+def record_gradients(rnd: RND) -> list[torch.Tensor]:
+    """The predictor's gradient at each optimiser step (a step pre-hook: the gradient as the step sees it)."""
+    seen: list[torch.Tensor] = []
+    rnd.optimizer.register_step_pre_hook(
+        lambda *_: seen.append(torch.cat([p.grad.flatten() for p in rnd.predictor.parameters()]).to(torch.float64))
+    )
+    return seen
+
+
+def row_weights(rows: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """w with gradient = rows @ w (least squares, by the normal equations: the per-row gradients are
+    independent), and the relative residual."""
+    w = torch.linalg.solve(rows.T @ rows, rows.T @ gradient)
+    return w, float((rows @ w - gradient).norm() / gradient.norm())
+
+
+def test_agent_trains_rnd_on_next_obs_feeds_its_statistics_next_obs_and_its_td_target_the_next_obs_bonus():
+    import dataclasses
+
+    from o2o.learner.buffer import Batch
+    from o2o.learner.calql import CalQLAgent
+    from o2o.learner.config import CalQLConfig, NetworkConfig
+
+    act, n = 2, 64
+    net = NetworkConfig(policy_hidden=[32, 32], critic_hidden=[32, 32], rnd_hidden=[32, 32], rnd_features=16)
+    g = torch.Generator().manual_seed(0)
+
+    def batch() -> Batch:  # s ~ 0, s' ~ 10: a bonus, a gradient or a mean from the wrong one is far off
+        return Batch(obs=0.1 * torch.randn(n, OBS, generator=g), action=torch.rand(n, act, generator=g) * 2 - 1,
+                     reward=torch.rand(n, generator=g), next_obs=10.0 + torch.randn(n, OBS, generator=g),
+                     terminated=(torch.rand(n, generator=g) < 0.2).float(),
+                     mc_return=torch.randn(n, generator=g))  # fmt: skip
+
+    torch.manual_seed(0)
+    agent = CalQLAgent(OBS, act, CalQLConfig(rnd=True, rnd_coef=10.0), net)
+    fed = []
+    for _ in range(3):  # settle the statistics, so that the next states' inputs are not all at the clip
+        warm = batch()
+        agent.update(warm)
+        fed.append(warm.next_obs)
+    # The observation statistics: every next state fed, the states never (s ~ 0, s' ~ 10).
+    data = torch.cat(fed).double()
+    torch.testing.assert_close(agent.rnd.obs_rms.mean, data.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(agent.rnd.obs_rms.var, data.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    plain = CalQLAgent(OBS, act, CalQLConfig(rnd=False), net)  # the same agent as it is now, without RND
+    plain.load_state_dict({k: v for k, v in agent.state_dict().items() if not k.startswith("rnd.")})
+
+    b = batch()
+    rnd = agent.rnd
+    expected = bonus_by_hand(rnd, b.next_obs)  # pre-step networks and statistics
+    wrong = bonus_by_hand(rnd, b.obs)
+    assert expected.std() > 0 and (expected - wrong).abs().mean() > 0.1 * expected.abs().mean()
+    rows = row_gradients(rnd, z_by_hand(rnd, b.next_obs))
+    gradients = record_gradients(rnd)
+    torch.manual_seed(1)
+    metrics = agent.update(b)
+    fed.append(b.next_obs)
+
+    # The TD target's bonus is beta * bonus(s'): the same TD loss as the agent without RND fed it by hand.
+    torch.manual_seed(1)
+    by_hand = plain.losses(dataclasses.replace(b, reward=b.reward + 10.0 * expected))[1]
+    torch.testing.assert_close(metrics["td_loss"], by_hand["td_loss"])
+    torch.manual_seed(1)
+    assert not torch.allclose(plain.losses(dataclasses.replace(b, reward=b.reward + 10.0 * wrong))[1]["td_loss"],
+                              metrics["td_loss"], rtol=1e-3)  # fmt: skip
+    torch.testing.assert_close(metrics["rnd_bonus"], expected.mean())
+    # The predictor's step: its gradient is a combination of the next states' row gradients only.
+    (gradient,) = gradients
+    _, residual = row_weights(rows, gradient)
+    assert residual < 1e-4, residual
+    # ... and still after this step.
+    data = torch.cat(fed).double()
+    torch.testing.assert_close(rnd.obs_rms.mean, data.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rnd.obs_rms.var, data.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    assert rnd.obs_rms.count.item() == pytest.approx(4 * n, abs=1e-3)
+
+
+def test_far_out_of_distribution_inputs_reach_both_networks_clipped_to_5_std(rng):
+    import copy
+
+    rnd = RND(OBS, **SMALL)
+    for _ in range(3):
+        rnd.update(states(rng, 64, loc=np.linspace(-2, 2, OBS), scale=np.linspace(0.5, 3, OBS)))
+    mean, std = rnd.obs_rms.mean.float(), rnd.obs_rms.var.sqrt().float()
+    u = torch.as_tensor(rng.normal(0, 30, (64, OBS)), dtype=torch.float32)  # in std units: mostly beyond 5
+    u[:, 0] = torch.linspace(-4.5, 4.5, 64)  # one feature inside the clip throughout
+    far, at_clip = mean + std * u, mean + std * u.clamp(-5, 5)
+    assert (u.abs() > 5).float().mean() > 0.7
+
+    seen: dict[str, list[torch.Tensor]] = {"predictor": [], "target": []}
+    for name in seen:
+        net = getattr(rnd, name)
+        net.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0].detach().clone()))
+    z = z_by_hand(rnd, far)
+    assert z.abs().max() == 5.0 and (z.abs() == 5.0).float().mean() > 0.7
+    bonus = rnd.bonus(far)
+    twin = copy.deepcopy(rnd)
+    torch.manual_seed(4)
+    rnd.update(far)
+    for name, inputs in seen.items():  # bonus, then update: each network saw the clipped inputs
+        assert len(inputs) == 2, name
+        for x in inputs:
+            torch.testing.assert_close(x, z)
+    # So states that differ only beyond the clip score and train alike.
+    torch.testing.assert_close(bonus, bonus_by_hand(twin, far))
+    torch.testing.assert_close(bonus, twin.bonus(at_clip), rtol=1e-4, atol=1e-6)
+    torch.manual_seed(4)
+    twin.update(at_clip)
+    for a, b in zip(rnd.predictor.parameters(), twin.predictor.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_predictor_trains_on_a_fresh_random_quarter_of_the_rows_equally_weighted(rng):
+    rnd = RND(OBS, **SMALL)
+    gradients = record_gradients(rnd)
+    x = states(rng, 64, scale=2.0)
+    masks = []
+    for step in range(16):
+        rows = row_gradients(rnd, z_by_hand(rnd, x))
+        rnd.update(x)
+        w, residual = row_weights(rows, gradients[step])
+        assert residual < 1e-4, (step, residual)
+        kept = w > 0.5 * w.max()
+        # loss = sum over the kept rows of the row loss / their number: weights 1/k on k rows, 0 elsewhere.
+        torch.testing.assert_close(w, kept.double() / kept.sum(), rtol=0, atol=1e-4)
+        masks.append(kept)
+    masks = torch.stack(masks)
+    fraction = masks.double().mean().item()  # 1024 rows: Bernoulli(0.25) gives 0.25 +- 0.014
+    assert 0.19 < fraction < 0.31, fraction
+    assert len({tuple(m.tolist()) for m in masks}) == len(masks)  # a new mask each step
+    assert masks.any(0).float().mean() > 0.9  # ... over all the rows, not a fixed subset
