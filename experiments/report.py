@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 MIN_SEEDS = 3  # fewer seeds give numbers, never a verdict
-METHOD_ORDER = ["cql", "calql", "calql_sera", "calql_rnd_ooo", "sac", "sac_recommend", "sac_fine_tune"]
+METHOD_ORDER = ["cql", "calql", "calql_sera", "calql_rnd_ooo", "cql_rnd_ooo", "sac", "sac_recommend", "sac_fine_tune"]
 
 
 @dataclasses.dataclass

@@ -37,6 +37,7 @@ from .divergence import DivergedError, check_losses
 from .evaluation import evaluate
 from .export_onnx import export_policy
 from .metrics import MetricsLogger, RunningMean
+from .online_data import QBound
 from .stopping import Stopped, deferred, graceful_stop, requested
 
 log = logging.getLogger("o2o.pretrain")
@@ -105,6 +106,8 @@ def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
     log.info("%s: %d transitions, obs %d, action %d, device %s", cfg.dataset, len(data), data.obs_dim, data.action_dim, device)
 
     agent, spec = make_agent(cfg, task, data, device)
+    if cfg.algo.q_target_clip:  # OOO bounds Q' from the first offline step (the online learner widens it)
+        QBound(agent, cfg.algo.discount, data.reward)
     start = 0
     if cfg.resume:
         resumed, _, payload = load_checkpoint(cfg.resume, device, restore_rng=True)

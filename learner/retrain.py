@@ -11,10 +11,13 @@ last commit counts), then evaluated and exported: the deployable ``policy.onnx``
 ``retrain.json`` saying what data it saw and how it scored. OOO explores with an optimistic
 agent and deploys only this pessimistic one.
 
-Defaults follow OOO's released retraining (configs/retrain.yaml): plain CQL (``algo.calibrated
-=false``), TD targets clipped to [min r, max r] / (1 - gamma) of the data, and 32 extra samples
-per batch from the transitions at the data's highest reward. One buffer holds offline and online
-rows and is sampled uniformly, as OOO appends the online data to the offline buffer.
+Defaults follow OOO's released retraining (OOO_for_calql/conservative_sac_exploitation.py, run as
+in its ooo_for_calql_scripts.md; configs/retrain.yaml): plain CQL (``algo.calibrated=false``), the
+target critic's Q' clipped to [min r, max r] / (1 - gamma) over all training rows (after reward
+scale and bias), batches drawn from the offline data and the store's rows in proportion to their
+sizes. Per OOO domain (preset=paper, configs/ooo_retrain/): a fixed offline share of each batch
+(``offline_share``: Kitchen 0.25, Adroit 0.5) and 32 extra samples from the online rows at the
+online maximum reward (``high_reward_extra``: maze2d only among o2o's domains).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -35,10 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from o2o.datasets.minari_io import DatasetError, Transitions
 from o2o.datasets.replay_store import ReplayStore, StoreError
-from o2o.envs import get_task
+from o2o.envs import TaskSpec, get_task
 
-from .buffer import TransitionBuffer
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint
+from .buffer import Batch, TransitionBuffer
+from .calql import CalQLAgent
+from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, resolve_checkpoint
 from .config import PretrainConfig
 from .divergence import DivergedError
 from .fine_tuning import explicit_keys
@@ -64,8 +69,14 @@ class RetrainConfig(PretrainConfig):
     """Use the rows before the first one acted by a policy version above this (0 = no limit)."""
     offline: bool = True
     """Also train on the offline dataset (`dataset`); false = the store alone (an online run from scratch)."""
-    high_reward_extra: int = 32
-    """Extra samples per batch drawn from the transitions at the data's maximum reward (OOO: 32 on 256; 0 = off)."""
+    offline_share: float | None = None
+    """Fraction of each batch drawn from the offline data, the rest from the store (OOO's --mixing_ratio:
+    0.25 Kitchen, 0.5 Adroit); None = in proportion to the offline and online row counts (OOO's default
+    -1, used on maze2d and hammer). Set per domain by preset=paper (configs/ooo_retrain/)."""
+    high_reward_extra: int = 0
+    """Extra samples appended to each batch, drawn from the ONLINE rows at the online maximum reward
+    (OOO's --upsample_batch_size: 32 on maze2d and hammer, off elsewhere; 0 = off, OOO's default).
+    preset=paper turns it on for the domains OOO does (configs/ooo_retrain/)."""
     train_on_eval: bool = False
     """Also train on the actors' deterministic evaluation episodes."""
     out_dir: str = "runs/retrain"
@@ -138,8 +149,33 @@ def concat_transitions(parts: list[Transitions]) -> Transitions:
 
 
 def td_target_bounds(reward: np.ndarray, discount: float) -> tuple[float, float]:
-    """OOO's Q-target clip: [min r, max r] / (1 - gamma) over all training rewards (scaled)."""
+    """OOO's bound on Q': [min r, max r] / (1 - gamma) over all training rewards (scaled): OOO's
+    conservative_sac_exploitation.py (bound_q_functions_according_to_data) takes min and max over the
+    offline dataset and the loaded replay buffer, after its reward rescaling, then divides by 1 - gamma."""
     return float(reward.min()) / (1.0 - discount), float(reward.max()) / (1.0 - discount)
+
+
+def batch_split(offline_rows: int, online_rows: int, batch_size: int, offline_share: float | None) -> tuple[int, int]:
+    """(offline, online) rows of each batch, computed once, as OOO's retraining does
+    (conservative_sac_exploitation.py: mixing_ratio = the flag if >= 0, else offline / (offline +
+    online) rows; batch_size_offline = int(batch_size * mixing_ratio), the rest online). With no
+    rows on one side, all come from the other."""
+    if online_rows == 0:
+        return batch_size, 0
+    if offline_rows == 0:
+        return 0, batch_size
+    share = offline_rows / (offline_rows + online_rows) if offline_share is None else offline_share
+    n_offline = int(batch_size * share)
+    return n_offline, batch_size - n_offline
+
+
+def high_reward_rows(online_reward: np.ndarray) -> np.ndarray:
+    """Indices of the online rows at the online maximum reward: OOO upsamples from its replay buffer
+    (the online rows) where ``rewards >= replay_buffer._rewards.max()`` (conservative_sac_exploitation.py;
+    hammer uses a fixed threshold of 25 instead, a task o2o does not have)."""
+    if len(online_reward) == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(online_reward >= online_reward.max())
 
 
 def apply_store_settings(cfg: RetrainConfig, store: ReplayStore, explicit: set[str]) -> None:
@@ -156,8 +192,40 @@ def apply_store_settings(cfg: RetrainConfig, store: ReplayStore, explicit: set[s
         setattr(cfg.algo, field, want)
 
 
+@dataclasses.dataclass
+class RetrainSetup:
+    """A retrain ready to train: the fresh agent, its batches and the summary of what it trains on."""
+
+    agent: CalQLAgent
+    spec: AgentSpec
+    task: TaskSpec
+    sample: Callable[[], Batch]
+    summary: dict
+    start: int  # the first update (a resumed retrain's step)
+    run_dir: Path
+
+
 def retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = frozenset()) -> dict:
     """Train, evaluate and export the retrained agent; returns the summary (also in retrain.json)."""
+    setup = prepare_retrain(cfg, run_dir, explicit)
+    run_dir, summary = setup.run_dir, setup.summary
+    _write_summary(run_dir, summary)
+    try:
+        evaluation = train(cfg, run_dir, setup.agent, setup.spec, setup.task, setup.sample, setup.start, desc="retrain")
+    except Stopped as stop:  # the checkpoint is written; "stopped" (not "done") keeps the learner off it
+        summary.update(status="stopped", stopped_at_step=stop.step, checkpoint=str(stop.checkpoint))
+        _write_summary(run_dir, summary)
+        raise
+    summary.update(status="done", eval=evaluation, checkpoint=str(run_dir / CHECKPOINT_NAME),
+                   policy=str(run_dir / "policy.onnx"))  # fmt: skip
+    _write_summary(run_dir, summary)
+    return summary
+
+
+def prepare_retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = frozenset()) -> RetrainSetup:
+    """Read the data, build the fresh agent (bounds on Q' set) and its sampler; nothing is written."""
+    if cfg.offline_share is not None and not 0.0 <= cfg.offline_share <= 1.0:
+        raise ValueError(f"offline_share={cfg.offline_share} is not a fraction in [0, 1] (null = proportional)")
     if not cfg.store:
         raise ValueError("o2o-retrain needs store=PATH (an online run's replay store, e.g. runs/online/<task>/<time>/replay)")
     if cfg.algo.rnd or cfg.algo.sera:
@@ -177,21 +245,19 @@ def retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = frozenset())
     # A resumed retrain keeps the data it started with (the store may have grown since).
     until_row = previous.get("store_rows", cfg.until_row)
     selection = select_store_rows(store, until_row, cfg.until_version, cfg.train_on_eval)
-    parts = [selection.transitions]
-    if cfg.offline:
-        offline = load_offline_data(cfg, task)
-        parts.insert(0, offline)
-    data = concat_transitions(parts)
+    online = selection.transitions
+    offline = load_offline_data(cfg, task) if cfg.offline else None
+    data = concat_transitions([offline, online] if offline is not None else [online])
     if len(data) == 0:
         raise DatasetError(f"nothing to train on: no finished episode in the store's first {selection.store_rows} rows"
                            + ("" if cfg.offline else " and offline=false"))  # fmt: skip
-    offline_rows = len(data) - len(selection.transitions)
+    offline_rows = len(data) - len(online)
     log.info("retraining on %d offline + %d online rows (store rows [0, %d), %d episodes, policy versions %s)",
-             offline_rows, len(selection.transitions), selection.store_rows, selection.episodes,
+             offline_rows, len(online), selection.store_rows, selection.episodes,
              selection.policy_versions or "-")  # fmt: skip
 
     agent, spec = make_agent(cfg, task, data, device)
-    if cfg.algo.q_target_clip:
+    if cfg.algo.q_target_clip:  # over all training rows, offline and online
         agent.set_td_target_bounds(*td_target_bounds(data.reward, cfg.algo.discount))
     start = 0
     if cfg.resume:
@@ -199,43 +265,63 @@ def retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = frozenset())
         agent.load_training_state(resumed.training_state())
         start = payload["step"]
     low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
-    buffer = TransitionBuffer.from_transitions(data, low, high, device)
-    sample = _sampler(buffer, data.reward, cfg.batch_size, cfg.high_reward_extra)
+    # Two buffers, as OOO samples its offline dataset and its replay buffer apart; the split is fixed.
+    offline_buffer = TransitionBuffer.from_transitions(offline, low, high, device) if offline_rows else None
+    online_buffer = TransitionBuffer.from_transitions(online, low, high, device) if len(online) else None
+    if online_buffer is not None:
+        online_buffer.online = True  # its batch rows are the online ones (Batch.online_rows)
+    n_offline, n_online = batch_split(offline_rows, len(online), cfg.batch_size, cfg.offline_share)
+    best = high_reward_rows(online.reward) if cfg.high_reward_extra > 0 else np.zeros(0, np.int64)
+    sample = _sampler(offline_buffer, online_buffer, n_offline, n_online, best, cfg.high_reward_extra)
 
+    upsampled = None
+    if cfg.high_reward_extra > 0:
+        upsampled = {"extra_per_batch": cfg.high_reward_extra if len(best) else 0, "from": "online rows",
+                     "reward": float(online.reward.max()) if len(online) else None, "rows": len(best)}  # fmt: skip
     summary = {
         "status": "training",
         "store": str(Path(cfg.store).resolve()),
         "store_rows": selection.store_rows,
-        "online_rows": len(selection.transitions),
+        "online_rows": len(online),
         "online_episodes": selection.episodes,
         "policy_versions": selection.policy_versions,
         "offline_dataset": cfg.dataset if cfg.offline else None,
         "offline_rows": offline_rows,
         "algo": "Cal-QL" if cfg.algo.calibrated else "CQL",
+        "batch": {"offline": n_offline, "online": n_online,
+                  "offline_share": "proportional" if cfg.offline_share is None else cfg.offline_share},  # fmt: skip
+        # [min r, max r] of all training rows (scaled) and the bounds on Q' they give (None: no clip).
+        "reward_range": [float(data.reward.min()), float(data.reward.max())],
         "q_target_clip": list(agent.td_target_bounds.tolist()) if cfg.algo.q_target_clip else None,
         "critic_feature_norm": cfg.net.critic_feature_norm,
         "high_reward_extra": cfg.high_reward_extra,
+        "high_reward_upsampling": upsampled,
         "steps": cfg.steps,
     }
-    _write_summary(run_dir, summary)
-    try:
-        evaluation = train(cfg, run_dir, agent, spec, task, sample, start, desc="retrain")
-    except Stopped as stop:  # the checkpoint is written; "stopped" (not "done") keeps the learner off it
-        summary.update(status="stopped", stopped_at_step=stop.step, checkpoint=str(stop.checkpoint))
-        _write_summary(run_dir, summary)
-        raise
-    summary.update(status="done", eval=evaluation, checkpoint=str(run_dir / CHECKPOINT_NAME),
-                   policy=str(run_dir / "policy.onnx"))  # fmt: skip
-    _write_summary(run_dir, summary)
-    return summary
+    return RetrainSetup(agent, spec, task, sample, summary, start, run_dir)
 
 
-def _sampler(buffer: TransitionBuffer, reward: np.ndarray, batch_size: int, extra: int):
-    """Uniform batches, plus ``extra`` rows from those at the maximum reward (OOO's upsampling)."""
-    if extra <= 0:
-        return lambda: buffer.sample(batch_size)
-    best = torch.as_tensor(np.flatnonzero(reward == reward.max()), device=buffer.device)
-    return lambda: concat_batches(buffer.sample(batch_size), buffer.sample_rows(best, extra))
+def _sampler(offline: TransitionBuffer | None, online: TransitionBuffer | None, n_offline: int, n_online: int,
+             best: np.ndarray, extra: int):  # fmt: skip
+    """Batches of ``n_offline`` offline rows then ``n_online`` online rows, then ``extra`` rows drawn
+    from the online rows ``best`` (OOO: online_batch = concatenate_batches([online_batch,
+    upsample_batch]), then offline + online; conservative_sac_exploitation.py)."""
+    best_rows = torch.as_tensor(best, device=online.device) if online is not None and len(best) else None
+
+    def sample() -> Batch:
+        parts = []
+        if n_offline:
+            parts.append(offline.sample(n_offline))
+        if n_online:
+            parts.append(online.sample(n_online))
+        if extra > 0 and best_rows is not None:
+            parts.append(online.sample_rows(best_rows, extra))
+        batch = parts[0]
+        for part in parts[1:]:
+            batch = concat_batches(batch, part)
+        return batch
+
+    return sample
 
 
 def _read_summary(run_dir: Path) -> dict:

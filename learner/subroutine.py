@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 
 from .checkpoint import load_checkpoint
 from .overrides import hydra_value
@@ -99,8 +100,12 @@ class Retrainer:
     def command(self, store_rows: int, out: Path, seed: int | None = None) -> list[str]:
         cfg = self.cfg
         net = [f"net.{k}={hydra_value(self.net[k])}" for k in NET_FIELDS if k in self.net]
+        # The learner's preset, so a retrain under preset=paper gets its domain's CQL settings and data mix.
+        preset = HydraConfig.get().runtime.choices.get("preset") if HydraConfig.initialized() else None
+        given = any(str(arg).startswith("preset=") for arg in cfg.retrain_args)
         return [
-            sys.executable, "-m", "o2o.learner.retrain", f"task={cfg.task}", f"store={hydra_value(str(self.store_path))}",
+            sys.executable, "-m", "o2o.learner.retrain", f"task={cfg.task}",
+            *([f"preset={preset}"] if preset and not given else []), f"store={hydra_value(str(self.store_path))}",
             f"until_row={store_rows}", f"dataset={hydra_value(cfg.dataset)}", f"offline={str(not self.from_scratch).lower()}",
             "build_missing_dataset=false",  # the learner checked (or built) the dataset before it started
             f"steps={cfg.retrain_steps}", f"seed={cfg.seed if seed is None else seed}", f"device={cfg.device}",

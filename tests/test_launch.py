@@ -132,7 +132,7 @@ def test_the_learner_and_actors_compose_the_launch_settings(tmp_path):
                                      "+actor.env_kwargs={frame_skip: 2}")  # fmt: skip
     assert groups == {"task": "pusher", "preset": "paper"}
     assert cfg.learner.dataset == "o2o/pusher/mixed-v0" and cfg.actor.task == "pusher"  # one task= for all
-    assert cfg.learner.algo.mc_infinite_horizon and cfg.learner.steps == 2000  # paper's Kitchen column, launch's budget
+    assert cfg.learner.algo.mc_infinite_horizon and cfg.learner.steps == 500_000  # paper's Kitchen column: the preset's budget wins
 
     args = learner_command(cfg, groups, explicit, tmp_path / "run dir", "tcp://127.0.0.1:5000")[3:]
     assert args[:2] == ["task=pusher", "preset=paper"]

@@ -23,7 +23,8 @@ from o2o.datasets.rows import TransitionChunk
 from o2o.envs import make_env
 from o2o.learner.checkpoint import load_checkpoint
 from o2o.learner.config import CalQLConfig, EvalConfig, NetworkConfig
-from o2o.learner.retrain import RetrainConfig, retrain, select_store_rows, td_target_bounds
+from o2o.learner.retrain import (RetrainConfig, batch_split, prepare_retrain, retrain, select_store_rows,
+                                 td_target_bounds)
 
 from replay_peers import make_chunk, write_forever
 
@@ -32,18 +33,24 @@ DATASET = "o2o-test/pusher-no-reward-v0"
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def no_reward_dataset(n_episodes: int = 20, length: int = 10) -> str:
-    """An offline dataset whose rewards are all 0: only the store can teach the reward."""
+def no_reward_dataset(n_episodes: int = 20, length: int = 10, reward: float = 0.0, name: str = DATASET) -> str:
+    """An offline dataset whose rewards are all 0 (only the store can teach the reward), or, with
+    ``reward``, whose every episode's last row pays it. No row terminates (truncated episodes): its
+    rows are told from the store's one-step episodes (terminated) by ``terminated``."""
     rng = np.random.default_rng(0)
     episodes = [{
         "observations": rng.normal(size=(length + 1, OBS)).astype(np.float32),
         "actions": rng.uniform(-2, 2, (length, ACT)).astype(np.float32),
-        "rewards": np.zeros(length),
+        "rewards": np.r_[np.zeros(length - 1), reward],
         "terminations": np.zeros(length, bool),
         "truncations": np.r_[np.zeros(length - 1, bool), True],
     } for _ in range(n_episodes)]  # fmt: skip
-    write_dataset(DATASET, make_env(TASK, flatten=False), episodes, algorithm_name="test", description="no reward")
-    return DATASET
+    write_dataset(name, make_env(TASK, flatten=False), episodes, algorithm_name="test", description="no reward")
+    return name
+
+
+HIGH_DATASET = "o2o-test/pusher-high-offline-reward-v0"
+"""Offline rows paying 5 (above any online reward): OOO upsamples from the online rows only."""
 
 
 def one_step_chunk(actor: str, seq: int, rng, sign: float, rows: int = 1, eval_: bool = False,
@@ -71,7 +78,7 @@ def reward_store(path: Path, sign: float, episodes: int = 600) -> Path:
 
 def tiny_retrain_config(store: Path, **kw) -> RetrainConfig:
     return RetrainConfig(
-        task=TASK, dataset=DATASET, store=str(store), steps=kw.pop("steps", 200), batch_size=64, log_every=100,
+        task=TASK, dataset=kw.pop("dataset", DATASET), store=str(store), steps=kw.pop("steps", 200), batch_size=64, log_every=100,
         checkpoint_every=10_000, progress=False, build_missing_dataset=False,
         net=NetworkConfig(policy_hidden=[64, 64], critic_hidden=[64, 64]),
         algo=CalQLConfig(calibrated=False, q_target_clip=True, cql_alpha=1.0),
@@ -128,19 +135,120 @@ def test_td_target_bounds_by_hand():
     assert td_target_bounds(np.array([-1.0, 0.0, 2.0], np.float32), 0.9) == pytest.approx((-10.0, 20.0))
 
 
-def test_high_reward_rows_are_upsampled(tmp_path):
-    from o2o.learner.buffer import TransitionBuffer
-    from o2o.learner.retrain import _sampler
-    from o2o.datasets.minari_io import Transitions
+def rows_of(batch, start: int, stop: int | None = None) -> dict:
+    return {k: getattr(batch, k)[start:stop] for k in ("reward", "terminated")}
 
-    n = 1000
-    reward = np.zeros(n, np.float32)
-    reward[:10] = 5.0  # 1% of the rows hold the maximum reward
-    data = Transitions(np.zeros((n, 2), np.float32), np.zeros((n, 1), np.float32), reward, np.zeros((n, 2), np.float32),
-                       np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, np.float32))  # fmt: skip
-    buffer = TransitionBuffer.from_transitions(data, np.array([-1.0]), np.array([1.0]), "cpu")
-    batch = _sampler(buffer, reward, 256, 32)()
-    assert len(batch.reward) == 288 and bool((batch.reward[256:] == 5.0).all())
+
+def test_retrain_update_clips_q_prime_to_the_bounds_of_all_training_rows(tmp_path):
+    """y = r + gamma (1 - d) clip(Q', [min r, max r] / (1 - gamma)), the bounds over offline and online
+    rows: checked by hand with the target critic made to answer far beyond them."""
+    no_reward_dataset(reward=5.0, name=HIGH_DATASET)
+    store = reward_store(tmp_path / "replay", 1.0, episodes=100)  # online rewards 0 / 1, one-step episodes
+    setup = prepare_retrain(tiny_retrain_config(store, dataset=HIGH_DATASET), tmp_path / "run")
+    agent, gamma = setup.agent, 0.99
+    low, high = 0.0 / (1 - gamma), 5.0 / (1 - gamma)  # min r 0 (both), max r 5 (offline rows)
+    assert agent.td_target_bounds.tolist() == pytest.approx([low, high])
+    assert setup.summary["q_target_clip"] == pytest.approx([low, high])
+    assert setup.summary["reward_range"] == [0.0, 5.0]
+
+    torch.manual_seed(0)
+    batch = setup.sample()
+    assert 0 < batch.terminated.sum() < len(batch.reward)  # bootstrapped (offline) and terminal (online) rows
+    with torch.no_grad():
+        q_data = agent.critic(agent.normalizer(batch.obs), batch.action)  # (critics, B)
+    for q_prime, clipped in ((1e4, high), (-1e4, low), (300.0, 300.0)):
+        agent.target_critic.forward_per_state = lambda obs, actions, *_, v=q_prime: torch.full(
+            (agent.net_cfg.num_critics, obs.shape[0], actions.shape[1]), v)  # fmt: skip
+        _, metrics = agent.losses(batch)
+        y = batch.reward + gamma * (1 - batch.terminated) * clipped
+        expected = (q_data - y).square().mean()
+        assert float(metrics["td_loss"]) == pytest.approx(float(expected), rel=1e-5), q_prime
+
+
+def test_retrain_trains_plain_cql_not_calql(tmp_path):
+    """The composed o2o-retrain config says CQL, and the agent it builds does not calibrate: its CQL
+    term ignores the MC returns (Cal-QL would raise the policy's Q-values to them)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("o2o.configs", version_base=None):
+        for overrides in ([], ["preset=paper", "task=pusher"], ["preset=paper", "task=adroit-door-binary"]):
+            composed = OmegaConf.to_object(compose("retrain", overrides=overrides))
+            assert composed.algo.calibrated is False and composed.algo.q_target_clip is True, overrides
+
+    no_reward_dataset()
+    store = reward_store(tmp_path / "replay", 1.0, episodes=100)
+    agent = prepare_retrain(tiny_retrain_config(store), tmp_path / "run").agent
+    assert agent.cfg.calibrated is False
+    torch.manual_seed(0)
+    batch = prepare_retrain(tiny_retrain_config(store), tmp_path / "run").sample()
+    gaps = []
+    for mc in (-1e6, 1e6):  # MC returns far below / above every Q-value
+        torch.manual_seed(1)
+        _, metrics = agent.losses(dataclasses.replace(batch, mc_return=torch.full_like(batch.mc_return, mc)))
+        gaps.append(float(metrics["cql_gap"]))
+        assert float(metrics["bound_rate"]) == 0.0
+    assert gaps[0] == gaps[1]
+
+
+def test_retrain_reads_only_the_prefix_it_was_given(tmp_path):
+    """until_row=N: no row at or past N is trained on (rows past it pay 7, a reward nothing else has)."""
+    no_reward_dataset()
+    rng = np.random.default_rng(3)
+    path = tmp_path / "replay"
+    store = ReplayStore.create_for_task(path, TASK)
+    for seq in range(40):
+        store.append(one_step_chunk("robot-1", seq, rng, 1.0))
+    for seq in range(40, 60):  # rows 40..59
+        chunk = one_step_chunk("robot-1", seq, rng, 1.0)
+        store.append(dataclasses.replace(chunk, reward=np.full(1, 7.0, np.float32)))
+    store.commit()
+    store.close()
+    cfg = tiny_retrain_config(path, until_row=40, high_reward_extra=8)
+    setup = prepare_retrain(cfg, tmp_path / "run")
+    assert setup.summary["store_rows"] == 40 and setup.summary["online_rows"] == 40
+    assert setup.summary["reward_range"][1] == 1.0 and setup.summary["q_target_clip"][1] == pytest.approx(100.0)
+    for _ in range(20):
+        assert float(setup.sample().reward.max()) <= 1.0
+    everything = prepare_retrain(tiny_retrain_config(path), tmp_path / "run2")  # the control: all 60 rows
+    assert everything.summary["online_rows"] == 60 and everything.summary["reward_range"][1] == 7.0
+
+
+@pytest.mark.parametrize("share", [0.5, None])
+def test_batches_hold_the_fixed_offline_share_or_the_proportional_one(tmp_path, share):
+    """OOO's batch mix: offline_share of each batch from the offline rows (Kitchen 0.25, Adroit 0.5),
+    or in proportion to the row counts (None: maze2d, hammer). 200 offline + 600 online rows."""
+    no_reward_dataset()
+    store = reward_store(tmp_path / "replay", 1.0)
+    setup = prepare_retrain(tiny_retrain_config(store, offline_share=share), tmp_path / "run")
+    offline, online = (32, 32) if share == 0.5 else (16, 48)  # int(64 * 0.5) / int(64 * 200 / 800)
+    assert setup.summary["batch"] == {"offline": offline, "online": online,
+                                      "offline_share": "proportional" if share is None else share}  # fmt: skip
+    assert batch_split(200, 600, 64, share) == (offline, online)
+    for _ in range(10):
+        batch = setup.sample()
+        # Offline rows (truncated episodes) never terminate; every online row (a one-step episode) does.
+        assert len(batch.reward) == 64 and int(batch.terminated.sum()) == online and batch.online_rows == online
+        assert float(batch.terminated[:offline].sum()) == 0 and bool((batch.terminated[offline:] == 1).all())
+
+
+def test_upsampling_draws_only_online_rows_at_the_online_maximum_reward(tmp_path):
+    """OOO upsamples its replay buffer (the online rows) at the online maximum reward: not the offline
+    rows, though they pay more (5 against 1 online)."""
+    no_reward_dataset(reward=5.0, name=HIGH_DATASET)
+    store = reward_store(tmp_path / "replay", 1.0, episodes=300)  # about half the online rows pay 1
+    cfg = tiny_retrain_config(store, dataset=HIGH_DATASET, high_reward_extra=32)
+    setup = prepare_retrain(cfg, tmp_path / "run")
+    online_rewards = select_store_rows(ReplayStore.open(store, "r")).transitions.reward
+    assert setup.summary["high_reward_upsampling"] == {
+        "extra_per_batch": 32, "from": "online rows", "reward": 1.0, "rows": int((online_rewards == 1.0).sum())}
+    for _ in range(10):
+        batch = setup.sample()
+        assert len(batch.reward) == 64 + 32
+        extra = rows_of(batch, 64)
+        assert bool((extra["reward"] == 1.0).all()) and bool((extra["terminated"] == 1).all())  # online, at its max
+    off = prepare_retrain(tiny_retrain_config(store, dataset=HIGH_DATASET), tmp_path / "run2")
+    assert off.summary["high_reward_upsampling"] is None and len(off.sample().reward) == 64  # the default: 0
 
 
 def test_cli_retrains_on_the_committed_rows_of_a_store_being_written(tmp_path):

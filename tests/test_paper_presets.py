@@ -1,0 +1,113 @@
+"""OOO's per-domain settings (preset=paper) reach o2o-pretrain, o2o-learner, o2o-launch and o2o-retrain,
+each through its own strict schema, and o2o-launch keeps preset=paper's budgets.
+
+Every config is composed with Hydra's compose API, as the commands compose theirs."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf, open_dict
+
+import o2o.configs
+import o2o.experiments.runner  # noqa: F401 (registers experiment_schema)
+import o2o.learner.online  # noqa: F401 (registers online_schema)
+import o2o.learner.retrain  # noqa: F401 (registers retrain_schema)
+from o2o.learner.config import OnlineConfig
+from o2o.learner.launch import GROUPS, hydra_overrides, learner_command
+
+CONFIGS = Path(o2o.configs.__file__).parent
+
+# task: (OOO domain, RND beta, exploring agent's Q' bound, retrain offline share, retrain upsampling,
+# pretraining steps of the Cal-QL column). Sources: MaxSobolMark/OOO ooo_for_calql_scripts.md (README table).
+PAPER = {
+    "pointmaze-umaze": ("maze2d", 10.0, True, None, 32, 1_000_000),
+    "pointmaze-medium": ("maze2d", 10.0, True, None, 32, 1_000_000),
+    "pusher": ("kitchen", 10.0, True, 0.25, 0, 500_000),
+    "adroit-door-binary": ("adroit", 0.5, False, 0.5, 0, 20_000),
+    "fetch-push": ("adroit", 0.5, False, 0.5, 0, 20_000),
+    "fetch-pick": ("adroit", 0.5, False, 0.5, 0, 20_000),
+}
+
+
+def composed(name: str, *overrides: str):
+    with initialize_config_module("o2o.configs", version_base=None):
+        return OmegaConf.to_object(compose(name, overrides=list(overrides)))
+
+
+def test_every_task_has_its_ooo_settings():
+    assert set(PAPER) == {p.stem for p in (CONFIGS / "task").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("task", PAPER)
+def test_the_exploring_agent_gets_its_domains_settings_and_the_other_methods_keep_plain_calql(task):
+    _, beta, bound, _, _, steps = PAPER[task]
+    for name in ("pretrain", "learner"):
+        explorer = composed(name, f"task={task}", "preset=paper", "algo.rnd=true")
+        assert (explorer.algo.rnd_coef, explorer.algo.q_target_clip, explorer.steps) == (beta, bound, steps)
+        plain = composed(name, f"task={task}", "preset=paper")  # calql, cql, calql_sera: no bound on Q'
+        assert plain.algo.q_target_clip is False and plain.algo.rnd is False
+    overridden = composed("pretrain", f"task={task}", "preset=paper", "algo.rnd=true", "algo.q_target_clip=false")
+    assert overridden.algo.q_target_clip is False  # an explicit override still wins
+
+
+@pytest.mark.parametrize("task", PAPER)
+def test_the_retrain_gets_its_domains_mix_and_upsampling_and_runs_cql_with_the_bound(task):
+    _, beta, _, share, extra, _ = PAPER[task]
+    cfg = composed("retrain", f"task={task}", "preset=paper")
+    assert (cfg.offline_share, cfg.high_reward_extra) == (share, extra)
+    assert cfg.algo.calibrated is False and cfg.algo.q_target_clip is True and cfg.algo.rnd is False
+    small = composed("retrain", f"task={task}")  # preset=small: OOO's defaults, proportional, no upsampling
+    assert (small.offline_share, small.high_reward_extra, small.algo.calibrated) == (None, 0, False)
+
+
+@pytest.mark.parametrize("task", PAPER)
+def test_one_ooo_domain_per_task(task):
+    """preset_task/paper (exploring agent) and retrain_task/paper (retraining) name the same OOO domain."""
+
+    def domain(path: Path, group: str) -> str:
+        entries = [e for e in yaml.safe_load(path.read_text())["defaults"] if e.startswith(f"/{group}/")]
+        assert len(entries) == 1, entries
+        return entries[0].split("/")[2].split("@")[0]
+
+    ooo = PAPER[task][0]
+    assert domain(CONFIGS / "preset_task" / "paper" / f"{task}.yaml", "ooo_domain") == ooo
+    assert domain(CONFIGS / "retrain_task" / "paper" / f"{task}.yaml", "ooo_retrain") == ooo
+
+
+def launch(*args: str):
+    with initialize_config_module("o2o.configs", version_base=None):
+        cfg = compose("launch", overrides=hydra_overrides(list(args)), return_hydra_config=True)
+    groups = {group: cfg.hydra.runtime.choices[f"{group}@learner"] for group in GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return OmegaConf.to_object(cfg), groups
+
+
+@pytest.mark.parametrize("task", ["pointmaze-umaze", "pusher", "fetch-push"])
+def test_launch_with_preset_paper_keeps_the_presets_budgets(task, tmp_path):
+    cfg, groups = launch(f"task={task}", "preset=paper", "learner.algo.rnd=true")
+    defaults = OnlineConfig()
+    assert cfg.learner.steps == PAPER[task][-1]  # the domain's pretraining, not launch's 2,000
+    assert (cfg.learner.online_updates, cfg.learner.publish_every, cfg.learner.max_rows_ahead) == (
+        defaults.online_updates, defaults.publish_every, defaults.max_rows_ahead)  # o2o-learner's, as without launch
+    assert (cfg.learner.algo.rnd_coef, cfg.learner.algo.q_target_clip) == PAPER[task][1:3]  # under `learner`
+    # The learner it starts composes the same config.
+    args = learner_command(cfg, groups, {"learner.algo.rnd"}, tmp_path, "tcp://127.0.0.1:5000")[3:]
+    learner = composed("learner", *[a for a in args if not a.startswith("hydra.")])
+    assert learner == dataclasses.replace(cfg.learner, endpoint="tcp://127.0.0.1:5000", progress=False)
+
+    small, _ = launch(f"task={task}")  # the launcher's short run stays with preset=small
+    assert (small.learner.steps, small.learner.online_updates, small.learner.publish_every,
+            small.learner.max_rows_ahead) == (2000, 2000, 250, 500)  # fmt: skip
+    assert composed("launch", "task@learner=pusher", "learner.steps=7").learner.steps == 7  # the command line wins
+
+
+def test_the_ooo_methods_say_which_exploring_agent_they_run():
+    calql = composed("experiment", "method=calql_rnd_ooo").method
+    cql = composed("experiment", "method=cql_rnd_ooo").method
+    assert "algo.rnd=true" in calql.pretrain_args and "algo.calibrated=false" not in calql.pretrain_args  # the paper
+    assert {"algo.rnd=true", "algo.calibrated=false"} <= set(cql.pretrain_args)  # the release (no --enable_calql)
+    assert cql.online_args == calql.online_args and cql.pretrain != calql.pretrain  # same retraining, own pretraining
