@@ -312,7 +312,7 @@ def coverage(cells: list[Cell], tasks: list[str]) -> list[str]:
             "Cal-QL 53.0 -> 97.3 vs CQL 48.4 -> 95.6, OOO +14-26%, SERA +9-12%) need that budget: a difference "
             "within spread here is no evidence against them. The budget that would show them is `budget=paper` "
             "(README, 'Experiments and the results report'), on a GPU server or a cluster.")  # fmt: skip
-    retrained = [c for c in cells if c.retrain_scores and setting(c, "budget", "learner_args", "retrain_steps")]
+    retrained = [c for c in cells if c.retrain_scores and setting(c, "budget", "learner_args", "retrain_steps") not in (None, "0")]
     if retrained:
         c = retrained[0]
         steps, online = setting(c, "budget", "learner_args", "retrain_steps"), setting(c, "budget", "learner_args", "online_updates")

@@ -260,7 +260,8 @@ class OnlineConfig(PretrainConfig):
     retrain_mode: str = "recommend"
     """What a finished retrain is used for: "recommend" (evaluated and exported as <run>/recommended.onnx,
     the online agent keeps exploring) or "fine_tune" (the online agent continues from the retrained one)."""
-    retrain_steps: int = 5000
-    """Gradient updates of each retrain."""
+    retrain_steps: int = 0
+    """Gradient updates of each retrain; 0 = as many as the online agent it is compared with has had
+    (its pretraining plus its online updates so far), as OOO retrains for a full budget."""
     retrain_args: list[str] = field(default_factory=list)
     """More o2o-retrain overrides; quote each on the command line: retrain_args=['algo.calibrated=true','high_reward_extra=0']."""

@@ -250,7 +250,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         return result
 
     scratch = bool(extra.get("from_scratch"))
-    retrainer = Retrainer(cfg, run_dir, Path(store.path), spec.net, scratch)
+    retrainer = Retrainer(cfg, run_dir, Path(store.path), spec.net, scratch, offline_steps=int(payload["step"]) - updates)
     switches = list(extra.get("retrain_switches", []))
 
     def checkpoint() -> None:

@@ -74,14 +74,15 @@ class RetrainJob:
 class Retrainer:
     """Starts ``o2o-retrain`` subprocesses on the store and reports the ones that finished."""
 
-    def __init__(self, cfg, run_dir: Path, store_path: Path, net: dict, from_scratch: bool):
+    def __init__(self, cfg, run_dir: Path, store_path: Path, net: dict, from_scratch: bool, offline_steps: int = 0):
+        """``offline_steps``: the online agent's updates before the online phase (its pretraining)."""
         if cfg.retrain_mode not in MODES:
             raise ValueError(f"retrain_mode={cfg.retrain_mode!r}: choose one of {', '.join(MODES)}")
         if any(str(arg).lstrip("+~").startswith(("eval.", "seed=")) for arg in cfg.retrain_args):
             raise ValueError("retrain_args may not set eval.* or seed: a retrain is validated on the learner's own "
                              "evaluation episodes, and each retrain gets its own seed")  # fmt: skip
         self.cfg, self.run_dir, self.store_path = cfg, run_dir, store_path
-        self.net, self.from_scratch = net, from_scratch
+        self.net, self.from_scratch, self.offline_steps = net, from_scratch, offline_steps
         self.job: RetrainJob | None = None
         self.next_at = cfg.retrain_every if cfg.retrain_every > 0 else None
 
@@ -97,8 +98,13 @@ class Retrainer:
         new, so the actors act with the last published policy. ``recommend`` never pauses."""
         return self.cfg.retrain_mode == "fine_tune" and self.job is not None
 
-    def command(self, store_rows: int, out: Path, seed: int | None = None) -> list[str]:
+    def steps(self, updates: int) -> int:
+        """A retrain's updates: ``retrain_steps``, or (0) as many as the agent it is compared with has had."""
+        return self.cfg.retrain_steps or max(1, self.offline_steps + updates)
+
+    def command(self, store_rows: int, out: Path, seed: int | None = None, steps: int | None = None) -> list[str]:
         cfg = self.cfg
+        steps = steps or self.steps(0)
         net = [f"net.{k}={hydra_value(self.net[k])}" for k in NET_FIELDS if k in self.net]
         # The learner's preset, so a retrain under preset=paper gets its domain's CQL settings and data mix.
         preset = HydraConfig.get().runtime.choices.get("preset") if HydraConfig.initialized() else None
@@ -108,10 +114,10 @@ class Retrainer:
             *([f"preset={preset}"] if preset and not given else []), f"store={hydra_value(str(self.store_path))}",
             f"until_row={store_rows}", f"dataset={hydra_value(cfg.dataset)}", f"offline={str(not self.from_scratch).lower()}",
             "build_missing_dataset=false",  # the learner checked (or built) the dataset before it started
-            f"steps={cfg.retrain_steps}", f"seed={cfg.seed if seed is None else seed}", f"device={cfg.device}",
+            f"steps={steps}", f"seed={cfg.seed if seed is None else seed}", f"device={cfg.device}",
             f"threads={cfg.threads}",  # the learner's own evaluation episodes: the score `validate` compares
             f"eval.episodes={cfg.eval.episodes}", f"eval.seed={cfg.eval.seed}", "eval.every=0", "progress=false",
-            f"checkpoint_every={cfg.retrain_steps}", f"hydra.run.dir={hydra_value(str(out))}", *net, *cfg.retrain_args,
+            f"checkpoint_every={steps}", f"hydra.run.dir={hydra_value(str(out))}", *net, *cfg.retrain_args,
         ]  # fmt: skip
 
     def maybe_start(self, updates: int, store_rows: int) -> None:
@@ -126,7 +132,7 @@ class Retrainer:
         out = self.run_dir / "retrain" / f"{updates:08d}"
         out.mkdir(parents=True, exist_ok=True)
         seed = retrain_seed(self.cfg.seed, updates)
-        cmd = self.command(store_rows, out, seed)
+        cmd = self.command(store_rows, out, seed, self.steps(updates))
         with open(out / "retrain.log", "w") as log_file:
             log_file.write(" ".join(cmd) + "\n")
             log_file.flush()

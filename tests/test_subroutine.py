@@ -312,3 +312,14 @@ def test_fine_tune_pauses_online_updates_while_a_retrain_runs(tmp_path, mode):
         running.communicate(b"")
     assert retrainer.poll() is None  # it "failed" (no retrain.json): logged, and the pause is over
     assert not retrainer.pauses_updates
+
+
+def test_a_retrain_trains_as_many_updates_as_the_agent_it_is_compared_with(tmp_path):
+    """Issue 18: a fair comparison. The online agent at update 1,500 of a run pretrained for 3,000 has had
+    4,500 updates: so has its retrain, unless retrain_steps says otherwise."""
+    matched = Retrainer(OnlineConfig(task=TASK), tmp_path, tmp_path / "replay", {}, False, offline_steps=3000)
+    command = matched.command(100, tmp_path / "r", seed=1, steps=matched.steps(1500))
+    assert "steps=4500" in command and "checkpoint_every=4500" in command
+    assert Retrainer(OnlineConfig(task=TASK), tmp_path, tmp_path / "replay", {}, True).steps(700) == 700  # from scratch
+    fixed = Retrainer(OnlineConfig(task=TASK, retrain_steps=50), tmp_path, tmp_path / "replay", {}, False, 3000)
+    assert fixed.steps(1500) == 50
