@@ -28,6 +28,12 @@ it. So an OS crash or power loss also leaves the last commit that returned, comp
 for speed (benchmarks/store_fsync.py measures it): then only a process crash is
 survived, and an OS crash may lose recent commits or tear them.
 
+A commit may run in another thread while more chunks are appended (the ingest server
+does, so that receiving never waits for a commit's writes and fsyncs): ``begin_commit``
+takes what is staged now (``PendingCommit``), its ``run`` writes it in any thread, and
+``finish_commit`` (or ``abort_commit`` if it raised) applies the outcome; ``commit`` is
+the three in a row. Chunks appended meanwhile go into the next commit.
+
 A commit that fails (``OSError``: disk full, read-only file system, I/O error, a
 failed fsync) changes nothing in memory and leaves the previous commit on disk:
 everything staged stays staged, and ``commit()`` can simply be called again. (Only an
@@ -40,44 +46,29 @@ acked) and refuses a chunk that leaves a gap (``SeqGapError``: the sender must
 resend the missing ones first). The committed seq of each actor is saved in the
 same atomic record as the row count.
 
-Rewards and MC returns: the ``reward`` column holds the RAW env reward, as the
-actor observed it, so the store does not depend on training choices. The
-``mc_return`` column is the Cal-QL Monte-Carlo return-to-go computed exactly
-like ``minari_io.load_transitions``: rewards scaled to
-``float32(reward * reward_scale + reward_bias)``, then
-``mc_return.trajectory_return_to_go`` with the store's ``gamma``, the scaled
-failure reward (sparse tasks) and ``infinite_horizon`` (Cal-QL's Kitchen tail;
-stores made before that setting existed read it as False). It is filled when
-an episode's terminated or truncated row arrives, for every row of that episode
-(rows of different actors interleave). Rows of episodes still open, abandoned (the actor moved on to
-another episode without ending this one) or with missing steps (a rejected or
-lost chunk) keep ``mc_return = NaN``: filter them with ``np.isfinite``. Note
-that rewards used for training must be scaled the same way: the store gives
-raw rewards.
+Rewards and MC returns: the ``reward`` column holds the RAW env reward; ``mc_return``
+holds the Cal-QL MC return-to-go of each ended episode (NaN until then), see
+``store_episodes``.
 
 Rows for the learner: a commit event (``commit(collect=True)``, ``last_commit``) carries
 ``closed``, the rows of every episode that this commit closed with an MC return, with the
-columns the learner trains on (``LEARNER_COLUMNS`` + ``mc_return``). The open episodes keep
+columns the learner trains on (``LEARNER_COLUMNS`` + ``mc_return``), and no copy of the
+other new rows (read them from the store). The open episodes keep
 those columns in memory until they close (bounded by the open episodes: one per actor, and
 idle ones are abandoned, see below), so the learner needs no copy of rows still waiting for
 their episode's end; a reopening writer reads the open episodes' rows back.
 
-Idle actors: an actor that stopped in the middle of an episode would keep it open
-forever, and a reopening writer reads every row from the oldest open episode on.
-``abandon_idle_episodes`` closes (as abandoned) the episodes of actors that staged
-no row for a while, and ``open(path, "a")`` does so for actors that were idle for
-``abandon_idle_s`` at the last commit. The commit record keeps each actor's
-``last_row_time`` and the commit's ``time`` (wall clock, ``ReplayStore.clock``);
-time while no writer had the store open does not count as idle (row times are
-moved forward by that downtime at reopen), because actors that were live when the
-learner stopped continue their episodes from their spools.
+Idle actors: ``abandon_idle_episodes`` and ``open(path, "a", abandon_idle_s=...)`` close the
+open episodes of actors that staged no row for a while, as abandoned (``store_idle``).
+
+Split by concern: ``store_format`` (files, columns, settings, events), ``store_episodes``
+(episode tracking and MC returns), ``store_idle`` (idle actors), ``zarr_table`` (the
+columns); this module holds the store itself and its commit protocol.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -89,187 +80,72 @@ from typing import Literal
 import numpy as np
 import zarr
 
-from .mc_return import scale_rewards, trajectory_return_to_go
-from .rows import ARRAY_NAMES, MAX_INT32, TransitionChunk
+from .atomic_file import fsync_path, write_atomic
+from .file_lock import try_lock
+from .rows import TransitionChunk
+from .store_episodes import Actor, Closed, Episode, EpisodeTracker
+from .store_format import (  # noqa: F401  (re-exported: the store's public names)
+    COMMIT_FILE,
+    DEFAULT_ABANDON_IDLE_S,
+    EPISODE_CHUNK_ROWS,
+    EPISODE_COLUMNS,
+    FORMAT,
+    FORMAT_VERSION,
+    LATER_ATTRS,
+    LEARNER_COLUMNS,
+    LOCK_FILE,
+    TARGET_CHUNK_BYTES,
+    check_chunk,
+    check_zarr_for_writing,
+    CommitEvent,
+    SeqGapError,
+    StoreConfig,
+    StoreError,
+    row_columns,
+    temp_files,
+)
+from .store_idle import discount_downtime, idle_actors, start_unknown_clocks
 from .zarr_table import (
     DEFAULT_COMPRESSOR,
-    ZARR_ATOMIC_WRITES,
     AppendTable,
-    ColumnSpec,
+    TableWrite,
     fsync_files,
-    fsync_path,
     run_concurrently,
-    zarr_writes_atomically,
 )
 
-FORMAT = "o2o-replay"
-FORMAT_VERSION = 1
-COMMIT_FILE = "commit.json"
-LOCK_FILE = "writer.lock"
-EPISODE_CHUNK_ROWS = 4096
-TARGET_CHUNK_BYTES = 2 * 1024 * 1024
-DEFAULT_ABANDON_IDLE_S = 3600.0
-MAX_INT64 = 2**63 - 1
-# Columns an open episode keeps in memory and a commit event hands the learner in ``closed``
-# (with ``mc_return``): what a trainable row needs, nothing the learner must join back later.
-LEARNER_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "eval")
-
-
-def row_columns(obs_dim: int, action_dim: int) -> dict[str, ColumnSpec]:
-    return {
-        "obs": ColumnSpec("float32", (obs_dim,)),
-        "action": ColumnSpec("float32", (action_dim,)),
-        "reward": ColumnSpec("float32"),  # raw env reward
-        "next_obs": ColumnSpec("float32", (obs_dim,)),
-        "terminated": ColumnSpec("bool", (), False),
-        "truncated": ColumnSpec("bool", (), False),
-        "success": ColumnSpec("bool", (), False),
-        "mc_return": ColumnSpec("float32", (), math.nan),  # NaN until the episode ends
-        "actor": ColumnSpec("int32", (), -1),  # code into ReplayStore.actor_ids
-        "policy_version": ColumnSpec("int32", (), -1),
-        "episode_id": ColumnSpec("int64", (), -1),
-        "step": ColumnSpec("int32", (), -1),  # step of the row within its episode
-        "eval": ColumnSpec("bool", (), False),
-    }
-
-
-EPISODE_COLUMNS: dict[str, ColumnSpec] = {
-    "actor": ColumnSpec("int32", (), -1),
-    "episode_id": ColumnSpec("int64", (), -1),
-    "policy_version_start": ColumnSpec("int32", (), -1),
-    "policy_version_end": ColumnSpec("int32", (), -1),
-    "start_row": ColumnSpec("int64", (), -1),  # first row; rows of other actors may lie in between
-    "end_row": ColumnSpec("int64", (), -1),  # last row
-    "length": ColumnSpec("int32", (), 0),  # rows stored
-    "return": ColumnSpec("float64", (), 0.0),  # sum of raw rewards
-    "success": ColumnSpec("bool", (), False),  # success flag of the last row
-    "eval": ColumnSpec("bool", (), False),
-    "ended": ColumnSpec("bool", (), False),  # False: abandoned without a terminated/truncated row
-    "terminated": ColumnSpec("bool", (), False),
-    "contiguous": ColumnSpec("bool", (), False),  # steps 0..length-1, none missing
-}
-
-
-class StoreError(RuntimeError):
-    """A replay store that cannot be opened or written as asked."""
-
-
-class SeqGapError(ValueError):
-    """A chunk arrived before earlier chunks of its actor: resend from ``expected``."""
-
-    def __init__(self, actor_id: str, expected: int, got: int):
-        super().__init__(f"actor {actor_id!r}: chunk seq {got} arrived, but seq {expected} is missing")
-        self.actor_id = actor_id
-        self.expected = expected
-        self.got = got
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreConfig:
-    """Static metadata of a store (saved in the root group's attributes)."""
-
-    obs_dim: int
-    action_dim: int
-    gamma: float = 0.99
-    reward_scale: float = 1.0
-    reward_bias: float = 0.0
-    failure_reward: float | None = None
-    """RAW failure reward of a sparse task (its ``reward_neg``), or None for dense tasks."""
-    task: str | None = None
-    chunk_rows: int = 0
-    """Rows per Zarr chunk; 0 picks ~2 MiB obs chunks."""
-    infinite_horizon: bool = False
-    """MC returns of truncated episodes start from r_last / (1 - gamma) (Cal-QL's Kitchen rule)."""
-
-    @property
-    def scaled_failure_reward(self) -> float | None:
-        if self.failure_reward is None:
-            return None
-        # Scaled like the rewards (float32), so the all-failure rule compares equal numbers.
-        return float(self.scale_rewards(np.array([self.failure_reward]))[0])
-
-    def scale_rewards(self, raw: np.ndarray) -> np.ndarray:
-        # The same float32 arithmetic as minari_io.load_transitions, so MC returns match bit for bit.
-        return scale_rewards(raw, self.reward_scale, self.reward_bias)
-
-
-# Attributes added after FORMAT_VERSION was fixed: a store made before lacks them and reads these.
-_LATER_ATTRS = {"infinite_horizon": False}
-
-
-@dataclasses.dataclass(frozen=True)
-class CommitEvent:
-    """What one commit made durable (given to ``IngestServer``'s ``on_commit``)."""
-
-    start: int
-    stop: int
-    """New rows [start, stop)."""
-    rows: dict[str, np.ndarray]
-    """Columns of rows [start, stop), as in ``read``."""
-    mc_rows: np.ndarray
-    """Rows (maybe < start) whose ``mc_return`` this commit filled in ..."""
-    mc_return: np.ndarray
-    """... and those values (already included in ``rows`` for rows >= start)."""
-    episodes: dict[str, np.ndarray]
-    """Episodes closed in this commit (``EPISODE_COLUMNS``)."""
-    closed: dict[str, np.ndarray]
-    """The rows of the episodes this commit closed with an MC return, episode after episode in
-    the order they closed: ``LEARNER_COLUMNS`` (raw rewards) and ``mc_return``; row ``i`` is store
-    row ``mc_rows[i]``. Everything the learner needs to train on them, without looking back."""
-
 
 @dataclasses.dataclass
-class _Episode:
-    """An open episode of one actor: where its rows are and their ``LEARNER_COLUMNS``."""
+class PendingCommit:
+    """A commit taken by ``ReplayStore.begin_commit``: ``run`` writes it, in any thread (it
+    touches no memory of the store), then the store's thread calls ``finish_commit`` or, if
+    ``run`` raised, ``abort_commit``."""
 
-    episode_id: int
-    start_row: int
-    next_step: int
-    policy_version_start: int
-    policy_version_end: int
-    eval: bool
-    contiguous: bool
-    success: bool = False
-    # Kept up to date (and in the commit record) so that an episode can be closed
-    # without reading its rows back (see ``ReplayStore._resume``).
-    length: int = 0
-    end_row: int = -1
-    reward_sum: float = 0.0
-    ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    # The episode's rows (``LEARNER_COLUMNS``), one dict per staged segment: the MC return
-    # needs its rewards, and a commit that closes it hands these rows to the learner.
-    parts: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    path: Path
+    fsync: bool
+    rows: TableWrite
+    episodes: TableWrite
+    record: dict = dataclasses.field(repr=False)
+    seqs: dict[str, int] = dataclasses.field(repr=False)  # each actor's seq this commit makes committed
+    closed: list[Closed] = dataclasses.field(repr=False)
+    event_episodes: dict[str, np.ndarray] | None = dataclasses.field(repr=False)  # set when the event is collected
+    start: int = 0
 
-    def to_json(self) -> dict:
-        fields = ("episode_id", "start_row", "next_step", "policy_version_start", "policy_version_end",
-                  "eval", "contiguous", "success", "length", "end_row", "reward_sum")  # fmt: skip
-        return {k: getattr(self, k) for k in fields}
-
-    @classmethod
-    def from_json(cls, state: dict) -> "_Episode":
-        return cls(**state)
-
-    def rows(self) -> np.ndarray:
-        return np.concatenate([np.arange(a, b) for a, b in self.ranges]) if self.ranges else np.zeros(0, np.int64)
-
-    def column(self, name: str) -> np.ndarray:
-        return np.concatenate([part[name] for part in self.parts])
-
-
-@dataclasses.dataclass
-class _Actor:
-    code: int
-    committed_seq: int = -1
-    seq: int = -1  # highest accepted or skipped seq (staged)
-    episode: _Episode | None = None
-    last_row_time: float | None = None  # clock() when its last row was staged; None: unknown
-
+    def run(self) -> None:
+        """Data first, then (fsynced, if asked) the record that makes it trusted."""
+        # Resize first, so that a failed resize leaves no write coroutine never awaited.
+        self.rows.reserve()
+        self.episodes.reserve()
+        run_concurrently(self.rows.ops() + self.episodes.ops())
+        if self.fsync:  # the data must be on disk before a record that trusts it can be
+            fsync_files(self.rows.written_files() + self.episodes.written_files(), self.path)
+        write_atomic(self.path / COMMIT_FILE, json.dumps(self.record, separators=(",", ":")), fsync=self.fsync)
 
 class ReplayStore:
     """Append-only Zarr replay store shared by a writer (the learner) and readers.
 
     Create with ``ReplayStore.create``, open with ``ReplayStore.open(path, "r" | "a")``.
-    Writer API: ``append`` (stage a chunk) and ``commit`` (make staged rows durable).
+    Writer API: ``append`` (stage a chunk) and ``commit`` (make staged rows durable), or
+    ``begin_commit`` / ``PendingCommit.run`` / ``finish_commit`` to commit in another thread.
     Reader API: ``len``, ``read``, ``episodes``, ``committed_seq``, ``refresh``.
     ``clock`` (default ``time.time``) gives the wall times of staged rows and commits;
     ``fsync`` (default True) whether a commit is made durable against OS crashes too.
@@ -284,7 +160,7 @@ class ReplayStore:
         self.mode = mode
         self._lock_fd = lock_fd
         self._group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
-        self._actors: dict[str, _Actor] = {}
+        self._actors: dict[str, Actor] = {}
         self._actor_ids: list[str] = []
         self.commits = 0
         self.duplicates = 0
@@ -292,15 +168,15 @@ class ReplayStore:
         record = self._read_record()
         self._rows = AppendTable(
             self._group["data"], row_columns(config.obs_dim, config.action_dim), config.chunk_rows,
-            record["rows"], writable=mode == "a",
+            record["rows"], writable=mode == "a", mutable=("mc_return",),
         )  # fmt: skip
         self._episodes = AppendTable(
             self._group["episodes"], EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, record["episodes"], writable=mode == "a"
         )
         self._load_record(record)
-        # Episodes closed with an MC return since the last commit: (rows, mc_return, parts).
-        self._mc_filled: list[tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]] = []
+        self._tracker = EpisodeTracker(config, self._rows, self._episodes)
         self._dirty = False
+        self._pending: PendingCommit | None = None
         if mode == "a":
             self._resume(record.get("time"), abandon_idle_s)
 
@@ -332,7 +208,7 @@ class ReplayStore:
         ``fsync``: make each commit durable against OS crashes and power loss (see the module
         docstring); it is a setting of this writer, not of the store.
         """
-        _check_zarr_for_writing()
+        check_zarr_for_writing()
         path = Path(path)
         if path.exists():
             if not overwrite:
@@ -358,7 +234,8 @@ class ReplayStore:
             fsync_files([p for p in path.rglob("*") if p.is_file()], path)
             fsync_path(path.parent)
         # The commit record comes last: a store without one never opens.
-        _write_json(path / COMMIT_FILE, {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []}, fsync)
+        record = {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []}
+        write_atomic(path / COMMIT_FILE, json.dumps(record, separators=(",", ":")), fsync=fsync)
         return _construct(cls, path, config, "a", lock_fd, None, fsync)
 
     @classmethod
@@ -393,7 +270,7 @@ class ReplayStore:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if mode == "a":
-            _check_zarr_for_writing()
+            check_zarr_for_writing()
         if not (path / COMMIT_FILE).exists():
             raise StoreError(f"{path} is not an o2o replay store (no {COMMIT_FILE}; was its creation interrupted?)")
         attrs = zarr.open_group(str(path), mode="r").attrs.get("o2o_replay")
@@ -401,7 +278,7 @@ class ReplayStore:
             raise StoreError(f"{path} is not an o2o replay store (no o2o_replay attributes)")
         if attrs["version"] != FORMAT_VERSION:
             raise StoreError(f"{path} has store format version {attrs['version']}; this code reads {FORMAT_VERSION}")
-        known = {**_LATER_ATTRS, **attrs}  # a store made by older code lacks the later attributes
+        known = {**LATER_ATTRS, **attrs}  # a store made by older code lacks the later attributes
         config = StoreConfig(**{f.name: known[f.name] for f in dataclasses.fields(StoreConfig)})
         lock_fd = _lock(path) if mode == "a" else None
         return _construct(cls, path, config, mode, lock_fd, abandon_idle_s, fsync)
@@ -434,9 +311,9 @@ class ReplayStore:
         self._actor_ids = [a["id"] for a in record["actors"]]
         self._actors = {}
         for code, state in enumerate(record["actors"]):
-            episode = _Episode.from_json(state["episode"]) if state["episode"] else None
+            episode = Episode.from_json(state["episode"]) if state["episode"] else None
             # Records written before idle tracking lack "last_row_time": unknown.
-            self._actors[state["id"]] = _Actor(code, state["seq"], state["seq"], episode, state.get("last_row_time"))
+            self._actors[state["id"]] = Actor(code, state["seq"], state["seq"], episode, state.get("last_row_time"))
 
     def refresh(self) -> int:
         """Readers: pick up the writer's latest commit; returns the committed row count."""
@@ -470,8 +347,14 @@ class ReplayStore:
 
     @property
     def uncommitted(self) -> bool:
-        """True when ``commit`` has something to write (rows, skipped seqs, repairs)."""
-        return self._dirty
+        """True when something staged is not committed yet (rows, skipped seqs, repairs): ``commit``
+        has something to write, or a commit of it is pending."""
+        return self._dirty or self._pending is not None
+
+    @property
+    def commit_pending(self) -> bool:
+        """True between ``begin_commit`` and ``finish_commit`` / ``abort_commit``."""
+        return self._pending is not None
 
     @property
     def actor_ids(self) -> list[str]:
@@ -500,10 +383,10 @@ class ReplayStore:
 
     # ------------------------------------------------------------ writing
 
-    def _actor(self, actor_id: str) -> _Actor:
+    def _actor(self, actor_id: str) -> Actor:
         actor = self._actors.get(actor_id)
         if actor is None:
-            actor = self._actors[actor_id] = _Actor(code=len(self._actor_ids))
+            actor = self._actors[actor_id] = Actor(code=len(self._actor_ids))
             self._actor_ids.append(actor_id)
         return actor
 
@@ -526,7 +409,7 @@ class ReplayStore:
             return False
         if chunk.seq != last_seq + 1:
             raise SeqGapError(chunk.actor_id, last_seq + 1, chunk.seq)
-        self._check_chunk(chunk)  # everything before staging anything: a refused chunk leaves no trace
+        check_chunk(chunk, self.config)  # everything before staging anything: a refused chunk leaves no trace
         actor = self._actor(chunk.actor_id)
         n = chunk.n
         done = (np.asarray(chunk.terminated) != 0) | (np.asarray(chunk.truncated) != 0)
@@ -553,64 +436,11 @@ class ReplayStore:
             },
             n,
         )
-        seg_ends = np.concatenate([seg_starts[1:], [n]])
-        for k, (a, b) in enumerate(zip(seg_starts.tolist(), seg_ends.tolist())):
-            last = b - 1
-            # Copies in the columns' dtypes: a decoded chunk views the received frames.
-            part = {
-                "obs": np.array(chunk.obs[a:b], np.float32),
-                "action": np.array(chunk.action[a:b], np.float32),
-                "reward": np.array(chunk.reward[a:b], np.float32),
-                "next_obs": np.array(chunk.next_obs[a:b], np.float32),
-                "terminated": np.array(chunk.terminated[a:b], bool),
-                "eval": np.full(b - a, bool(chunk.eval)),
-            }
-            self._track(
-                actor,
-                chunk,
-                episode_id=chunk.episode_id + k,
-                step=int(step[a]),
-                rows=(start + a, start + b),
-                part=part,
-                ended=bool(done[last]),
-                terminated=bool(chunk.terminated[last]),
-                success=bool(chunk.success[last]),
-            )
+        self._tracker.add(actor, chunk, start, step, done, seg_starts)
         actor.seq = chunk.seq
         actor.last_row_time = self.clock()
         self._dirty = True
         return True
-
-    def _check_chunk(self, chunk: TransitionChunk) -> None:
-        """ValueError unless every value of the chunk fits its column (int32 ones included)."""
-        n = chunk.n
-        obs_dim, action_dim = self.config.obs_dim, self.config.action_dim
-        shapes = {name: np.shape(getattr(chunk, name)) for name in ARRAY_NAMES}
-        rows = {name: shape[0] if shape else None for name, shape in shapes.items()}
-        trailing = {"obs": (obs_dim,), "action": (action_dim,), "next_obs": (obs_dim,)}
-        wrong = []
-        if len(set(rows.values())) > 1:
-            wrong.append(f"the arrays must have the same number of rows, not {rows}")
-        else:
-            wrong += [
-                f"{name} has shape {shape}, expected {(n, *trailing.get(name, ()))} "
-                f"(the store's obs_dim={obs_dim}, action_dim={action_dim})"
-                for name, shape in shapes.items()
-                if shape != (n, *trailing.get(name, ()))
-            ]
-        if n < 1:
-            wrong.append("the chunk has no rows")
-        if not _int_in(chunk.policy_version, -1, MAX_INT32):
-            wrong.append(f"policy_version={chunk.policy_version!r} is outside [-1, {MAX_INT32}] (an int32 column)")
-        if not _int_in(chunk.step, 0, MAX_INT32 - max(n - 1, 0)):
-            wrong.append(f"step={chunk.step!r} with {n} rows: the steps must lie in [0, {MAX_INT32}] (an int32 column)")
-        if not _int_in(chunk.episode_id, 0, MAX_INT64 - n):
-            wrong.append(f"episode_id={chunk.episode_id!r} is outside [0, 2**63 - 1 - n] (an int64 column)")
-        if wrong:
-            raise ValueError(
-                f"actor {chunk.actor_id!r}: chunk seq {chunk.seq} refused, nothing was staged: {'; '.join(wrong)}. "
-                "Skip this seq (ReplayStore.skip) or append a corrected chunk with the same seq."
-            )
 
     def skip(self, actor_id: str, seq: int) -> None:
         """Consume an actor's seqs up to ``seq`` without rows (a rejected or lost chunk),
@@ -620,73 +450,6 @@ class ReplayStore:
         if seq > actor.seq:
             actor.seq = seq
             self._dirty = True
-
-    def _track(self, actor: _Actor, chunk: TransitionChunk, *, episode_id: int, step: int,
-               rows: tuple[int, int], part: dict[str, np.ndarray], ended: bool, terminated: bool, success: bool) -> None:  # fmt: skip
-        episode = actor.episode
-        restarted = step == 0 and episode is not None and episode.next_step > 0  # e.g. an actor restart
-        if episode is not None and (episode.episode_id != episode_id or restarted):
-            self._close_episode(actor, ended=False, terminated=False)
-            episode = None
-        if episode is None:
-            episode = actor.episode = _Episode(
-                episode_id=episode_id,
-                start_row=rows[0],
-                next_step=step,
-                policy_version_start=chunk.policy_version,
-                policy_version_end=chunk.policy_version,
-                eval=chunk.eval,
-                contiguous=step == 0,
-            )
-        elif step != episode.next_step:
-            episode.contiguous = False  # steps are missing: no MC return for this episode
-        episode.ranges.append(rows)
-        episode.parts.append(part)
-        episode.length += rows[1] - rows[0]
-        episode.end_row = rows[1] - 1
-        episode.reward_sum += float(part["reward"].astype(np.float64).sum())
-        episode.next_step = step + rows[1] - rows[0]
-        episode.policy_version_end = chunk.policy_version
-        episode.success = success
-        if ended:
-            self._close_episode(actor, ended=True, terminated=terminated)
-
-    def _close_episode(self, actor: _Actor, ended: bool, terminated: bool) -> None:
-        episode = actor.episode
-        actor.episode = None
-        if ended and episode.contiguous:
-            rows = episode.rows()
-            raw = episode.column("reward")
-            terminals = np.zeros(len(raw), np.float32)
-            terminals[-1] = float(terminated)
-            cfg = self.config
-            # Cal-QL's MC return-to-go (official calc_return_to_go, see mc_return.py): scaled
-            # rewards, G_t = r_t + gamma * G_{t+1} * (1 - terminal_t), the all-failure rule of
-            # sparse tasks and, for Kitchen, the infinite-horizon tail of truncated episodes.
-            mc = trajectory_return_to_go(
-                cfg.scale_rewards(raw), terminals, cfg.gamma, cfg.scaled_failure_reward, cfg.infinite_horizon
-            )
-            self._rows.patch("mc_return", rows, mc)
-            # Kept until the commit, whose event hands these rows to the learner (``closed``).
-            self._mc_filled.append((rows, mc, episode.parts))
-        self._episodes.stage(
-            {
-                "actor": actor.code,
-                "episode_id": episode.episode_id,
-                "policy_version_start": episode.policy_version_start,
-                "policy_version_end": episode.policy_version_end,
-                "start_row": episode.start_row,
-                "end_row": episode.end_row if episode.length else episode.start_row,
-                "length": episode.length,
-                "return": episode.reward_sum,
-                "success": episode.success,
-                "eval": episode.eval,
-                "ended": ended,
-                "terminated": terminated,
-                "contiguous": episode.contiguous,
-            },
-            1,
-        )
 
     def abandon_idle_episodes(self, idle_s: float, now: float | None = None) -> list[str]:
         """Close as abandoned (``ended=False``, no MC return) the open episodes of actors whose
@@ -698,16 +461,14 @@ class ReplayStore:
         """
         self._check_writable()
         now = self.clock() if now is None else now
-        idle = [
-            actor_id
-            for actor_id, actor in self._actors.items()
-            if actor.episode is not None and actor.last_row_time is not None and now - actor.last_row_time > idle_s
-        ]
+        idle = idle_actors(self._actors, idle_s, now)
         for actor_id in idle:
-            self._close_episode(self._actors[actor_id], ended=False, terminated=False)
+            self._tracker.close(self._actors[actor_id], ended=False, terminated=False)
         if idle:
             self._dirty = True
         return idle
+
+    # ------------------------------------------------------------ commit protocol
 
     def commit(self, collect: bool = False) -> int:
         """Make everything staged durable; returns the committed row count.
@@ -720,52 +481,65 @@ class ReplayStore:
         the previous commit stays the trusted one on disk. Call ``commit()`` again (any
         number of times, appending more in between if you like) once the disk is writable.
         """
-        self._check_writable()
-        if not self._dirty:
+        pending = self.begin_commit(collect)
+        if pending is None:
             if collect:
-                self.last_commit = self._event(len(self), len(self), self._episodes.length)
+                self.last_commit = CommitEvent(len(self), len(self), self._episodes.rows_in_memory(
+                    self._episodes.length, self._episodes.length), self._tracker.closed_rows([]))  # fmt: skip
             return len(self)
-        old_rows, old_episodes = len(self), self._episodes.length
-        event = self._event(old_rows, self._rows.end, old_episodes) if collect else None
-        # Resize first, so that a failed resize leaves no write coroutine never awaited.
-        self._rows.reserve()
-        self._episodes.reserve()
-        run_concurrently(self._rows.write_ops() + self._episodes.write_ops())
-        if self.fsync:  # the data must be on disk before a record that trusts it can be
-            fsync_files(self._rows.written_files() + self._episodes.written_files(), self.path)
-        # The data is in place: now the record that makes it trusted. Memory changes only
-        # once the record is written, so a commit that failed anywhere can be retried as is.
-        now = self.clock()
-        _write_json(self.path / COMMIT_FILE, self._record(self.commits + 1, now), self.fsync)
-        self._rows.flushed()
-        self._episodes.flushed()
-        self.commits += 1
-        for actor in self._actors.values():
-            actor.committed_seq = actor.seq
-        self._mc_filled.clear()
-        self._dirty = False
-        self.last_commit = event
+        try:
+            pending.run()
+        except BaseException:
+            self.abort_commit(pending)
+            raise
+        self.finish_commit(pending)
         return len(self)
 
-    def _event(self, start: int, stop: int, old_episodes: int) -> CommitEvent:
-        if self._mc_filled:
-            mc_rows = np.concatenate([r for r, _, _ in self._mc_filled])
-            mc_values = np.concatenate([v for _, v, _ in self._mc_filled])
-            parts = [part for _, _, episode_parts in self._mc_filled for part in episode_parts]
-            closed = {name: np.concatenate([part[name] for part in parts]) for name in LEARNER_COLUMNS}
-        else:
-            mc_rows, mc_values = np.zeros(0, np.int64), np.zeros(0, np.float32)
-            closed = {name: values[:0] for name, values in self._rows.read(0, 0, list(LEARNER_COLUMNS)).items()}
-        closed["mc_return"] = mc_values
-        return CommitEvent(
-            start=start,
-            stop=stop,
-            rows=self._rows.rows_in_memory(start, stop),
-            mc_rows=mc_rows,
-            mc_return=mc_values,
-            episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end),
-            closed=closed,
-        )
+    def begin_commit(self, collect: bool = False) -> PendingCommit | None:
+        """Take everything staged as a ``PendingCommit`` (None: nothing to commit). Until
+        ``finish_commit`` or ``abort_commit``, appends go on and go into the next commit."""
+        self._check_writable()
+        if self._pending is not None:
+            raise StoreError("a commit is pending: finish_commit() or abort_commit() it first")
+        if not self._dirty:
+            return None
+        old_episodes = self._episodes.length
+        # The record describes what is staged now; memory marks it committed only once it is written.
+        now = self.clock()
+        pending = PendingCommit(
+            path=self.path,
+            fsync=self.fsync,
+            rows=self._rows.snapshot(),
+            episodes=self._episodes.snapshot(),
+            record=self._record(self.commits + 1, now),
+            seqs={actor_id: actor.seq for actor_id, actor in self._actors.items()},
+            closed=self._tracker.take_closed(),
+            event_episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end) if collect else None,
+            start=len(self),
+        )  # fmt: skip
+        self._pending = pending
+        self._dirty = False  # an append, skip or close from now on sets it again
+        return pending
+
+    def finish_commit(self, pending: PendingCommit) -> None:
+        """``pending.run()`` returned: its rows, episodes and seqs are committed."""
+        self._rows.flushed(pending.rows)
+        self._episodes.flushed(pending.episodes)
+        self.commits += 1
+        for actor_id, seq in pending.seqs.items():
+            self._actors[actor_id].committed_seq = seq
+        if pending.event_episodes is not None:
+            self.last_commit = CommitEvent(pending.start, len(self), pending.event_episodes,
+                                           self._tracker.closed_rows(pending.closed))  # fmt: skip
+        self._pending = None
+
+    def abort_commit(self, pending: PendingCommit) -> None:
+        """``pending.run()`` raised: everything it held stays staged, for the next commit."""
+        self._rows.abandoned(pending.rows)
+        self._episodes.abandoned(pending.episodes)
+        self._tracker.put_back(pending.closed)
+        self._dirty = True
+        self._pending = None
 
     def _record(self, commit: int, now: float) -> dict:
         """The commit record of everything staged (written before memory marks it committed)."""
@@ -790,62 +564,14 @@ class ReplayStore:
             temp.unlink(missing_ok=True)
         now = self.clock()
         if commit_time is not None:
-            # Idle time counts only while a writer runs: the actors that were live when it
-            # stopped continue their episodes from their spools, however long it was down.
-            downtime = max(0.0, now - commit_time)
-            for actor in self._actors.values():
-                if actor.last_row_time is not None:
-                    actor.last_row_time += downtime
+            discount_downtime(self._actors, commit_time, now)
             if abandon_idle_s is not None:
                 self.abandon_idle_episodes(abandon_idle_s, now)
-        for actor in self._actors.values():
-            if actor.episode is not None and actor.last_row_time is None:
-                actor.last_row_time = now  # a record without times (older o2o): count from now
-        self._rebuild_open_episodes()
+        start_unknown_clocks(self._actors, now)
+        if self._tracker.rebuild(list(self._actors.values()), len(self), self.read):
+            self._dirty = True
         if self._dirty:
             self.commit()
-
-    def _rebuild_open_episodes(self) -> None:
-        """After a reopen: find the committed rows of each open episode (their ``LEARNER_COLUMNS``
-        back into memory), and clear any MC return an interrupted commit wrote for them (their
-        end was never committed)."""
-        open_actors = [a for a in self._actors.values() if a.episode is not None]
-        if not open_actors:
-            return
-        first = min(a.episode.start_row for a in open_actors)
-        cols = self.read(first, len(self), ["actor", "episode_id", "mc_return", *LEARNER_COLUMNS])
-        for actor in open_actors:
-            episode = actor.episode
-            mask = (cols["actor"] == actor.code) & (cols["episode_id"] == episode.episode_id)
-            mask[: episode.start_row - first] = False
-            rows = np.flatnonzero(mask) + first
-            bounds = np.flatnonzero(np.diff(rows) != 1) + 1
-            episode.ranges = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, bounds) if len(r)]
-            episode.parts = [{name: cols[name][mask] for name in LEARNER_COLUMNS}]
-            rewards = episode.parts[0]["reward"]
-            # From the rows themselves (records of older versions lack these).
-            episode.length = len(rows)
-            episode.end_row = int(rows[-1]) if len(rows) else episode.start_row
-            episode.reward_sum = float(rewards.astype(np.float64).sum())
-            if np.isfinite(cols["mc_return"][mask]).any():
-                self._rows.patch("mc_return", rows, np.full(len(rows), np.nan, np.float32))
-                self._dirty = True
-
-
-def temp_files(path: Path) -> list[Path]:
-    """Temporary files of interrupted writes in a store: zarr's ``*.partial`` and the commit
-    record's ``.commit.json.<pid>.tmp`` (a writer killed mid-write). Nobody reads them; a writer
-    reopening the store removes them, ``o2o-store check`` reports them."""
-    return sorted([*path.rglob("*.partial"), *path.glob(f".{COMMIT_FILE}.*.tmp")])
-
-
-def _check_zarr_for_writing() -> None:
-    if not zarr_writes_atomically():
-        raise StoreError(
-            f"zarr {zarr.__version__} is installed, but writing a replay store needs zarr >= {ZARR_ATOMIC_WRITES}: "
-            "older versions write chunks in place, so a crash during a commit can tear committed rows. "
-            f"Upgrade it (pip install 'zarr>={ZARR_ATOMIC_WRITES}'); reading (mode 'r') works as is."
-        )
 
 
 def _construct(cls, path: Path, config: StoreConfig, mode: str, lock_fd: int | None, *args) -> "ReplayStore":
@@ -857,35 +583,9 @@ def _construct(cls, path: Path, config: StoreConfig, mode: str, lock_fd: int | N
         raise
 
 
-def _int_in(value, lo: int, hi: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and lo <= value <= hi
-
-
 def _lock(path: Path) -> int:
-    # Read-only: flock needs no write access, and an fd open for writing would keep the
-    # file system from being remounted read-only (EBUSY).
-    fd = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"{path} is open for writing by another process (one writer at a time)") from None
+    # Read-only: an fd open for writing would keep the file system from being remounted read-only.
+    fd = try_lock(path / LOCK_FILE, write=False)
+    if fd is None:
+        raise StoreError(f"{path} is open for writing by another process (one writer at a time)")
     return fd
-
-
-def _write_json(path: Path, record: dict, fsync: bool) -> None:
-    # Temp file + rename: readers see the old or the new record, never a torn one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, separators=(",", ":"))
-            if fsync:  # else a power loss could leave the renamed record empty
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # e.g. disk full: leave no partial record behind
-            os.unlink(tmp)
-        raise
-    if fsync:
-        fsync_path(path.parent)  # the rename itself

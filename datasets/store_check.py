@@ -25,7 +25,6 @@ Exit status: 0 fine, 1 problems or leftovers found, 2 not a store, or a writer h
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .file_lock import is_locked, try_lock
 from .mc_return import trajectory_return_to_go
 from .replay_store import (
     COMMIT_FILE,
@@ -76,17 +76,7 @@ class Findings:
 
 def writer_holds(path: Path) -> bool:
     """Whether a writer has the store open (holds the flock on writer.lock)."""
-    try:
-        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False  # writers create it: none ever wrote here
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases our lock
-    return False
+    return is_locked(path / LOCK_FILE)
 
 
 def _tables(store: ReplayStore, record: dict) -> list[tuple[str, dict[str, ColumnSpec], int, int]]:
@@ -364,13 +354,11 @@ def repair_store(path: str | os.PathLike) -> list[str]:
     was done. Raises StoreError while a writer has the store open."""
     path = Path(path)
     store, _ = _open(path)
-    fd = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    fd = try_lock(path / LOCK_FILE, write=False)
+    if fd is None:
+        raise StoreError(f"{path} is open for writing by another process: stop it (the learner) before --repair; "
+                         "a writer keeps the store consistent itself")  # fmt: skip
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{path} is open for writing by another process: stop it (the learner) before --repair; "
-                             "a writer keeps the store consistent itself") from None  # fmt: skip
         record = json.loads((path / COMMIT_FILE).read_text())  # under the lock: no commit can follow
         group = zarr.open_group(str(path), mode="r+")
         done, written = [], []
@@ -406,7 +394,7 @@ def repair_store(path: str | os.PathLike) -> list[str]:
 
 def _clear_open_mc_returns(path: Path, group, record: dict, written: list[Path]) -> list[str]:
     """NaN for the MC returns an interrupted commit wrote on rows of episodes the record holds
-    open (what a reopening writer does, see ``ReplayStore._rebuild_open_episodes``)."""
+    open (what a reopening writer does, see ``EpisodeTracker.rebuild``)."""
     rows = record["rows"]
     arr = group["data"]["mc_return"]
     actor, episode_id = group["data"]["actor"][:rows], group["data"]["episode_id"][:rows]

@@ -15,16 +15,20 @@ already flushed. The table itself keeps no length on disk: its owner records the
 flushed length (see ``ReplayStore``), and rows at or past that length are never
 trusted.
 
-Durability: ``written_files`` names every file the writes since the last ``flushed()``
-replaced, created or deleted (the chunks it rewrote, the arrays' ``zarr.json`` after a
-resize), so that the owner can ``fsync_files`` them before it records the new length.
+Writes run off the owner's thread: ``snapshot`` takes what a flush writes (views of the
+full chunks, which never change in memory, and a copy of the last, partly filled one) as
+a ``TableWrite``, which any thread can ``run`` while more rows are staged; the owner then
+calls ``flushed`` (or ``abandoned`` if it failed).
+
+Durability: ``TableWrite.written_files`` names every file the write replaced, created or
+deleted (the chunks it rewrote, the arrays' ``zarr.json`` after a resize), so that the
+owner can ``fsync_files`` them before it records the new length.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +37,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
+
+from .atomic_file import fsync_path
 
 # The first zarr whose LocalStore writes every file to a temporary file and renames it
 # into place (zarr-python PR #3412); older ones write chunks in place, so a kill during
@@ -65,7 +71,8 @@ class AppendTable:
     ``length`` is the number of flushed rows; ``end`` counts staged rows too.
     """
 
-    def __init__(self, group: zarr.Group, specs: dict[str, ColumnSpec], chunk_rows: int, length: int, writable: bool):
+    def __init__(self, group: zarr.Group, specs: dict[str, ColumnSpec], chunk_rows: int, length: int, writable: bool,
+                 mutable: tuple[str, ...] = ()):  # fmt: skip
         self.group = group
         self.specs = specs
         self.chunk_rows = chunk_rows
@@ -78,8 +85,9 @@ class AppendTable:
         self._buf: dict[str, np.ndarray] = {}
         self._patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._patched_in_memory = False  # flushed rows held in memory were patched
-        # (column, chunk index) written since the last flushed(); chunk None: the column's zarr.json.
-        self._touched: set[tuple[str, int | None]] = set()
+        self.mutable = mutable  # columns that ``patch`` may change
+        self._pending: TableWrite | None = None  # the snapshot being written
+        self._late: list[tuple[str, np.ndarray, np.ndarray]] = []  # in-memory patches while it is
         if writable:
             self._buf = {name: self._alloc(name, 2 * chunk_rows) for name in specs}
             if length > self.base:
@@ -93,6 +101,7 @@ class AppendTable:
         specs: dict[str, ColumnSpec],
         chunk_rows: int,
         compressor=DEFAULT_COMPRESSOR,
+        mutable: tuple[str, ...] = (),
     ) -> "AppendTable":
         for name, spec in specs.items():
             group.create_array(
@@ -103,7 +112,7 @@ class AppendTable:
                 fill_value=spec.fill,
                 compressors=[compressor] if compressor is not None else None,
             )
-        return cls(group, specs, chunk_rows, length=0, writable=True)
+        return cls(group, specs, chunk_rows, length=0, writable=True, mutable=mutable)
 
     def _alloc(self, name: str, rows: int) -> np.ndarray:
         spec = self.specs[name]
@@ -132,6 +141,7 @@ class AppendTable:
         return start
 
     def _grow(self, rows: int) -> None:
+        # New arrays, not resized ones: a pending TableWrite may still read views of the old.
         capacity = max(rows, 2 * len(next(iter(self._buf.values()))))
         for name, buf in self._buf.items():
             new = self._alloc(name, capacity)
@@ -139,13 +149,20 @@ class AppendTable:
             self._buf[name] = new
 
     def patch(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
-        """Overwrite ``name`` at (unique, ascending) ``rows`` < end; flushed at the next flush."""
+        """Overwrite ``name`` at (unique, ascending) ``rows`` < end; written by the next flush.
+
+        Only the ``mutable`` columns may be patched: their images are copied by ``snapshot``,
+        so a patch while a write is pending cannot change what that write reads."""
         if len(rows) == 0:
             return
+        if name not in self.mutable:
+            raise ValueError(f"column {name!r} is not mutable (mutable: {self.mutable})")
         split = int(np.searchsorted(rows, self.base))
         if split < len(rows):
             self._buf[name][rows[split:] - self.base] = values[split:]
             self._patched_in_memory = True
+            if self._pending is not None:  # the pending write may not hold it: see flushed()
+                self._late.append((name, rows[split:], values[split:]))
         if split > 0:
             self._patches.setdefault(name, []).append((rows[:split], values[:split]))
 
@@ -153,77 +170,84 @@ class AppendTable:
         """Copies of rows [start, stop) from memory (start >= base)."""
         return {name: buf[start - self.base : stop - self.base].copy() for name, buf in self._buf.items()}
 
+    def snapshot(self) -> "TableWrite":
+        """What a flush of everything staged writes, taken now: the returned ``TableWrite`` can run
+        in another thread while more rows are staged here; call ``flushed(write)`` after it ran,
+        or ``abandoned(write)`` after it failed (then a later snapshot writes it all again).
+
+        No copy of the full chunks: rows below ``end`` never change in memory (only ``mutable``
+        columns are patched, and those are copied); the last, partly filled chunk is copied,
+        since rows staged later land in it."""
+        if self._pending is not None:
+            raise RuntimeError("a TableWrite is pending: flushed() or abandoned() it first")
+        end, base, chunk = self.end, self.base, self.chunk_rows
+        write = TableWrite(self, end, self._patches, self._patched_in_memory)
+        self._patches, self._patched_in_memory = {}, False
+        self._pending, self._late = write, []
+        if end == self.length and not write.patches and not write.patched_in_memory:
+            return write
+        stop = -(-end // chunk) * chunk
+        full = end // chunk * chunk
+        write.capacity = stop
+        if end > base:
+            for name, buf in self._buf.items():
+                fill = self.specs[name].fill
+                if name in self.mutable:
+                    image = buf[: stop - base].copy()
+                    image[end - base :] = fill
+                    write.images.append((name, base, image))
+                    continue
+                if full > base:
+                    write.images.append((name, base, buf[: full - base]))
+                if stop > full:
+                    tail = buf[full - base : stop - base].copy()
+                    tail[end - full :] = fill  # rows past the end hold the fill value in the chunk we write
+                    write.images.append((name, full, tail))
+        return write
+
     def reserve(self) -> None:
         """Grow the arrays to hold every staged row (rare: rewrites each column's zarr.json)."""
-        self._ensure_capacity(-(-self.end // self.chunk_rows) * self.chunk_rows)
+        self._ensure_capacity(-(-self.end // self.chunk_rows) * self.chunk_rows, set())
 
-    def write_ops(self) -> list:
-        """Coroutines writing every touched chunk whole; call ``flushed()`` after they ran.
-
-        The rows in memory stay as they are until ``flushed()``: if a write fails,
-        ``write_ops()`` can simply be run again."""
-        if self.end == self.length and not self._patches and not self._patched_in_memory:
-            return []
-        stop = -(-self.end // self.chunk_rows) * self.chunk_rows
-        self.reserve()
-        ops = []
-        if self.end > self.base:
-            chunks = range(self.base // self.chunk_rows, stop // self.chunk_rows)
-            for name, buf in self._buf.items():
-                self._touched.update((name, i) for i in chunks)
-                # Rows past the end must hold the fill value in the chunk image we write.
-                spec = self.specs[name]
-                buf[self.end - self.base : stop - self.base] = spec.fill
-                ops.append(self.arrays[name]._async_array.setitem(slice(self.base, stop), buf[: stop - self.base]))
-        for name, patches in self._patches.items():
-            rows = np.concatenate([r for r, _ in patches])
-            values = np.concatenate([v for _, v in patches])
-            order = np.argsort(rows, kind="stable")  # one op per chunk: concurrent ops must not share one
-            rows, values = rows[order], values[order]
-            chunk_of = rows // self.chunk_rows
-            bounds = np.flatnonzero(np.diff(chunk_of)) + 1
-            self._touched.update((name, int(i)) for i in np.unique(chunk_of))
-            for part_rows, part_values in zip(np.split(rows, bounds), np.split(values, bounds)):
-                ops.append(self._patch_chunk(self.arrays[name], part_rows, part_values))
-        return ops
-
-    async def _patch_chunk(self, arr: zarr.Array, rows: np.ndarray, values: np.ndarray) -> None:
-        # Read-modify-write of one whole older chunk (rows sorted, all in that chunk).
-        start = int(rows[0]) // self.chunk_rows * self.chunk_rows
-        region = slice(start, start + self.chunk_rows)
-        data = await arr._async_array.getitem(region)
-        data[rows - start] = values
-        await arr._async_array.setitem(region, data)
-
-    def written_files(self) -> list[Path]:
-        """Files written (or deleted: zarr removes a chunk that holds only fill values) since
-        the last ``flushed()``; a superset after a failed and retried write."""
-        root = Path(self.group.store.root)
-        files = []
-        for name, chunk in self._touched:
-            arr = self.arrays[name]
-            coords = (chunk,) + (0,) * len(self.specs[name].shape)  # the trailing axes are one chunk
-            files.append(root / arr.path / ("zarr.json" if chunk is None else arr.metadata.encode_chunk_key(coords)))
-        return files
-
-    def flushed(self) -> None:
-        """Mark staged rows as flushed and keep only the last partial chunk in memory."""
-        self._touched.clear()
-        self._patches.clear()
-        self._patched_in_memory = False
-        self.length = self.end
-        new_base = (self.end // self.chunk_rows) * self.chunk_rows
+    def flushed(self, write: "TableWrite | None" = None) -> None:
+        """``write`` (default: the pending one) is on disk: its rows count as flushed, and only
+        the last partial chunk's rows (and rows staged since) stay in memory."""
+        write = write or self._pending
+        self._pending = None
+        self.length = write.end
+        new_base = (write.end // self.chunk_rows) * self.chunk_rows
         if new_base > self.base:
             keep = self.end - new_base
             for buf in self._buf.values():
                 buf[:keep] = buf[new_base - self.base : self.end - self.base]
             self.base = new_base
+        # Patches made while the write ran: those of rows now out of memory are written as
+        # patches of older chunks; the others are in memory and written with the next flush.
+        for name, rows, values in self._late:
+            split = int(np.searchsorted(rows, self.base))
+            if split > 0:
+                self._patches.setdefault(name, []).append((rows[:split], values[:split]))
+        self._late = []
+
+    def abandoned(self, write: "TableWrite | None" = None) -> None:
+        """``write`` failed: nothing counts as flushed; the next snapshot writes it all again."""
+        write = write or self._pending
+        self._pending, self._late = None, []
+        for name, patches in write.patches.items():
+            self._patches[name] = patches + self._patches.get(name, [])
+        self._patched_in_memory |= write.patched_in_memory
 
     def flush(self) -> None:
-        run_concurrently(self.write_ops())
-        self.flushed()
+        """Write everything staged, in this thread (``snapshot`` + ``TableWrite.run`` + ``flushed``)."""
+        write = self.snapshot()
+        try:
+            write.run()
+        except BaseException:
+            self.abandoned(write)
+            raise
+        self.flushed(write)
 
-    def _ensure_capacity(self, rows: int) -> None:
+    def _ensure_capacity(self, rows: int, touched: set) -> None:
         # Every array is checked: a crash in the middle of a resize leaves them of different lengths.
         capacity = max(arr.shape[0] for arr in self.arrays.values())
         if rows > capacity:
@@ -232,7 +256,7 @@ class AppendTable:
             capacity = -(-capacity // self.chunk_rows) * self.chunk_rows
         for name, arr in self.arrays.items():
             if arr.shape[0] < capacity:
-                self._touched.add((name, None))
+                touched.add((name, None))
                 arr.resize((capacity, *self.specs[name].shape))
 
     # ------------------------------------------------------------ reading
@@ -253,6 +277,70 @@ class AppendTable:
                 arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r")
             out[name] = arr[start:stop]
         return out
+
+
+class TableWrite:
+    """One flush of an ``AppendTable``, taken by ``snapshot``: chunk images and patches that
+    ``run`` writes (in any thread) without touching the table's memory."""
+
+    def __init__(self, table: AppendTable, end: int, patches: dict, patched_in_memory: bool):
+        self.table = table
+        self.end = end
+        self.patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = patches
+        self.patched_in_memory = patched_in_memory
+        self.capacity = 0  # rows the arrays must hold
+        self.images: list[tuple[str, int, np.ndarray]] = []  # (column, first row (chunk-aligned), rows)
+        # (column, chunk index) written; chunk None: the column's zarr.json (a resize).
+        self.touched: set[tuple[str, int | None]] = set()
+
+    def reserve(self) -> None:
+        """Grow the arrays first, so that a failed resize leaves no write coroutine never awaited."""
+        if self.capacity:
+            self.table._ensure_capacity(self.capacity, self.touched)
+
+    def ops(self) -> list:
+        """Coroutines writing every touched chunk whole (after ``reserve``)."""
+        table, chunk = self.table, self.table.chunk_rows
+        ops = []
+        for name, start, image in self.images:
+            self.touched.update((name, i) for i in range(start // chunk, (start + len(image)) // chunk))
+            ops.append(table.arrays[name]._async_array.setitem(slice(start, start + len(image)), image))
+        for name, patches in self.patches.items():
+            rows = np.concatenate([r for r, _ in patches])
+            values = np.concatenate([v for _, v in patches])
+            order = np.argsort(rows, kind="stable")  # one op per chunk: concurrent ops must not share one
+            rows, values = rows[order], values[order]
+            chunk_of = rows // chunk
+            bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+            self.touched.update((name, int(i)) for i in np.unique(chunk_of))
+            for part_rows, part_values in zip(np.split(rows, bounds), np.split(values, bounds)):
+                ops.append(self._patch_chunk(table.arrays[name], part_rows, part_values))
+        return ops
+
+    async def _patch_chunk(self, arr: zarr.Array, rows: np.ndarray, values: np.ndarray) -> None:
+        # Read-modify-write of one whole older chunk (rows sorted, all in that chunk).
+        chunk = self.table.chunk_rows
+        start = int(rows[0]) // chunk * chunk
+        region = slice(start, start + chunk)
+        data = await arr._async_array.getitem(region)
+        data[rows - start] = values
+        await arr._async_array.setitem(region, data)
+
+    def run(self) -> None:
+        self.reserve()
+        run_concurrently(self.ops())
+
+    def written_files(self) -> list[Path]:
+        """Files written (or deleted: zarr removes a chunk that holds only fill values) by
+        ``run``; a superset after a failed and retried write."""
+        table = self.table
+        root = Path(table.group.store.root)
+        files = []
+        for name, chunk in self.touched:
+            arr = table.arrays[name]
+            coords = (chunk,) + (0,) * len(table.specs[name].shape)  # the trailing axes are one chunk
+            files.append(root / arr.path / ("zarr.json" if chunk is None else arr.metadata.encode_chunk_key(coords)))
+        return files
 
 
 def run_concurrently(ops: list) -> None:
@@ -286,15 +374,3 @@ def fsync_files(files: list[Path], root: Path) -> None:
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(targets)))) as pool:
         for _ in pool.map(fsync_path, targets):
             pass
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder; a missing one (a chunk zarr deleted) is skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -90,15 +90,19 @@ def test_two_actor_processes_every_chunk_exactly_once(tmp_path):
     for actor_id in ("arm-0", "arm-1"):
         s = stats["actors"][actor_id]
         assert (s["chunks"], s["rows"], s["committed_seq"], s["rejected"]) == (N_CHUNKS, N_CHUNKS * 40, N_CHUNKS - 1, {})
-    # on_commit saw every committed row once, in order, and MC returns of rows committed earlier.
-    mirrored = np.concatenate([e.rows["obs"] for e in events])
+    # on_commit saw every committed row once, in order, and each row that got an MC return once,
+    # in the commit that closed its episode (committed then or earlier).
     stored = ReplayStore.open(tmp_path / "replay", "r").read()
-    np.testing.assert_array_equal(mirrored, stored["obs"])
-    mc = np.full(len(mirrored), np.nan, np.float32)
-    for e in events:
-        mc[e.start : e.stop] = e.rows["mc_return"]
-        mc[e.mc_rows] = e.mc_return
-    np.testing.assert_array_equal(mc, stored["mc_return"])
+    assert [(e.start, e.stop) for e in events if e.stop > e.start] == list(
+        zip([0] + [e.stop for e in events if e.stop > e.start][:-1], [e.stop for e in events if e.stop > e.start]))
+    assert events[-1].stop == len(stored["obs"])
+    closed_obs = np.concatenate([e.closed["obs"] for e in events])
+    closed_mc = np.concatenate([e.closed["mc_return"] for e in events])
+    finite = np.isfinite(stored["mc_return"])
+    assert len(closed_obs) == finite.sum()
+    order_events, order_store = np.lexsort(closed_obs.T), np.lexsort(stored["obs"][finite].T)
+    np.testing.assert_array_equal(closed_obs[order_events], stored["obs"][finite][order_store])
+    np.testing.assert_array_equal(closed_mc[order_events], stored["mc_return"][finite][order_store])
 
 
 def test_resend_after_server_crash_gives_no_duplicates_and_no_gaps(tmp_path):

@@ -5,6 +5,7 @@ another learner run, and a store folder that turns read-only mid-run."""
 import json
 import logging
 import re
+import threading
 import time
 
 import msgpack
@@ -13,7 +14,7 @@ import pytest
 import zmq
 
 from o2o.transport import wire
-from o2o.datasets.replay_store import ReplayStore
+from o2o.datasets.replay_store import PendingCommit, ReplayStore
 from o2o.transport import ingest
 from o2o.transport.ingest import IngestServer
 from replay_peers import ACT_DIM, OBS_DIM, SpoolSender, make_chunk
@@ -282,3 +283,41 @@ def test_a_flood_of_bad_frames_logs_a_few_short_lines_and_counts_every_rejection
         if m := re.match(r"(\d+) more lines like the last 'rejected (\w+)' line", line):
             held[m.group(2)] = int(m.group(1))
     assert held == {wire.BAD_HEADER: 2 * n - 1, wire.NOT_WELCOMED: n - 1}  # logged + held back = counted
+
+
+def test_an_ack_comes_only_once_its_commit_is_durable_and_receiving_goes_on_meanwhile(tmp_path, monkeypatch):
+    """Group commit runs in its own thread: while a commit is being written (held at a gate here),
+    the server keeps receiving (another actor is welcomed, its chunk staged) but acks nothing; the
+    ack comes once the commit record is on disk, and names no seq a reader does not find committed."""
+    gate, writing = threading.Event(), threading.Event()
+    real_run = PendingCommit.run
+
+    def held_run(commit):
+        writing.set()
+        assert gate.wait(60)
+        real_run(commit)
+
+    monkeypatch.setattr(PendingCommit, "run", held_run)
+    path = tmp_path / "replay"
+    store = new_store(path)
+    with IngestServer(store, "tcp://127.0.0.1:*", commit_interval_s=0.005) as server:
+        arm, other = Peer(server.endpoint), Peer(server.endpoint)
+        arm.ask(hello("arm"), wire.Welcome)
+        arm.sock.send_multipart(wire.encode(make_chunk("arm", 0)))
+        assert writing.wait(60)  # arm's chunk is being committed
+        other.ask(hello("other"), wire.Welcome)  # the server goes on receiving meanwhile
+        other.sock.send_multipart(wire.encode(make_chunk("other", 0)))
+        try:
+            assert not arm.sock.poll(500), "an ack before its commit was durable"
+            assert ReplayStore.open(path, "r").committed_seq("arm") == -1
+        finally:
+            gate.set()
+        ack = wait_acked(arm, 0)
+        assert ReplayStore.open(path, "r").committed_seq("arm") >= ack.seq == 0
+        ack = wait_acked(other, 0)  # staged during arm's commit: acked after the next one
+        assert ReplayStore.open(path, "r").committed_seq("other") >= ack.seq == 0
+        arm.close()
+        other.close()
+        stats = server.stats()
+    store.close()
+    assert stats["commits"] >= 2 and stats["committed_rows"] == 80

@@ -6,7 +6,7 @@ import pytest
 
 from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
-from o2o.datasets.replay_store import ReplayStore
+from o2o.datasets.replay_store import ReplayStore, row_columns
 from o2o.learner.buffer import TransitionBuffer
 from o2o.learner.online_data import OnlineData, UpdateLimiter, mixed_batch
 
@@ -224,6 +224,7 @@ def test_learner_memory_stays_flat_over_ten_buffers_of_rows(tmp_path):
     buffer = TransitionBuffer(obs_dim, act_dim, capacity, "cpu")
     data = OnlineData(buffer, -2 * np.ones(act_dim), 2 * np.ones(act_dim), reward_scale=2.0, reward_bias=1.0)
     seq = 0
+    row_bytes = sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape)) for c in row_columns(obs_dim, act_dim).values())
 
     def ingest(rows: int) -> int:
         nonlocal seq
@@ -233,7 +234,7 @@ def test_learner_memory_stays_flat_over_ten_buffers_of_rows(tmp_path):
                 store.append(fleet_chunk(actor, seq, chunk_rows, eval=actor == "e", obs_dim=obs_dim, act_dim=act_dim))
             store.commit(collect=True)
             event = store.last_commit
-            biggest = max(biggest, sum(v.nbytes for v in event.rows.values()))
+            biggest = max(biggest, (event.stop - event.start) * row_bytes)  # one commit's new rows
             data.on_commit(event)
             data.drain()
             data.pop_episodes()  # the learner logs them

@@ -162,7 +162,7 @@ def test_reopen_abandons_actors_idle_at_the_last_commit_and_reads_only_live_epis
     assert live_start == 110
 
     ReadRecordingStore.reads = []
-    store = ReadRecordingStore.open(path, "a")  # abandon_idle_s defaults to an hour
+    store = ReadRecordingStore.open(path, "a")  # abandon_idle_s defaults to 10 minutes
     assert ReadRecordingStore.reads == [(live_start, 130)]  # not from row 0, gone's episode start
     store.close()
     check_abandoned(path, "gone", rows=10)

@@ -71,6 +71,7 @@ from o2o.transport.wire import (
 )
 
 from .config import LinkConfig
+from .rate_log import RateLimitedLog
 from .spool import Spool
 
 
@@ -176,7 +177,7 @@ class Link:
         self._last_reconnect = 0.0
         self._version_behind_since: float | None = None
         self._refused_since: float | None = None  # first hello refusal (id in use / too many actors) in a row
-        self._last_log: dict[str, float] = {}
+        self._limited = RateLimitedLog(log, LOG_EVERY_S)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -566,10 +567,7 @@ class Link:
             self._hello_pending = True
 
     def _warn(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last_log[key] = now
-            log.warning(message, *args)
+        self._limited.warning(key, message, *args)
 
     def summary(self) -> dict:
         """Counters for progress lines and the stats file."""

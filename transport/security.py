@@ -34,6 +34,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from o2o.datasets.atomic_file import write_atomic
+
 log = logging.getLogger("o2o.security")
 
 LEARNER_KEY = "learner.key"
@@ -241,9 +243,7 @@ def add_actor(folder: str | os.PathLike, actor_id: str) -> Path:
     (actor_dir / "actor_id").write_text(actor_id + "\n")
     (actor_dir / LEARNER_KEY).write_bytes((folder / LEARNER_KEY).read_bytes())
     allowed = folder / ALLOWED / f"{actor_id}.key"
-    tmp = allowed.with_suffix(".tmp")  # renamed into place: the learner never reads half a file
-    tmp.write_bytes((actor_dir / ACTOR_KEY).read_bytes())
-    tmp.replace(allowed)
+    write_atomic(allowed, (actor_dir / ACTOR_KEY).read_bytes())  # the learner never reads half a file
     return actor_dir
 
 

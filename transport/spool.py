@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -52,6 +51,9 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from o2o.datasets.atomic_file import write_atomic
+from o2o.datasets.file_lock import try_lock
 
 log = logging.getLogger("o2o.transport.spool")
 
@@ -163,11 +165,8 @@ class Spool:
 
     def _open_folder_files(self, meta: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(self.folder / LOCK_FILE)
+        if fd is None:
             raise SpoolError(
                 f"spool folder {self.folder} is in use by another actor process (same actor_id on this host?): "
                 "give each actor its own actor_id or spool.dir"
@@ -182,9 +181,7 @@ class Spool:
                 "point spool.dir elsewhere, or delete the folder to discard those chunks"
             )
         if saved != meta:  # written only when it changes: a full disk can still be reopened
-            tmp = meta_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, sort_keys=True))
-            os.replace(tmp, meta_path)
+            write_atomic(meta_path, json.dumps(meta, sort_keys=True))
         acked_path = self.folder / ACKED_FILE
         self._acked_seq = json.loads(acked_path.read_text())["seq"] if acked_path.exists() else -1
         for path in sorted(self.folder.glob(SEGMENT_GLOB)):
@@ -555,10 +552,4 @@ class Spool:
         if self._acked_seq < 0:
             path.unlink(missing_ok=True)  # nothing acked (yet) in this numbering; needs no disk space
             return
-        tmp = self.folder / (ACKED_FILE + ".tmp")
-        try:
-            tmp.write_text(json.dumps({"seq": self._acked_seq}))
-            os.replace(tmp, path)  # atomic: a crash leaves the old mark or the new one
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps({"seq": self._acked_seq}))  # a crash leaves the old mark or the new one
