@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from o2o.experiments.runner import machine as machine_line  # the one machine line of benchmarks and results
+from o2o.experiments.cell import machine as machine_line  # the one machine line of benchmarks and results
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 

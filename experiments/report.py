@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from o2o.experiments.cell import CELL_FILE, BudgetConfig, MethodConfig, cell_config
+import o2o.learner.metric_keys as keys
+
 MIN_SEEDS = 3  # fewer seeds give numbers, never a verdict
 METHOD_ORDER = ["cql", "calql", "calql_sera", "calql_rnd_ooo", "cql_rnd_ooo", "sac", "sac_recommend", "sac_fine_tune"]
 
@@ -81,8 +84,16 @@ class Cell:
         return float(self.eval_scores[made][-1]) if made.any() else self.offline
 
     @property
+    def method_config(self) -> MethodConfig:
+        return cell_config(self.meta).method
+
+    @property
+    def budget_config(self) -> BudgetConfig:
+        return cell_config(self.meta).budget
+
+    @property
     def retrain_mode(self) -> str | None:
-        return setting(self, "method", "online_args", "retrain_mode")
+        return self.method_config.retrain_mode
 
     @property
     def deployed(self) -> float:
@@ -103,22 +114,23 @@ class Cell:
 
 def load_cell(folder: Path) -> Cell | None:
     """A finished cell (None when it has no cell.json or no evaluation)."""
-    if not (folder / "cell.json").exists():
+    if not (folder / CELL_FILE).exists():
         return None
-    meta = json.loads((folder / "cell.json").read_text())
+    meta = json.loads((folder / CELL_FILE).read_text())
     evals, train, retrains = [], [], []
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "eval/online_steps" in row:
-            evals.append((row["eval/online_steps"], row["eval/normalized_score"], row.get("eval/episodes", 0), row["step"]))
-        elif "online/success" in row:
-            train.append(row["online/success"])
-        elif "retrain/normalized_score" in row:
-            retrains.append((row["retrain/normalized_score"], row.get("retrain/started_at_updates", math.nan),
-                             row["step"], bool(row.get("retrain/accepted", 1))))  # fmt: skip
+        if keys.EVAL_ONLINE_STEPS in row:
+            evals.append((row[keys.EVAL_ONLINE_STEPS], row[keys.EVAL_NORMALIZED_SCORE], row.get(keys.EVAL_EPISODES, 0),
+                          row[keys.STEP]))  # fmt: skip
+        elif keys.ONLINE_SUCCESS in row:
+            train.append(row[keys.ONLINE_SUCCESS])
+        elif keys.RETRAIN_NORMALIZED_SCORE in row:
+            retrains.append((row[keys.RETRAIN_NORMALIZED_SCORE], row.get(keys.RETRAIN_STARTED_AT_UPDATES, math.nan),
+                             row[keys.STEP], bool(row.get(keys.RETRAIN_ACCEPTED, 1))))  # fmt: skip
     if not evals:
         return None
     steps, scores, episodes, updates = map(np.asarray, zip(*evals))
@@ -312,11 +324,12 @@ def coverage(cells: list[Cell], tasks: list[str]) -> list[str]:
             "Cal-QL 53.0 -> 97.3 vs CQL 48.4 -> 95.6, OOO +14-26%, SERA +9-12%) need that budget: a difference "
             "within spread here is no evidence against them. The budget that would show them is `budget=paper` "
             "(README, 'Experiments and the results report'), on a GPU server or a cluster.")  # fmt: skip
-    retrained = [c for c in cells if c.retrain_scores and setting(c, "budget", "learner_args", "retrain_steps") not in (None, "0")]
+    retrained = [c for c in cells if c.retrain_scores and c.budget_config.retrain_steps]
     if retrained:
         c = retrained[0]
-        steps, online = setting(c, "budget", "learner_args", "retrain_steps"), setting(c, "budget", "learner_args", "online_updates")
-        offline = setting(c, "budget", "pretrain_args", "steps")
+        budget = c.budget_config
+        steps, online = budget.retrain_steps, budget.online_updates
+        offline = budget.pretrain_steps
         out.append(
             f"- A retrain (OOO, the subroutine modes) trains a new agent from scratch for {steps} updates (budget "
             f"{c.meta['budget']}), while the exploring policy it is compared with had {online} online updates"
@@ -325,12 +338,6 @@ def coverage(cells: list[Cell], tasks: list[str]) -> list[str]:
     out.append("- Every method runs with the same settings of its budget; nothing was tuned on the evaluation seeds.")
     out.append("")
     return out
-
-
-def setting(cell: Cell, group: str, args: str, key: str) -> str | None:
-    """The value of ``key=value`` in a cell's config group (``method`` or ``budget``) list ``args``, or None."""
-    values = cell.meta.get("config", {}).get(group, {}).get(args, [])
-    return next((a.split("=", 1)[1] for a in values if a.startswith(f"{key}=")), None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,7 +98,7 @@ def test_o2o_pretrain_refuses_a_6_episode_dataset_when_it_wants_300(private_mina
 
 
 def test_o2o_launch_refuses_it_before_starting_anything(private_minari, tmp_path):
-    cmd = [sys.executable, "-m", "o2o.learner.launch", f"hydra.run.dir={tmp_path / 'run'}"]  # default: 300 episodes
+    cmd = [sys.executable, "-m", "o2o.launch.launch", f"hydra.run.dir={tmp_path / 'run'}"]  # default: 300 episodes
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MINARI_DATASETS_PATH": str(private_minari)})  # fmt: skip
     assert done.returncode == 2

@@ -69,8 +69,8 @@ def test_retrains_are_compared_at_their_own_data_and_fine_tune_hands_over_its_la
         retrains[1].update({"retrain/started_at_updates": 15, "step": 25 if seed == 1 else 30})
         (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         cell = json.loads((folder / "cell.json").read_text())
-        cell["config"] = {"method": {"online_args": ["retrain_every=10", f"retrain_mode={mode}"]},
-                          "budget": {"pretrain_args": ["steps=300"], "learner_args": ["online_updates=30", "retrain_steps=7"]}}
+        cell["config"] = {"method": {"retrain_every": 10, "retrain_mode": mode},
+                          "budget": {"pretrain_steps": 300, "online_updates": 30, "retrain_steps": 7}}
         (folder / "cell.json").write_text(json.dumps(cell))
     cells = {c.seed: c for c in load_cells(root)}
     # The exploring policy at the last retrain's data: the last evaluation by update 15, the one at update 10.
@@ -90,18 +90,13 @@ def test_report_without_cells_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "no finished cell" in done.stderr
 
 
-def hydra_list(*items: str) -> str:
-    return "[" + ",".join(f"'{item}'" for item in items) + "]"
-
-
-NET = ("net.policy_hidden=[16,16]", "net.critic_hidden=[16,16]")
+NET = "net:{policy_hidden:[16,16],critic_hidden:[16,16]}"
 TINY = [
-    "budget.pretrain_args=" + hydra_list("steps=40", "batch_size=32", *NET, "eval.every=0", "eval.episodes=1",
-                                         "checkpoint_every=40"),
-    "budget.learner_args=" + hydra_list("online_updates=40", "batch_size=32", "warmup_rows=100", "eval_every_steps=0",
-                                        "eval.episodes=1", *NET, "max_updates_ahead=0"),
+    "budget.pretrain_steps=40", "budget.online_updates=40", "budget.eval_every_steps=0", "budget.eval_episodes=1",
+    f"++budget.pretrain={{batch_size:32,{NET},eval:{{every:0,episodes:1}},checkpoint_every:40}}",
+    f"++budget.learner={{batch_size:32,warmup_rows:100,{NET},max_updates_ahead:0}}",
     # link.drain_s=0: o2o-launch stops the actor after the learner, when no acks can come.
-    "budget.actor_args=" + hydra_list("control_hz=0", "eval_every=0", "max_episode_steps=50", "link.drain_s=0"),
+    "++budget.actor={control_hz:0,eval_every:0,max_episode_steps:50,link:{drain_s:0}}",
     "budget.dataset_quality=mixed",
     "budget.dataset_episodes=6",
 ]  # fmt: skip
@@ -109,7 +104,7 @@ TINY = [
 
 @pytest.mark.parametrize("method", ["calql"])
 def test_a_real_cell_runs_once_and_is_skipped_when_run_again(tmp_path, method):
-    cmd = [sys.executable, "-m", "o2o.experiments.runner", "task=pointmaze-umaze", f"method={method}", "seed=0",
+    cmd = [sys.executable, "-m", "o2o.launch.experiment", "task=pointmaze-umaze", f"method={method}", "seed=0",
            f"root={tmp_path}", "threads=1", *TINY]  # fmt: skip
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -132,6 +127,6 @@ def test_a_recommended_run_hands_over_only_retrains_that_passed_validation(tmp_p
     rows = [{**r, "retrain/accepted": next(accepted)} if "retrain/normalized_score" in r else r for r in rows]
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (cell,) = load_cells(root)
-    cell.meta["config"] = {"method": {"online_args": ["retrain_mode=recommend"]}}
+    cell.meta["config"] = {"method": {"retrain_mode": "recommend"}}
     assert cell.retrain_accepted == [True, True, False]
     assert cell.deployed == 60  # the last accepted retrain, not the last one

@@ -25,8 +25,8 @@ from o2o.actor.config import ActorConfig
 from o2o.datasets.replay_store import ReplayStore
 from o2o.learner.config import CalQLConfig, NetworkConfig, OnlineConfig
 from o2o.learner.fine_tuning import explicit_keys
-from o2o.learner.launch import (GROUPS, LaunchConfig, actor_command, flatten, hydra_overrides, hydra_value,
-                                learner_command)  # fmt: skip
+from o2o.launch.commands import actor_command, flatten, hydra_value, learner_command
+from o2o.launch.config import GROUPS, LaunchConfig, hydra_overrides
 from test_pretrain_cli import finish
 
 # One torch thread: the learner shares 2 cores with the launcher and the actors (more threads thrash).
@@ -38,7 +38,7 @@ ACTOR = ["actor.link.drain_s=0"]
 
 
 def launch(tmp_path: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "o2o.learner.launch", "refresh_s=0.5", *args, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "o2o.launch.launch", "refresh_s=0.5", *args, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
@@ -180,7 +180,7 @@ def refused(tmp_path_factory) -> list[tuple[Path, int, str]]:
     started = []
     for i, (args, _) in enumerate(REFUSED):
         run_dir = root / str(i) / "run"
-        cmd = [sys.executable, "-m", "o2o.learner.launch", "refresh_s=0.5", *args, f"hydra.run.dir={run_dir}"]
+        cmd = [sys.executable, "-m", "o2o.launch.launch", "refresh_s=0.5", *args, f"hydra.run.dir={run_dir}"]
         env = {**os.environ, "MINARI_DATASETS_PATH": str(root / str(i) / "minari")}
         started.append((run_dir, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                                   env=env)))  # fmt: skip

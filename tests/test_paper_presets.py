@@ -12,11 +12,13 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf, open_dict
 
 import o2o.configs
-import o2o.experiments.runner  # noqa: F401 (registers experiment_schema)
+import o2o.launch.experiment  # noqa: F401 (registers experiment_schema)
 import o2o.learner.online  # noqa: F401 (registers online_schema)
+import o2o.learner.pretrain  # noqa: F401 (registers pretrain_schema)
 import o2o.learner.retrain  # noqa: F401 (registers retrain_schema)
 from o2o.learner.config import OnlineConfig
-from o2o.learner.launch import GROUPS, hydra_overrides, learner_command
+from o2o.launch.commands import learner_command
+from o2o.launch.config import GROUPS, hydra_overrides
 
 CONFIGS = Path(o2o.configs.__file__).parent
 
@@ -108,6 +110,7 @@ def test_launch_with_preset_paper_keeps_the_presets_budgets(task, tmp_path):
 def test_the_ooo_methods_say_which_exploring_agent_they_run():
     calql = composed("experiment", "method=calql_rnd_ooo").method
     cql = composed("experiment", "method=cql_rnd_ooo").method
-    assert "algo.rnd=true" in calql.pretrain_args and "algo.calibrated=false" not in calql.pretrain_args  # the paper
-    assert {"algo.rnd=true", "algo.calibrated=false"} <= set(cql.pretrain_args)  # the release (no --enable_calql)
-    assert cql.online_args == calql.online_args and cql.pretrain != calql.pretrain  # same retraining, own pretraining
+    assert calql.pretrain_algo == {"rnd": True}  # the paper: Cal-QL + RND
+    assert cql.pretrain_algo == {"rnd": True, "calibrated": False}  # the release (no --enable_calql)
+    retraining = lambda m: (m.online_algo, m.retrain_mode, m.retrain_every, m.retrain_at_end)  # noqa: E731
+    assert retraining(cql) == retraining(calql) and cql.pretrain != calql.pretrain  # same retraining, own pretraining

@@ -315,7 +315,8 @@ def test_an_actor_over_its_rate_limit_is_slowed_not_dropped(tmp_path):
 def test_launch_with_keys_runs_the_real_learner_and_actor_encrypted(tmp_path, keys):
     from test_launch import composed, launch, tiny_checkpoint
 
-    from o2o.learner.launch import actor_command, check
+    from o2o.launch.commands import actor_command
+    from o2o.launch.config import check
 
     assert o2o_keys(["add", str(keys), "robot-0"]) == 0
     run_dir = tmp_path / "run"

@@ -8,19 +8,18 @@
 `learner.*` is o2o-learner's config (OnlineConfig, learner/config.py) and `actor.*` every
 o2o-actor's (ActorConfig, actor/config.py); `task=` and `preset=` pick the learner's config
 groups as on its own command line, and the task is the actors' too. configs/launch.yaml holds
-(and explains) where the launcher's defaults differ from those commands'.
+(and explains) where the launcher's defaults differ from those commands'; launch/config.py the
+launcher's own settings (LaunchConfig).
 
-Each process is the real command (`o2o-learner`, `o2o-actor`) started as a subprocess, given
-the settings that differ from its own defaults; their logs (first line: the command) go to
-<run>/learner.log and <run>/actor-<i>.log. A progress line shows updates, committed rows,
-returns and the policy version.
+Each process is the real command (`o2o-learner`, `o2o-actor`: launch/commands.py) started as a
+subprocess, given the settings that differ from its own defaults; their logs (first line: the
+command) go to <run>/learner.log and <run>/actor-<i>.log. A progress line shows updates, committed
+rows, returns and the policy version. No torch here: the learner's imports stay in its process.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 import shlex
 import signal
 import socket
@@ -28,150 +27,27 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import field
 from pathlib import Path
-from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from o2o.actor.config import ActorConfig, validate
 from o2o.datasets.builders import ensure_dataset
 from o2o.datasets.minari_io import DatasetError
-from o2o.learner.config import OnlineConfig
+import o2o.learner.metric_keys as keys
 from o2o.learner.fine_tuning import explicit_keys
-from o2o.learner.online import evaluation_line, evaluation_summary
-from o2o.learner.overrides import hydra_value
-from o2o.transport.security import ACTORS
+from o2o.learner.metric_keys import evaluation_line, evaluation_summary
 
-
-@dataclasses.dataclass
-class LaunchConfig:
-    """o2o-launch's own settings, with the learner's and the actors' nested (never copied)."""
-
-    learner: OnlineConfig = field(default_factory=OnlineConfig)
-    """o2o-learner's settings (learner/config.py), e.g. learner.utd=0.5 learner.algo.cql_alpha=1.0."""
-    actor: ActorConfig = field(default_factory=ActorConfig)
-    """Every o2o-actor's settings (actor/config.py), e.g. actor.policy.noise_scale=0.5; actor i is
-    named <actor_id>-<i> and seeded with seed * 1000 + i."""
-    actors: int = 2
-    """Simulated actor processes."""
-    port: int = 0
-    """Learner port on 127.0.0.1 (0 = a free one)."""
-    refresh_s: float = 2.0
-    """Progress refresh period."""
-
-
-ConfigStore.instance().store(name="launch_schema", node=LaunchConfig)
-
-GROUPS = ("task", "preset")
-"""o2o-learner's config groups; launch.yaml composes them under `learner` (Hydra: task@learner)."""
-
-SET_BY_LAUNCHER = {
-    "learner.task": "task=NAME sets the task (and its dataset) for the learner and the actors",
-    "actor.task": "task=NAME sets the task (and its dataset) for the learner and the actors",
-    "learner.endpoint": "the learner listens on 127.0.0.1 (port=N picks the port)",
-    "actor.learner": "the actors connect to the launched learner (port=N picks the port)",
-    "learner.progress": "o2o-launch shows the progress",
-    "actor.spool.dir": "the actors spool under <run>/spool",
-    "actor.keys": "learner.keys=KEYS gives actor i the key folder KEYS/actors/<actor_id>-<i> (o2o-keys add)",
-}
-"""Keys the launcher sets for each process: refused on its command line, with what to use."""
-
-FINE_TUNING_SECTIONS = ("algo", "net")
-"""The learner takes these from the checkpoint unless its command line sets them (fine_tuning.py),
-so they are passed only when given to o2o-launch, never because a preset changed them."""
-
-
-def hydra_overrides(args: list[str]) -> list[str]:
-    """`task=X` / `preset=X`, as on o2o-learner's command line, for launch.yaml's `task@learner` groups."""
-    return [re.sub(rf"^({'|'.join(GROUPS)})=", r"\1@learner=", arg) for arg in args]
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of a structured config's leaves; dicts and lists stay whole values."""
-    leaves = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            leaves.update(flatten(value, f"{prefix}{f.name}."))
-        else:
-            leaves[f"{prefix}{f.name}"] = value
-    return leaves
-
-
-def given(key: str, explicit: set[str]) -> bool:
-    """Whether the command line set `key` or a config node above it (learner.algo=...)."""
-    parts = key.split(".")
-    return any(".".join(parts[:i]) in explicit for i in range(1, len(parts) + 1))
-
-
-def command_overrides(section: str, cfg: Any, explicit: set[str], set_after: tuple[str, ...],
-                      only_if_given: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
-    """`key=value` for each field of ``cfg`` (launch config ``section``) that differs from its schema's
-    default or was given on the command line, but those in ``set_after`` (the launcher adds them) and
-    those under ``only_if_given`` unless given."""
-    defaults = flatten(type(cfg)())
-    args = []
-    for key, value in flatten(cfg).items():
-        full = f"{section}.{key}"
-        if key in set_after or (key.split(".")[0] in only_if_given and not given(full, explicit)):
-            continue
-        if given(full, explicit) or value != defaults[key]:
-            force = "++" if isinstance(value, dict) else ""  # a free-form dict (env_kwargs) takes new keys only so
-            args.append(f"{force}{key}={hydra_value(value)}")
-    return args
-
-
-def check(cfg: LaunchConfig, explicit: set[str]) -> None:
-    """Refuse what the launcher sets itself, and a bad actor config (else every actor exits and is restarted)."""
-    for key, use in SET_BY_LAUNCHER.items():
-        if given(key, explicit):
-            raise ValueError(f"{key} is set by o2o-launch: {use}")
-    validate(dataclasses.replace(cfg.actor, actor_id=f"{cfg.actor.actor_id}-0"))
-    if cfg.learner.keys:
-        names = [f"{cfg.actor.actor_id}-{i}" for i in range(cfg.actors)]
-        missing = [n for n in names if not actor_keys(cfg, n).is_dir()]
-        if missing:
-            raise ValueError(f"learner.keys={cfg.learner.keys} has no keys for actor {', '.join(missing)}: run "
-                             f"`o2o-keys add {cfg.learner.keys} {' '.join(names)}`")  # fmt: skip
-
-
-def actor_keys(cfg: LaunchConfig, actor_id: str) -> Path:
-    return (Path(cfg.learner.keys) / ACTORS / actor_id).absolute()
+from .commands import actor_command, learner_command
+from .config import GROUPS, LaunchConfig, check, hydra_overrides
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def learner_command(cfg: LaunchConfig, groups: dict[str, str], explicit: set[str], run_dir: Path,
-                    endpoint: str) -> list[str]:  # fmt: skip
-    return [
-        sys.executable, "-m", "o2o.learner.online", *(f"{group}={choice}" for group, choice in groups.items()),
-        *command_overrides("learner", cfg.learner, explicit, ("task", "endpoint", "progress"), FINE_TUNING_SECTIONS),
-        f"endpoint={endpoint}", "progress=false", f"hydra.run.dir={hydra_value(str(run_dir))}",
-    ]  # fmt: skip
-
-
-def actor_command(cfg: LaunchConfig, explicit: set[str], run_dir: Path, endpoint: str, index: int) -> list[str]:
-    actor = cfg.actor
-    return [
-        sys.executable, "-m", "o2o.actor.main",
-        *command_overrides("actor", actor, explicit, ("task", "learner", "actor_id", "seed", "spool.dir", "keys")),
-        f"task={hydra_value(cfg.learner.task)}", f"learner={endpoint}",
-        f"actor_id={hydra_value(f'{actor.actor_id}-{index}')}", f"seed={actor.seed * 1000 + index}",
-        f"spool.dir={hydra_value(str(run_dir / 'spool'))}",
-        *([f"keys={hydra_value(str(actor_keys(cfg, f'{actor.actor_id}-{index}')))}"] if cfg.learner.keys else []),
-        # A learner from scratch publishes no policy before its warm-up: the actors act at random.
-        *(["policy.act_before_policy=true"] if cfg.learner.from_scratch and not given("actor.policy.act_before_policy",
-                                                                                       explicit) else []),
-    ]  # fmt: skip
 
 
 class Progress:
@@ -196,21 +72,21 @@ class Progress:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line being written
                 continue
-            if "train/critic_loss" in record:
-                self.updates = record["step"]
-            if "train/committed_rows" in record:
-                self.rows = int(record["train/committed_rows"])
-            if "online/return" in record:
-                self.returns = (self.returns + [record["online/return"]])[-20:]
-                self.successes = (self.successes + [record["online/success"]])[-20:]
-                self.version = max(self.version, int(record["online/policy_version_end"]))
-            if "eval/online_steps" in record:  # the learner's evaluations of the current policy
-                self.evaluations.append({k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")})
+            if keys.TRAIN_CRITIC_LOSS in record:
+                self.updates = record[keys.STEP]
+            if keys.TRAIN_COMMITTED_ROWS in record:
+                self.rows = int(record[keys.TRAIN_COMMITTED_ROWS])
+            if keys.ONLINE_RETURN in record:
+                self.returns = (self.returns + [record[keys.ONLINE_RETURN]])[-20:]
+                self.successes = (self.successes + [record[keys.ONLINE_SUCCESS]])[-20:]
+                self.version = max(self.version, int(record[keys.ONLINE_POLICY_VERSION_END]))
+            if keys.EVAL_ONLINE_STEPS in record:  # the learner's evaluations of the current policy
+                self.evaluations.append(keys.fields(record, keys.EVAL))
 
     def postfix(self) -> dict:
         mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
         return {"rows": self.rows, "return": mean(self.returns), "success": mean(self.successes),
-                "eval_success": f"{self.evaluations[-1]['success']:.2f}" if self.evaluations else "-",
+                "eval_success": f"{self.evaluations[-1][keys.SUCCESS]:.2f}" if self.evaluations else "-",
                 "policy": self.version}  # fmt: skip
 
 
@@ -356,7 +232,7 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
                 pretraining, bar = None, tqdm(total=online_updates, desc="online updates")
             if progress.evaluations and not starting_shown:  # the policy online fine-tuning starts from
                 first = progress.evaluations[0]
-                offline = int(first["online_steps"]) == 0 and not cfg.learner.from_scratch
+                offline = int(first[keys.ONLINE_STEPS]) == 0 and not cfg.learner.from_scratch
                 tqdm.write(evaluation_summary("offline policy, where online fine-tuning starts" if offline
                                               else "first evaluation", first))  # fmt: skip
                 starting_shown = True
