@@ -165,7 +165,8 @@ def measure_store_alone(args, path: Path, compressor=DEFAULT_COMPRESSOR) -> tupl
 def measure_ingest(args, path: Path) -> dict:
     store = ReplayStore.create(path, args.obs_dim, args.act_dim, task=TASK)
     server = IngestServer(
-        store, "tcp://127.0.0.1:*", commit_rows=args.commit_rows, commit_interval_s=args.commit_interval
+        store, "tcp://127.0.0.1:*", commit_rows=args.commit_rows, commit_interval_s=args.commit_interval,
+        max_rows_per_s=None,  # the throughput of the path, not of the learner's per-actor limit
     ).start()
     ready, out, go = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Event()
     dims = (args.obs_dim, args.act_dim)

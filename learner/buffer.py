@@ -29,6 +29,20 @@ FIELDS = [f.name for f in dataclasses.fields(Batch) if f.name != "online_rows"]
 """The stored columns (``online_rows`` describes the batch, not a row)."""
 
 
+def concat_batches(first: Batch, last: Batch) -> Batch:
+    """Rows of ``first`` then ``last``; online rows must stay at the end (``Batch.online_rows``)."""
+    if first.online_rows and last.online_rows != len(last.reward):
+        raise ValueError("concat_batches: online rows must come last")
+    joined = {name: torch.cat([getattr(first, name), getattr(last, name)]) for name in FIELDS}
+    return Batch(**joined, online_rows=first.online_rows + last.online_rows)
+
+
+def offline_batch_rows(batch_size: int, offline_ratio: float) -> int:
+    """Rows of a mixed batch drawn from the offline data (the rest are online rows): the one split
+    formula of fine-tuning's batches (``mixed_batch``) and of the checks on them (SERA's)."""
+    return int(round(batch_size * offline_ratio))
+
+
 def normalize_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Env actions -> [-1, 1] (the policy's tanh range)."""
     scaled = 2.0 * (action - low) / (high - low) - 1.0

@@ -10,7 +10,8 @@ Losses (official JaxCQL/conservative_sac.py, Cal-QL = ``calibrate_policy_q``):
   critic:  (Q_i(s,a) - y)^2 + w * clip(T * logsumexp([q_rand, q_pi_next, q_pi_cur] / T) - Q_i(s,a))
   Cal-QL:  q_pi_cur, q_pi_next <- max(q, mc_return(s)); q_rand is never clipped.
 
-Bonuses and options, all inside the TD target y (the policy loss and the Cal-QL bound never
+Bonuses (learner/bonus.py: one interface; the agent adds up their rewards and never asks which
+they are) and options, all inside the TD target y (the policy loss and the Cal-QL bound never
 see them; the bound stays the extrinsic MC return):
   RND (OOO, cq/ Cal-QL agent): y = r + rnd_coef * r_int(s') + gamma (1 - d) Q'. OOO also
       computes intrinsic MC returns, but its calibration bound never uses them: neither do we.
@@ -27,11 +28,10 @@ import math
 import torch
 from torch import nn
 
+from .bonus import Bonus, bonus_names, build_bonuses
 from .buffer import Batch
 from .config import CalQLConfig, NetworkConfig
 from .networks import CriticEnsemble, ObservationNormalizer, TanhGaussianPolicy, sample_tanh_gaussian
-from .rnd import RND
-from .sera import SeraBonus
 
 
 def calibrate_policy_q(q_policy: torch.Tensor, mc_return: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +88,11 @@ class CalQLAgent(nn.Module):
         self.log_alpha_prime = nn.Parameter(torch.ones(()))
         self.target_entropy = cfg.target_entropy if cfg.target_entropy is not None else -float(action_dim)
         self.to(device)
-        # Exploration bonuses: RND has its own optimiser; SERA is set up when fine-tuning starts
-        # (``freeze_sera_critic``), from the critic as pretrained, never from a random one.
-        self.rnd = (RND(obs_dim, net.rnd_hidden, net.rnd_features, cfg.rnd_lr, cfg.rnd_train_fraction, device)
-                    if cfg.rnd else None)  # fmt: skip
-        self.sera: SeraBonus | None = None
+        # Exploration bonuses, each under its own name (``agent.rnd``: state_dict keys ``rnd.*``);
+        # each keeps its own optimiser, if any (learner/bonus.py).
+        self.bonuses: tuple[Bonus, ...] = tuple(build_bonuses(obs_dim, action_dim, cfg, net, device))
+        for bonus in self.bonuses:
+            self.add_module(bonus.name, bonus)
         self.optimizer = torch.optim.Adam(
             [
                 {"params": list(self.policy.parameters()), "lr": cfg.policy_lr},
@@ -116,10 +116,11 @@ class CalQLAgent(nn.Module):
         """One gradient step on every component; returns detached metric tensors."""
         return self._step_fn(batch)
 
-    def freeze_sera_critic(self) -> None:
-        """SERA's value: frozen copies of the critic and policy as they are now (call when fine-tuning starts)."""
-        cfg = self.cfg
-        self.sera = SeraBonus(self.critic, self.policy, cfg.sera_k, cfg.sera_condition, cfg.sera_center)
+    def start_fine_tuning(self, batch_size: int, offline_ratio: float, from_scratch: bool) -> list[str]:
+        """Online fine-tuning starts (or resumes): each bonus checks the batches and sets itself up (SERA
+        freezes its value from the critic as it is now); returns lines to log."""
+        notes = [bonus.start_fine_tuning(self, batch_size, offline_ratio, from_scratch) for bonus in self.bonuses]
+        return [note for note in notes if note]
 
     def load_networks(self, other: "CalQLAgent") -> None:
         """Continue from ``other`` (a retrained agent of the same shapes): its policy, critics,
@@ -139,18 +140,12 @@ class CalQLAgent(nn.Module):
 
     def intrinsic_reward(self, batch: Batch) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
         """The bonuses added to the reward inside the TD target (0.0 when none is on)."""
-        cfg, bonus, metrics = self.cfg, 0.0, {}
-        if self.rnd is not None:
-            bonus = bonus + cfg.rnd_coef * self.rnd.bonus(batch.next_obs)  # its metrics: RND.update
-        if cfg.sera and self.sera is not None:
-            # batch: VCSE's rows (all); online: the online rows only (``mixed_batch`` puts them last).
-            n = len(batch.reward) if cfg.sera_rows == "batch" else batch.online_rows
-            if n >= 2:
-                sera = self.sera(self.normalizer(batch.obs[-n:]), batch.action[-n:])
-                offline_zero = torch.zeros(len(batch.reward) - n, device=sera.device)
-                bonus = bonus + cfg.sera_coef * torch.cat([offline_zero, sera])
-                metrics["sera_bonus"] = sera[-batch.online_rows:].mean() if batch.online_rows else sera.new_zeros(())
-        return bonus, metrics
+        total, metrics = 0.0, {}
+        for bonus in self.bonuses:
+            reward, bonus_metrics = bonus.reward(self, batch)
+            total = total + reward
+            metrics.update(bonus_metrics)
+        return total, metrics
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of all losses (each reaching only its own parameters) and the metrics."""
@@ -238,9 +233,9 @@ class CalQLAgent(nn.Module):
         return total, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
 
     def _update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        total, metrics = self.losses(batch)  # the TD target's RND bonus is the pre-update one
-        if self.rnd is not None:
-            metrics.update(self.rnd.update(batch.next_obs))
+        total, metrics = self.losses(batch)  # the TD target's bonuses are the pre-update ones
+        for bonus in self.bonuses:
+            metrics.update(bonus.train_step(batch))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip is not None:
@@ -255,32 +250,26 @@ class CalQLAgent(nn.Module):
     def training_state(self) -> dict:
         """Everything a resume needs from the agent (weights, targets, temperatures, bonuses, optimisers)."""
         state = {"agent": self.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.rnd is not None:
-            state["rnd_optimizer"] = self.rnd.optimizer.state_dict()
+        for bonus in self.bonuses:
+            state.update(bonus.optimizer_state())
         return state
 
     def load_training_state(self, state: dict) -> list[str]:
         """Load a checkpoint's state; returns notes on bonuses it had not (or no longer) trained.
 
-        A checkpoint without RND loaded into an agent with ``rnd`` (turned on for fine-tuning)
-        keeps this agent's fresh RND; one with a SERA critic restores it."""
+        Each bonus on matches itself to the checkpoint (``Bonus.prepare_load``: a checkpoint
+        without RND keeps this agent's fresh one; one with SERA's frozen copies restores them);
+        the weights of a bonus that is off are not used."""
         weights, notes = dict(state["agent"]), []
-        if any(k.startswith("sera.") for k in weights) and self.sera is None:
-            self.freeze_sera_critic()  # placeholder, overwritten by the saved frozen critic below
-        if self.sera is not None and not any(k.startswith("sera.") for k in weights):
-            self.sera = None
-        if self.rnd is None:
-            dropped = [k for k in weights if k.startswith("rnd.")]
+        on = {bonus.name for bonus in self.bonuses}
+        for name in bonus_names(self.cfg):
+            dropped = [k for k in weights if k.startswith(f"{name}.")] if name not in on else []
             for k in dropped:
                 del weights[k]
             if dropped:
-                notes.append("the checkpoint's RND is not used (algo.rnd=false)")
-        elif not any(k.startswith("rnd.") for k in weights):
-            weights.update({f"rnd.{k}": v for k, v in self.rnd.state_dict().items()})
-            notes.append("RND starts untrained: the checkpoint has none (OOO trains it from the first "
-                         "offline step: pretrain with algo.rnd=true)")
-        elif "rnd_optimizer" in state:
-            self.rnd.optimizer.load_state_dict(state["rnd_optimizer"])
+                notes.append(f"the checkpoint's {name.upper()} is not used (algo.{name}=false)")
+        for bonus in self.bonuses:
+            notes += bonus.prepare_load(self, weights, state)
         self.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self._set_learning_rates()
@@ -292,9 +281,8 @@ class CalQLAgent(nn.Module):
         lrs = (self.cfg.policy_lr, self.cfg.critic_lr, self.cfg.alpha_lr, self.cfg.alpha_prime_lr)
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
-        if self.rnd is not None:
-            for group in self.rnd.optimizer.param_groups:
-                group["lr"] = self.cfg.rnd_lr
+        for bonus in self.bonuses:
+            bonus.reset_learning_rate()
 
 
 def _fast_adam_kwargs(device: torch.device) -> dict:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
+from o2o.transport.config import IngestConfig
+
 
 @dataclasses.dataclass
 class NetworkConfig:
@@ -94,7 +96,7 @@ class CalQLConfig:
     offline_ratio: float = 0.5
     """Fine-tuning: fraction of each batch drawn from the offline data (the official mixing_ratio:
     0.5 for AntMaze and Adroit, 0.25 for Kitchen). Pretraining draws only offline data."""
-    rnd: bool = False
+    rnd: bool = field(default=False, metadata={"bonus": "o2o.learner.rnd:RND"})
     """RND novelty bonus in the TD target, y = r + rnd_coef * r_int + gamma (1 - d) Q' (OOO's exploring
     agent; learner/rnd.py). Trained from the first pretraining step on, so offline states are not novel."""
     rnd_coef: float = 10.0
@@ -103,7 +105,7 @@ class CalQLConfig:
     """Adam learning rate of the RND predictor (OOO: 1e-4)."""
     rnd_train_fraction: float = 0.25
     """Fraction of each batch the RND predictor trains on (OOO: a random 25%)."""
-    sera: bool = False
+    sera: bool = field(default=False, metadata={"bonus": "o2o.learner.sera:SeraBonus"})
     """SERA bonus, r + sera_coef * r_int, from frozen copies of the pretrained critic and policy
     (learner/sera.py); fine-tuning only."""
     sera_coef: float = 1.0
@@ -209,17 +211,11 @@ class OnlineConfig(PretrainConfig):
     accept only the actors in its allow-list, each bound to its actor_id. None = open (loopback only)."""
     insecure: bool = False
     """Allow an open (unencrypted, unauthenticated) endpoint that other machines can reach."""
-    max_rows_per_s: float | None = 50_000.0
-    """Per-actor ingest rate limit (2 s bursts); chunks past it wait in the actor's spool. None = no limit."""
     store: str | None = None
     """Zarr replay store folder; None = <run folder>/replay."""
-    fsync: bool = True
-    """fsync each commit's files before its commit record (survives power loss; ~20-45 ms a commit
-    on ext4, BENCHMARKS.md). false = survive process crashes only."""
-    commit_interval_s: float = 0.05
-    """Group commit: commit (then ack) staged rows at most this long after the previous commit, or at
-    each full Zarr chunk; at most 1 s. Longer means fewer commits but later acks: with one fast actor
-    0.2 and 0.5 measured slower than 0.05 (BENCHMARKS.md, "Reliability cost")."""
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    """The ingest server and how it writes the store: group commit, fsync, rate limit, idle actors
+    (transport/config.py: IngestConfig), e.g. ingest.max_rows_per_s=20000."""
     online_updates: int = 20_000
     """Stop after this many online updates (0 = run until interrupted)."""
     utd: float = 1.0
@@ -239,11 +235,6 @@ class OnlineConfig(PretrainConfig):
     """Also train on actors' deterministic evaluation episodes."""
     stats_every_s: float = 5.0
     """Log actor statistics (steps/s, policy lag, last contact) this often."""
-    commit_retry_s: float = 60.0
-    """When the replay store cannot be written (disk full, read-only), retry with back-off for this
-    long (the actors keep their chunks spooled), then stop with an error."""
-    abandon_idle_s: float = 600.0
-    """Close as abandoned (no MC return, not trained on) the open episode of an actor silent this long."""
     eval_every_steps: int = 1000
     """Evaluate the current policy every N online env steps (committed rows), as the official code
     does every 1000: eval.episodes deterministic episodes in the learner's own env, seeds eval.seed + i,

@@ -10,17 +10,18 @@ on online) feed the sampling buffer, mixed with the offline data at
 ``algo.offline_ratio``. Updates follow ``utd`` with a samples-per-insert limiter. The
 algorithm settings are the checkpoint's, with what the command changes explicitly
 (``fine_tuning``).
+
+Where the parts live: start-up shared with the other commands in setup.py, the fleet side (store,
+publisher, hold, statistics) in fleet.py, the log / evaluate / checkpoint cadence in cadence.py,
+offline RL as a subroutine (both modes) in subroutine.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import sys
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,59 +40,24 @@ from o2o.transport.security import LearnerKeys, require_keys_off_loopback
 
 from . import stopping
 from .buffer import TransitionBuffer
+from .cadence import Cadence, Evaluations, log_train
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OnlineConfig, PretrainConfig
-from .divergence import DivergedError, check_losses, check_weights
-from .evaluation import evaluate
-from .export_onnx import export_policy
+from .divergence import DivergedError
 from .fine_tuning import explicit_keys, fine_tuning_algo
+from .fleet import FleetHold, FleetMonitor, PolicyPublisher, open_store
+from .metric_keys import ACTOR_EVAL, COMMITTED_ROWS, ONLINE, TRAIN, evaluation_line
 from .metrics import MetricsLogger, RunningMean
+from .offline import pretrain
 from .online_data import OnlineData, QBound, UpdateLimiter, mixed_batch
-from .pretrain import load_offline_data, make_agent, pretrain, resolve_device
-from .subroutine import Retrainer, use_retrained
+from .setup import init_torch, load_offline_data, make_agent, resolve_device
+from .subroutine import Retrainer, Subroutine
 
 log = logging.getLogger("o2o.learner")
 
 ConfigStore.instance().store(name="online_schema", node=OnlineConfig)
 
 UPDATE_BURST = 10
-
-
-PUBLISHED_FILE = "published.json"
-
-
-class PolicyPublisher:
-    """Exports the current policy to ONNX and hands it to the ingest server under a new version.
-
-    Versions count up within a learner run (``run_id``) across restarts: the last version
-    published is written to ``published.json`` before it is sent, so a run resumed from an
-    older checkpoint never publishes a version number twice (the store labels every row
-    with the version that acted it). A fresh run gets a new run id: its actors take its
-    policy although its versions start again at 1.
-    """
-
-    def __init__(self, agent, spec, run_dir: Path, checkpoint_version: int = 0, run_id: str | None = None):
-        self.agent, self.spec, self.run_dir = agent, spec, run_dir
-        self.server: IngestServer | None = None
-        record = self._read()
-        self.run_id = run_id or record.get("run_id") or uuid.uuid4().hex[:16]
-        self.version = max(checkpoint_version, int(record.get("version", 0)))
-
-    def _read(self) -> dict:
-        path = self.run_dir / PUBLISHED_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def publish(self, step: int) -> int:
-        check_weights(self.agent, step)  # never hand the fleet a NaN policy
-        self.version += 1
-        tmp = self.run_dir / f".{PUBLISHED_FILE}.tmp"
-        tmp.write_text(json.dumps({"run_id": self.run_id, "version": self.version}))
-        os.replace(tmp, self.run_dir / PUBLISHED_FILE)
-        # The TorchScript exporter takes ~0.2 s instead of ~1-2 s: the learner waits for it.
-        path = export_policy(self.agent, self.spec, self.run_dir / "policy.onnx", version=self.version, step=step,
-                             exporter="torchscript")
-        self.server.publish_policy(self.version, path.read_bytes())
-        return self.version
 
 
 def starting_checkpoint(cfg: OnlineConfig, run_dir: Path) -> Path:
@@ -106,24 +72,6 @@ def starting_checkpoint(cfg: OnlineConfig, run_dir: Path) -> Path:
     offline_cfg.algo, offline_cfg.net, offline_cfg.eval = cfg.algo, cfg.net, cfg.eval
     pretrain(offline_cfg, run_dir / "pretrain")
     return run_dir / "pretrain" / CHECKPOINT_NAME
-
-
-def open_store(cfg: OnlineConfig, run_dir: Path, task_name: str, algo) -> ReplayStore:
-    """The run's store (or ``cfg.store``), whose MC returns follow the agent's data settings."""
-    path = Path(cfg.store) if cfg.store else run_dir / "replay"
-    wanted = {"gamma": algo.discount, "reward_scale": algo.reward_scale, "reward_bias": algo.reward_bias,
-              "infinite_horizon": algo.mc_infinite_horizon}  # fmt: skip
-    if not path.exists():
-        return ReplayStore.create_for_task(path, task_name, fsync=cfg.fsync, **wanted)
-    store = ReplayStore.open(path, "a", abandon_idle_s=cfg.abandon_idle_s, fsync=cfg.fsync)
-    wrong = {k: (getattr(store.config, k), v) for k, v in wanted.items() if getattr(store.config, k) != v}
-    if wrong:
-        store.close(commit=False)
-        shown = ", ".join(f"{k} {have!r} (the agent: {want!r})" for k, (have, want) in wrong.items())
-        raise StoreError(f"the replay store {path} computes MC returns with {shown}: give a store made for this "
-                         "checkpoint's data settings, or another store= folder")  # fmt: skip
-    log.info("opened replay store %s: %d committed rows", path, len(store))
-    return store
 
 
 def read_spec(path: Path) -> AgentSpec:
@@ -142,10 +90,39 @@ class FineTuning:
     online: OnlineData
     online_buffer: TransitionBuffer
     store: ReplayStore
+    publisher: PolicyPublisher
+
+    @property
+    def extra(self) -> dict:
+        return self.payload.get("extra", {})
+
+    @property
+    def scratch(self) -> bool:
+        return bool(self.extra.get("from_scratch"))
+
+    @property
+    def updates(self) -> int:
+        """The online updates the run starts from (a resumed run's)."""
+        return int(self.extra.get("online_updates", 0))
+
+    @property
+    def offline_steps(self) -> int:
+        """The agent's updates before the online phase: a resumed run's checkpoint step includes its online ones."""
+        return int(self.payload["step"]) - self.updates
+
+    def __post_init__(self):
+        self.switches: list[dict] = list(self.extra.get("retrain_switches", []))  # retrains switched in (fine_tune)
+
+    def checkpoint(self, updates: int) -> None:
+        """The run's checkpoint at ``updates`` online updates (``resume=<run folder>`` continues from it)."""
+        step = self.offline_steps + updates  # (was payload step + updates: a resume counted its online updates twice)
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.agent, self.spec, step, extra={
+            "online_updates": updates, "policy_version": self.publisher.version, "run_id": self.publisher.run_id,
+            "from_scratch": self.scratch, "retrain_switches": self.switches})  # fmt: skip
 
 
 def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> FineTuning:
-    """The agent, the offline and online data and the store of an online run.
+    """The agent, the offline and online data, the store and the publisher of an online run.
 
     ``explicit``: the dotted config keys the user set (see ``fine_tuning``). Offline rows,
     online rows and the store's MC returns all follow the agent's data settings."""
@@ -171,12 +148,8 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
         task = get_task(spec.task)
     algo = agent.cfg
     scratch = bool(payload.get("extra", {}).get("from_scratch"))
-    if algo.sera:
-        check_sera_batch(cfg.batch_size, 0.0 if scratch else algo.offline_ratio, algo.sera_k, algo.sera_rows)
-        if agent.sera is None:
-            agent.freeze_sera_critic()
-            log.info("SERA: values from frozen copies of the %s critic and policy", "random (from scratch)" if scratch
-                     else "pretrained")  # fmt: skip
+    for line in agent.start_fine_tuning(cfg.batch_size, algo.offline_ratio, scratch):  # SERA freezes its value here
+        log.info("%s", line)
     low, high = action_bounds(spec)
     offline_data = None if scratch else load_offline_data(cfg, task, algo)
     offline = None if scratch else TransitionBuffer.from_transitions(offline_data, low, high, device)
@@ -185,135 +158,59 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device, online=True)
     online = OnlineData(online_buffer, low, high, algo.reward_scale, algo.reward_bias, cfg.train_on_eval,
                         on_rewards=q_bound.widen if q_bound else None)  # fmt: skip
-    store = open_store(cfg, run_dir, task.name, algo)
+    store = open_store(Path(cfg.store) if cfg.store else run_dir / "replay", task.name, algo, cfg.ingest.fsync, cfg.ingest.abandon_idle_s)
     if len(store):
         log.info("reloaded %d trainable rows from the store", online.load_store(store))
-    return FineTuning(run_dir, agent, spec, payload, offline, online, online_buffer, store)
-
-
-def check_sera_batch(batch_size: int, offline_ratio: float, k: int, rows: str = "batch") -> None:
-    """SERA's kNN runs over a batch (or its online rows): there must be more than k of them."""
-    if rows not in ("batch", "online"):
-        raise ValueError(f"algo.sera_rows={rows!r}: use batch (VCSE: every row) or online (the online rows only)")
-    online = batch_size - int(round(batch_size * offline_ratio)) if rows == "online" else batch_size
-    if online <= k:
-        raise ValueError(f"algo.sera needs more than algo.sera_k={k} online rows per batch, and batch_size={batch_size} "
-                         f"with algo.offline_ratio={offline_ratio} has {online}")  # fmt: skip
+    extra = payload.get("extra", {})
+    publisher = PolicyPublisher(agent, spec, run_dir, int(extra.get("policy_version", 0)), extra.get("run_id"))
+    return FineTuning(run_dir, agent, spec, payload, offline, online, online_buffer, store, publisher)
 
 
 def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
-    """Fine-tune online; ``explicit``: the dotted config keys the user set (see ``fine_tuning``)."""
+    """Fine-tune online: sample (offline and online rows mixed) -> update -> log -> evaluate -> publish ->
+    checkpoint, while the ingest server fills the store; ``explicit``: the dotted config keys the user
+    set (see ``fine_tuning``)."""
     require_keys_off_loopback(cfg.endpoint, cfg.keys, cfg.insecure, "the learner")
-    check_commit_interval(cfg.commit_interval_s)  # before any pretraining
+    check_commit_interval(cfg.ingest.commit_interval_s)  # before any pretraining
     keys = LearnerKeys(cfg.keys) if cfg.keys else None  # bad keys fail before any pretraining
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    init_torch(cfg.seed, cfg.threads)
     run = prepare(cfg, run_dir, explicit)
-    run_dir, agent, spec, payload, store = run.run_dir, run.agent, run.spec, run.payload, run.store
-    offline, online, online_buffer, algo = run.offline, run.online, run.online_buffer, run.agent.cfg
-    extra = payload.get("extra", {})
-    task = get_task(spec.task)
-
-    updates = int(extra.get("online_updates", 0))
-    limiter = UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
-    done = {"updates": updates}  # written by this loop, read by the ingest thread
-
-    def on_commit(event) -> None:
-        # Runs in the ingest thread: a fast fleet is held at once, even while this loop
-        # is busy (or starved of the GIL by ingest itself). Releasing happens below.
-        online.on_commit(event)
-        if limiter.hold(done["updates"], online.trainable_committed, server.holding) and not server.holding:
-            server.set_hold(True)
-
-    publisher = PolicyPublisher(agent, spec, run_dir, int(extra.get("policy_version", 0)), extra.get("run_id"))
-    server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=on_commit, run_id=publisher.run_id,
-                          commit_interval_s=cfg.commit_interval_s,
-                          commit_retry_s=cfg.commit_retry_s, abandon_idle_s=cfg.abandon_idle_s,
-                          keys=keys, max_rows_per_s=cfg.max_rows_per_s).start()  # fmt: skip
-    publisher.server = server
-    logger = MetricsLogger(run_dir)
-    running = RunningMean()
-    monitor = FleetMonitor(server, cfg.stats_every_s)
-
-    low, high = action_bounds(spec)
-    evaluations: list[dict] = []
-    evaluated_at = {"updates": None}  # the online update count of the last evaluation (None: the agent changed since)
-
-    def evaluate_policy() -> dict:
-        """The policy as it is now, over the same deterministic episodes every time (logged as eval/...)."""
-        result = {**evaluate(agent, task, cfg.eval.episodes, cfg.eval.seed, low, high),
-                  "online_steps": online.committed_rows, "episodes": cfg.eval.episodes}  # fmt: skip
-        logger.log(updates, "eval", result)
-        evaluations.append(result)
-        evaluated_at["updates"] = updates
-        return result
-
-    scratch = bool(extra.get("from_scratch"))
-    retrainer = Retrainer(cfg, run_dir, Path(store.path), spec.net, scratch, offline_steps=int(payload["step"]) - updates)
-    switches = list(extra.get("retrain_switches", []))
-
-    def checkpoint() -> None:
-        save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, int(payload["step"]) + updates, extra={
-            "online_updates": updates, "policy_version": publisher.version, "run_id": publisher.run_id,
-            "from_scratch": scratch, "retrain_switches": switches})
-
-    def online_evaluation() -> dict:
-        """The online agent now, on the evaluation episodes: the evaluation at this update if there is one."""
-        if evaluated_at["updates"] == updates and evaluations:
-            return evaluations[-1]
-        return evaluate_policy()
-
-    def use_retrain(summary: dict | None, at_end: bool = False) -> bool:
-        """A finished retrain: validated against the current one on the same evaluation episodes,
-        logged, then (if accepted) recommended or taken over (``retrain_mode``; see
-        ``subroutine.validate``); True if taken over."""
-        if summary is None:
-            return False
-        decision = use_retrained(summary, cfg.retrain_mode, run_dir, agent, online_evaluation, logger, updates)
-        if not decision.accepted or cfg.retrain_mode != "fine_tune":
-            return False
-        evaluated_at["updates"] = None  # the online agent changed at this update
-        switches.append({"updates": updates, "checkpoint": summary["checkpoint"], "store_rows": summary["store_rows"],
-                         "score": decision.score, "incumbent_score": decision.incumbent_score})  # fmt: skip
-        if at_end:  # the server is gone: the run's policy file is all there is to update
-            export_policy(agent, spec, run_dir / "policy.onnx", version=publisher.version, step=updates,
-                          exporter="torchscript")
-        else:
-            publisher.publish(updates)
-        checkpoint()
-        return True
-
+    agent, online, store, publisher, task = run.agent, run.online, run.store, run.publisher, get_task(run.spec.task)
+    updates, limiter = run.updates, UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
+    fleet = FleetHold(limiter, online, updates)
+    server = IngestServer(store, cfg.endpoint, task=task.name, on_commit=fleet.on_commit, run_id=publisher.run_id,
+                          config=cfg.ingest, keys=keys).start()  # fmt: skip
+    publisher.server = fleet.server = server
+    logger, running, monitor = MetricsLogger(run.run_dir), RunningMean(), FleetMonitor(server, cfg.stats_every_s)
+    evaluations = Evaluations(agent, task, cfg.eval, *action_bounds(run.spec), logger)
+    retrainer = Retrainer(cfg, run.run_dir, Path(store.path), run.spec.net, run.scratch,
+                          offline_steps=run.offline_steps)  # fmt: skip
+    subroutine = Subroutine(cfg, retrainer, agent, publisher, evaluations, logger, run.checkpoint, run.switches)
+    logs, publishes, saves = (Cadence(every, updates) for every in (cfg.log_every, cfg.publish_every,
+                                                                    cfg.checkpoint_every))  # fmt: skip
     total = cfg.online_updates or None
     bar = tqdm(initial=updates, total=total, desc="online", disable=not cfg.progress)
     failed = interrupted = False
     try:
-        if not (scratch and publisher.version == 0):  # from scratch: the actors act at random until warm-up
+        if not (run.scratch and publisher.version == 0):  # from scratch: the actors act at random until warm-up
             publisher.publish(updates)
         log.info("learner listening on %s (task %s, run %s, policy version %d)", server.endpoint, task.name,
                  publisher.run_id, publisher.version)  # fmt: skip
-        checkpoint()  # from now on `resume=<run folder>` finds this run's own checkpoint
-        evaluate_policy()  # the starting (offline) policy, on the episodes every later evaluation uses
-        next_eval = online.committed_rows + cfg.eval_every_steps
+        run.checkpoint(updates)  # from now on `resume=<run folder>` finds this run's own checkpoint
+        evaluations.run(updates, online.committed_rows)  # the starting policy, on the episodes every later one uses
+        evals = Cadence(cfg.eval_every_steps, online.committed_rows, aligned=False)
         while total is None or updates < total:
             if server.error is not None:
                 raise StoreError(f"the ingest server stopped: {server.error}") from server.error
             online.drain()
             for episode in online.pop_episodes():
-                logger.log(updates, "actor_eval" if episode["eval"] else "online", episode)
+                logger.log(updates, ACTOR_EVAL if episode["eval"] else ONLINE, episode)
             monitor.maybe_log(logger, updates, publisher.version)
-            if cfg.eval_every_steps and online.committed_rows >= next_eval:
-                evaluate_policy()
-                next_eval = online.committed_rows + cfg.eval_every_steps
-            hold = limiter.hold(updates, online.trainable_committed, server.holding)
-            if hold != server.holding:
-                server.set_hold(hold)
-            retrainer.maybe_start(updates, online.committed_rows)
-            use_retrain(retrainer.poll())
-            if retrainer.pauses_updates:
-                # fine_tune: no online update (and no new policy) while a retrain runs, as the switch
-                # would throw them away; ingest goes on and the actors act with the last published policy.
-                time.sleep(0.01)
+            if evals.due(online.committed_rows):
+                evaluations.run(updates, online.committed_rows)
+            fleet.check()
+            if subroutine.step(updates, online.committed_rows):  # fine_tune: no update while a retrain runs
+                time.sleep(0.01)  # (the switch would throw it away); ingest goes on, the actors keep the last policy
                 continue
             allowed = limiter.allowed(updates, online.trainable_rows)
             if allowed and publisher.version == 0:
@@ -322,28 +219,24 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 time.sleep(0.01)  # waiting for data: a slow fleet must not make us overfit
                 continue
             # Short bursts: new data, the fleet's hold and its stats are looked at between them.
-            for _ in range(min(allowed, UPDATE_BURST, cfg.log_every - updates % cfg.log_every)):
+            for _ in range(min(allowed, UPDATE_BURST, logs.left(updates))):
+                batch = mixed_batch(run.offline, run.online_buffer, cfg.batch_size, agent.cfg.offline_ratio)
                 with stopping.deferred():  # a stop lands between updates: weights and count agree
-                    running.add(agent.update(mixed_batch(offline, online_buffer, cfg.batch_size, algo.offline_ratio)))
-                    updates += 1
-                    done["updates"] = updates
+                    running.add(agent.update(batch))
+                    updates = fleet.updates = updates + 1
                 bar.update(1)
-                if updates % cfg.publish_every == 0:
+                if publishes.due(updates):
                     publisher.publish(updates)
-                if updates % cfg.checkpoint_every == 0:
-                    checkpoint()
-            if updates % cfg.log_every == 0:
-                shown = logger.log(updates, "train", {
-                    **running.pop(),
-                    "online_rows": online.trainable_rows,
-                    "committed_rows": online.committed_rows,
+                if saves.due(updates):
+                    run.checkpoint(updates)
+            if logs.due(updates):
+                shown = log_train(logger, running, updates, {
+                    "online_rows": online.trainable_rows, COMMITTED_ROWS: online.committed_rows,
                     "updates_behind": limiter.behind(updates, online.trainable_rows),
-                    "fleet_held": float(server.holding),
-                })
-                check_losses(shown, updates)
+                    "fleet_held": float(server.holding)})  # fmt: skip
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
-                                q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")
-        evaluate_policy()  # the fine-tuned policy, on the same episodes as the first evaluation
+                                q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")  # fmt: skip
+        evaluations.run(updates, online.committed_rows)  # the fine-tuned policy, on the same episodes as the first
     except KeyboardInterrupt:  # SIGINT or SIGTERM (stopping.py): commit, checkpoint, exit 0
         interrupted = True
         log.info("%s at %d updates: checkpointing", stopping.requested() or "interrupted", updates)
@@ -355,45 +248,20 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         ending = not (interrupted or failed) and retrainer.enabled  # the metrics log stays open for them
         shutdown([
             ("stop a running retrain", lambda: (interrupted or failed) and retrainer.stop()),
-            ("log the last updates", lambda: running.count and logger.log(updates, "train", running.pop())),
-            ("write the final checkpoint", checkpoint),
+            ("log the last updates", lambda: running.count and logger.log(updates, TRAIN, running.pop())),
+            ("write the final checkpoint", lambda: run.checkpoint(updates)),
             ("stop the ingest server", server.stop),
             ("close the replay store", store.close),
             ("close the metrics log", lambda: ending or logger.close()),
         ], raise_first=not failed)
     if ending:
         try:
-            if stopping.requested():  # a signal while closing (noted by `shutdown`): no retrain at the end
-                raise KeyboardInterrupt
-            switched = use_retrain(retrainer.poll(wait=True))  # the last periodic one
-            if cfg.retrain_at_end:
-                log.info("retraining on the whole store (%d rows)", online.committed_rows)
-                retrainer.start(updates, online.committed_rows)
-                switched = use_retrain(retrainer.poll(wait=True), at_end=True) or switched
-            if switched:  # the run now ends with the retrained agent: the final evaluation must be of it
-                evaluate_policy()
-        except KeyboardInterrupt:  # the final checkpoint is written: only the retrain is cut short
-            interrupted = True
-            retrainer.stop()
-            log.info("interrupted: the retrain at the end is skipped")
+            interrupted = not subroutine.finish(updates, online.committed_rows) or interrupted
         finally:
             logger.close()
     return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows,
-            "evaluations": evaluations, "interrupted": interrupted or stopping.requested() is not None,
-            "checkpoint": run_dir / CHECKPOINT_NAME}
-
-
-def evaluation_summary(what: str, record: dict) -> str:
-    """One evaluation (the eval/ keys of a metrics record, prefix dropped) in words."""
-    return (f"{what} (online step {int(record['online_steps'])}): score {record['normalized_score']:.1f}, "
-            f"success {record['success']:.0%} over {int(record['episodes'])} deterministic episodes")
-
-
-def evaluation_line(first: dict, last: dict) -> str:
-    """The starting and the final policy over the same deterministic episodes, in one line."""
-    return (f"evaluation over the same {int(last['episodes'])} deterministic episodes: start (online step "
-            f"{int(first['online_steps'])}) score {first['normalized_score']:.1f}, success {first['success']:.0%} -> end "
-            f"(online step {int(last['online_steps'])}) score {last['normalized_score']:.1f}, success {last['success']:.0%}")
+            "evaluations": evaluations.results, "interrupted": interrupted or stopping.requested() is not None,
+            "checkpoint": run.run_dir / CHECKPOINT_NAME}
 
 
 def shutdown(steps: list, raise_first: bool) -> None:
@@ -411,30 +279,6 @@ def shutdown(steps: list, raise_first: bool) -> None:
     if first is not None and raise_first:
         raise first
 
-
-class FleetMonitor:
-    """Per-actor steps/s, policy lag and last contact, logged every few seconds."""
-
-    def __init__(self, server: IngestServer, every_s: float):
-        self.server, self.every_s = server, every_s
-        self.last_time, self.last_rows = time.monotonic(), {}
-
-    def maybe_log(self, logger: MetricsLogger, step: int, version: int) -> None:
-        now = time.monotonic()
-        if now - self.last_time < self.every_s:
-            return
-        stats, elapsed = self.server.stats(), now - self.last_time
-        for actor_id, s in stats["actors"].items():
-            logger.log(step, f"actor/{actor_id}", {
-                "steps_per_s": (s["rows"] - self.last_rows.get(actor_id, s["rows"])) / elapsed,
-                "policy_lag": version - s["policy_version"] if s["policy_version"] >= 0 else -1,
-                "since_contact_s": time.time() - s["last_contact"],
-                "duplicates": s["duplicates"],
-                "rejected": sum(s["rejected"].values()),
-            })
-            self.last_rows[actor_id] = s["rows"]
-        logger.log(step, "ingest", {"committed_rows": stats["committed_rows"], "rejected": sum(stats["rejected"].values())})
-        self.last_time = now
 
 
 @hydra.main(version_base=None, config_path="pkg://o2o.configs", config_name="learner")

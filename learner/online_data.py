@@ -15,12 +15,11 @@ import queue
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from o2o.datasets.mc_return import scale_rewards
 from o2o.datasets.replay_store import LEARNER_COLUMNS, CommitEvent, ReplayStore
 
-from .buffer import FIELDS, Batch, TransitionBuffer, normalize_actions
+from .buffer import Batch, TransitionBuffer, concat_batches, normalize_actions, offline_batch_rows
 
 
 class _Commit(NamedTuple):
@@ -178,20 +177,12 @@ def mixed_batch(offline: TransitionBuffer | None, online: TransitionBuffer, batc
         return online.sample(batch_size)
     if len(online) == 0:
         return offline.sample(batch_size)
-    n_offline = int(round(batch_size * offline_ratio))
+    n_offline = offline_batch_rows(batch_size, offline_ratio)
     if n_offline == 0:
         return online.sample(batch_size)
     if n_offline == batch_size:
         return offline.sample(batch_size)
     return concat_batches(offline.sample(n_offline), online.sample(batch_size - n_offline))
-
-
-def concat_batches(first: Batch, last: Batch) -> Batch:
-    """Rows of ``first`` then ``last``; online rows must stay at the end (``Batch.online_rows``)."""
-    if first.online_rows and last.online_rows != len(last.reward):
-        raise ValueError("concat_batches: online rows must come last")
-    joined = {name: torch.cat([getattr(first, name), getattr(last, name)]) for name in FIELDS}
-    return Batch(**joined, online_rows=first.online_rows + last.online_rows)
 
 
 class UpdateLimiter:

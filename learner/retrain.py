@@ -41,14 +41,14 @@ from o2o.datasets.minari_io import DatasetError, Transitions
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.envs import TaskSpec, get_task
 
-from .buffer import Batch, TransitionBuffer
+from .buffer import Batch, TransitionBuffer, concat_batches
 from .calql import CalQLAgent
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, resolve_checkpoint
 from .config import PretrainConfig
 from .divergence import DivergedError
 from .fine_tuning import explicit_keys
-from .online_data import concat_batches
-from .pretrain import load_offline_data, make_agent, resolve_device, train
+from .offline import train
+from .setup import init_torch, load_offline_data, make_agent, resolve_device
 from .stopping import Stopped, graceful_stop, requested
 
 log = logging.getLogger("o2o.retrain")
@@ -230,9 +230,7 @@ def prepare_retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = froz
         raise ValueError("o2o-retrain needs store=PATH (an online run's replay store, e.g. runs/online/<task>/<time>/replay)")
     if cfg.algo.rnd or cfg.algo.sera:
         raise ValueError("o2o-retrain trains without exploration bonuses (OOO): drop algo.rnd / algo.sera")
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    init_torch(cfg.seed, cfg.threads)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task)
     store = ReplayStore.open(cfg.store, "r")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .bonus import Bonus
 from .networks import MLP
 
 OBS_CLIP = 5.0
@@ -76,12 +77,16 @@ class RunningMeanStd(nn.Module):
         self.count.copy_(total)
 
 
-class RND(nn.Module):
+class RND(Bonus):
     """Predictor, fixed target, running statistics and the predictor's optimiser (``self.optimizer``).
 
     The target never trains (``requires_grad`` False) but is in ``state_dict()``, so a
-    checkpoint restores the same random target.
+    checkpoint restores the same random target. As the agent's bonus (``algo.rnd``): its reward is
+    ``coef * bonus(next_obs)``; it trains with each of the agent's updates, from the first
+    pretraining step on (OOO), so offline states are not novel.
     """
+
+    name = "rnd"
 
     def __init__(
         self,
@@ -91,9 +96,10 @@ class RND(nn.Module):
         lr: float = 1e-4,
         train_fraction: float = 0.25,
         device="cpu",
+        coef: float = 1.0,
     ):
         super().__init__()
-        self.train_fraction = train_fraction
+        self.train_fraction, self.lr, self.coef = train_fraction, lr, coef
         self.predictor = MLP(obs_dim, list(hidden), features, orthogonal_init=True)
         self.target = MLP(obs_dim, list(hidden), features, orthogonal_init=True).requires_grad_(False)
         self.obs_rms = RunningMeanStd((obs_dim,))
@@ -153,3 +159,32 @@ class RND(nn.Module):
     def load_training_state(self, state: dict) -> None:
         self.load_state_dict(state["rnd"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    # The agent's bonus interface (learner/bonus.py).
+
+    @classmethod
+    def from_config(cls, obs_dim: int, action_dim: int, cfg, net, device) -> "RND":
+        return cls(obs_dim, net.rnd_hidden, net.rnd_features, cfg.rnd_lr, cfg.rnd_train_fraction, device, cfg.rnd_coef)
+
+    def reward(self, agent, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.coef * self.bonus(batch.next_obs), {}  # its metrics: ``train_step``
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        return self.update(batch.next_obs)
+
+    def optimizer_state(self) -> dict:
+        return {"rnd_optimizer": self.optimizer.state_dict()}
+
+    def prepare_load(self, agent, weights: dict[str, torch.Tensor], state: dict) -> list[str]:
+        """A checkpoint without RND (turned on for fine-tuning) keeps this fresh one."""
+        if not any(k.startswith(f"{self.name}.") for k in weights):
+            weights.update({f"{self.name}.{k}": v for k, v in self.state_dict().items()})
+            return ["RND starts untrained: the checkpoint has none (OOO trains it from the first offline step: "
+                    "pretrain with algo.rnd=true)"]  # fmt: skip
+        if "rnd_optimizer" in state:
+            self.optimizer.load_state_dict(state["rnd_optimizer"])
+        return []
+
+    def reset_learning_rate(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr

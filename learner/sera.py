@@ -40,7 +40,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+
+from .bonus import Bonus
+from .buffer import offline_batch_rows
 
 STANDARDIZE_EPS = 1e-5  # torch.nn.LayerNorm's default eps, which VCSE's standardisation uses
 
@@ -66,23 +68,45 @@ def vcse_bonus(states: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tens
     return torch.special.digamma(n_v + 1.0) / dim + torch.log(2.0 * eps + 1e-5)
 
 
-class SeraBonus(nn.Module):
+class SeraBonus(Bonus):
     """r_int(s) = vcse_bonus(s / dim, standardise(v(s))) from frozen copies of the pretrained critic and policy.
 
     ``condition``: "value" (VCSE: v(s) = min_i Q_i(s, tanh(mean pi(s)))) or "q_data" (v = min_i
     Q_i(s, a) at the transition's action). ``center``: subtract the mean bonus of the rows
-    passed in (no living bonus on terminating tasks). The copies are made at construction
-    (``requires_grad`` False, part of ``state_dict()``), so fine-tuning the originals does not
-    move the bonus. ``obs`` must be what the critic takes (``agent.normalizer(batch.obs)``).
+    passed in (no living bonus on terminating tasks). The copies are made by ``freeze``
+    (at construction when ``critic`` and ``policy`` are given; ``requires_grad`` False, part of
+    ``state_dict()``), so fine-tuning the originals does not move the bonus. ``obs`` must be
+    what the critic takes (``agent.normalizer(batch.obs)``).
+
+    As the agent's bonus (``algo.sera``): frozen when fine-tuning starts (``start_fine_tuning``),
+    from the critic as pretrained, never from a random one; until then it adds nothing. Its
+    reward is ``coef`` times the bonus over ``rows``: the whole batch, or its online rows (the
+    last ones, ``mixed_batch``), offline rows getting 0.
     """
 
-    def __init__(self, critic, policy, k: int = 10, condition: str = "value", center: bool = True):
+    name = "sera"
+
+    def __init__(self, critic=None, policy=None, k: int = 10, condition: str = "value", center: bool = True,
+                 coef: float = 1.0, rows: str = "batch"):  # fmt: skip
         super().__init__()
         if condition not in ("value", "q_data"):
             raise ValueError(f"algo.sera_condition={condition!r}: use value (VCSE's V(s)) or q_data (Q(s, a_data))")
-        self.k, self.condition, self.center = k, condition, center
+        self.k, self.condition, self.center, self.coef, self.rows = k, condition, center, coef, rows
+        self.critic = self.policy = None
+        if critic is not None:
+            self.freeze(critic, policy)
+
+    @property
+    def frozen(self) -> bool:
+        return self.critic is not None
+
+    def freeze(self, critic, policy) -> None:
+        """SERA's value from now on: frozen copies of ``critic`` and ``policy`` as they are now."""
         self.critic = copy.deepcopy(critic).requires_grad_(False)
         self.policy = copy.deepcopy(policy).requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        self.critic = self.policy = None
 
     @torch.no_grad()
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -92,3 +116,48 @@ class SeraBonus(nn.Module):
         v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + STANDARDIZE_EPS)
         bonus = vcse_bonus(obs / obs.shape[-1], v, self.k)
         return bonus - bonus.mean() if self.center else bonus
+
+    # The agent's bonus interface (learner/bonus.py).
+
+    @classmethod
+    def from_config(cls, obs_dim: int, action_dim: int, cfg, net, device) -> "SeraBonus":
+        return cls(None, None, cfg.sera_k, cfg.sera_condition, cfg.sera_center, cfg.sera_coef, cfg.sera_rows)
+
+    def reward(self, agent, batch) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        if not self.frozen:
+            return 0.0, {}
+        # batch: VCSE's rows (all); online: the online rows only (``mixed_batch`` puts them last).
+        n = len(batch.reward) if self.rows == "batch" else batch.online_rows
+        if n < 2:
+            return 0.0, {}
+        sera = self(agent.normalizer(batch.obs[-n:]), batch.action[-n:])
+        offline_zero = torch.zeros(len(batch.reward) - n, device=sera.device)
+        metrics = {"sera_bonus": sera[-batch.online_rows:].mean() if batch.online_rows else sera.new_zeros(())}
+        return self.coef * torch.cat([offline_zero, sera]), metrics
+
+    def start_fine_tuning(self, agent, batch_size: int, offline_ratio: float, from_scratch: bool) -> str | None:
+        check_sera_batch(batch_size, 0.0 if from_scratch else offline_ratio, self.k, self.rows)
+        if self.frozen:  # a resumed run: the checkpoint's frozen copies
+            return None
+        self.freeze(agent.critic, agent.policy)
+        source = "random (from scratch)" if from_scratch else "pretrained"
+        return f"SERA: values from frozen copies of the {source} critic and policy"
+
+    def prepare_load(self, agent, weights: dict[str, torch.Tensor], state: dict) -> list[str]:
+        """The checkpoint's frozen copies if it has them (a placeholder is overwritten by the load), else none."""
+        saved = any(k.startswith(f"{self.name}.") for k in weights)
+        if saved and not self.frozen:
+            self.freeze(agent.critic, agent.policy)
+        elif not saved and self.frozen:
+            self.unfreeze()
+        return []
+
+
+def check_sera_batch(batch_size: int, offline_ratio: float, k: int, rows: str = "batch") -> None:
+    """SERA's kNN runs over a batch (or its online rows): there must be more than k of them."""
+    if rows not in ("batch", "online"):
+        raise ValueError(f"algo.sera_rows={rows!r}: use batch (VCSE: every row) or online (the online rows only)")
+    online = batch_size - offline_batch_rows(batch_size, offline_ratio) if rows == "online" else batch_size
+    if online <= k:
+        raise ValueError(f"algo.sera needs more than algo.sera_k={k} online rows per batch, and batch_size={batch_size} "
+                         f"with algo.offline_ratio={offline_ratio} has {online}")  # fmt: skip

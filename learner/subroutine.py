@@ -2,7 +2,8 @@
 
 The online learner retrains a fresh agent on its own history every ``retrain_every`` online
 updates (and/or at the end) by running ``o2o-retrain`` beside itself on the store's committed
-prefix, and uses the result one of two ways (``retrain_mode``):
+prefix, and uses the result one of two ways (``retrain_mode``; ``Subroutine`` is what the online
+loop calls, for both):
 
 * ``recommend`` (final policy recommendation; OOO): the retrained policy is evaluated and
   exported as the recommended policy (``<run>/recommended.onnx`` + ``recommended.json``,
@@ -36,24 +37,28 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 
+from . import stopping
+from .bonus import bonus_names
 from .checkpoint import load_checkpoint
-from .overrides import hydra_value
+from .commands import retrain_command
+from .config import CalQLConfig, NetworkConfig
+from .metric_keys import ACCEPTED, RETRAIN, STARTED_AT_UPDATES
 
 log = logging.getLogger("o2o.subroutine")
 
 MODES = ("recommend", "fine_tune")
 RECOMMENDED_POLICY = "recommended.onnx"
 RECOMMENDED_FILE = "recommended.json"
-NET_FIELDS = ("policy_hidden", "critic_hidden", "num_critics", "orthogonal_init", "log_std_multiplier",
-              "log_std_offset", "normalize_observations", "critic_feature_norm")  # fmt: skip
-"""The online agent's network settings a retrain must share (``fine_tune`` copies its weights)."""
+NET_FIELDS = tuple(f.name for f in dataclasses.fields(NetworkConfig)
+                   if not f.name.startswith(tuple(f"{bonus}_" for bonus in bonus_names(CalQLConfig))))  # fmt: skip
+"""The online agent's network settings a retrain must share (``fine_tune`` copies its weights): all
+but its bonuses' networks (``net.rnd_*``), as a retrain trains without bonuses."""
 
 
 def retrain_seed(seed: int, updates: int) -> int:
@@ -105,20 +110,15 @@ class Retrainer:
     def command(self, store_rows: int, out: Path, seed: int | None = None, steps: int | None = None) -> list[str]:
         cfg = self.cfg
         steps = steps or self.steps(0)
-        net = [f"net.{k}={hydra_value(self.net[k])}" for k in NET_FIELDS if k in self.net]
         # The learner's preset, so a retrain under preset=paper gets its domain's CQL settings and data mix.
         preset = HydraConfig.get().runtime.choices.get("preset") if HydraConfig.initialized() else None
         given = any(str(arg).startswith("preset=") for arg in cfg.retrain_args)
-        return [
-            sys.executable, "-m", "o2o.learner.retrain", f"task={cfg.task}",
-            *([f"preset={preset}"] if preset and not given else []), f"store={hydra_value(str(self.store_path))}",
-            f"until_row={store_rows}", f"dataset={hydra_value(cfg.dataset)}", f"offline={str(not self.from_scratch).lower()}",
-            "build_missing_dataset=false",  # the learner checked (or built) the dataset before it started
-            f"steps={steps}", f"seed={cfg.seed if seed is None else seed}", f"device={cfg.device}",
-            f"threads={cfg.threads}",  # the learner's own evaluation episodes: the score `validate` compares
-            f"eval.episodes={cfg.eval.episodes}", f"eval.seed={cfg.eval.seed}", "eval.every=0", "progress=false",
-            f"checkpoint_every={steps}", f"hydra.run.dir={hydra_value(str(out))}", *net, *cfg.retrain_args,
-        ]  # fmt: skip
+        return retrain_command(
+            task=cfg.task, preset=None if given else preset, store=self.store_path, until_row=store_rows,
+            dataset=cfg.dataset, offline=not self.from_scratch, steps=steps,
+            seed=cfg.seed if seed is None else seed, device=cfg.device, threads=cfg.threads,
+            eval_episodes=cfg.eval.episodes, eval_seed=cfg.eval.seed, out=out,
+            net={k: self.net[k] for k in NET_FIELDS if k in self.net}, extra=cfg.retrain_args)  # fmt: skip
 
     def maybe_start(self, updates: int, store_rows: int) -> None:
         """Start a retrain when ``retrain_every`` updates have passed (one at a time: a due retrain
@@ -199,7 +199,7 @@ class Decision:
     incumbent: str  # what the current one is: "the online agent" or "the recommended policy"
 
     def record(self) -> dict:
-        return {"accepted": float(self.accepted), "incumbent_score": self.incumbent_score}
+        return {ACCEPTED: float(self.accepted), "incumbent_score": self.incumbent_score}
 
 
 def validate(summary: dict, mode: str, run_dir: Path, evaluate_online: Callable[[], dict]) -> Decision:
@@ -236,8 +236,8 @@ def use_retrained(summary: dict, mode: str, run_dir: Path, agent, evaluate_onlin
     ``updates`` and a log line) and, if accepted, use it: recommend it (``recommend``) or switch
     the online agent to it (``switch_in``). Publishing and checkpointing are the caller's."""
     decision = validate(summary, mode, run_dir, evaluate_online)
-    logger.log(updates, "retrain", {**summary["eval"], **decision.record(), "store_rows": summary["store_rows"],
-                                    "online_rows": summary["online_rows"], "started_at_updates": summary["updates"],
+    logger.log(updates, RETRAIN, {**summary["eval"], **decision.record(), "store_rows": summary["store_rows"],
+                                    "online_rows": summary["online_rows"], STARTED_AT_UPDATES: summary["updates"],
                                     "seed": summary.get("seed", -1)})  # fmt: skip
     verdict = "accepted" if decision.accepted else "rejected (not used)"
     log.info("retrain on %d store rows (started at %d updates): score %.1f vs %s's %.1f on the same evaluation "
@@ -254,3 +254,65 @@ def use_retrained(summary: dict, mode: str, run_dir: Path, agent, evaluate_onlin
         log.info("the online agent continues from the retrained one (%s, score %.1f) at %d updates",
                  summary["checkpoint"], decision.score, updates)  # fmt: skip
     return decision
+
+
+class Subroutine:
+    """Offline RL as a subroutine of the online loop, both modes (``retrain_mode``): retrains on schedule
+    and at the end (``Retrainer``); each finished one validated and used (``use_retrained``). In
+    ``fine_tune`` the online agent continues from an accepted retrain: its policy is published,
+    the run checkpointed and the switch recorded in ``switches`` (kept in the checkpoint)."""
+
+    def __init__(self, cfg, retrainer: Retrainer, agent, publisher, evaluations, logger,
+                 checkpoint: Callable[[int], None], switches: list[dict]):  # fmt: skip
+        """``publisher``: a ``fleet.PolicyPublisher``; ``evaluations``: the run's ``cadence.Evaluations``;
+        ``checkpoint(updates)`` writes the run's checkpoint."""
+        self.cfg, self.retrainer, self.agent, self.publisher = cfg, retrainer, agent, publisher
+        self.evaluations, self.logger, self.checkpoint, self.switches = evaluations, logger, checkpoint, switches
+
+    def step(self, updates: int, rows: int) -> bool:
+        """Between update bursts: start a retrain that is due, use one that finished; True while the
+        online updates pause (``Retrainer.pauses_updates``). ``rows``: the store's committed rows."""
+        self.retrainer.maybe_start(updates, rows)
+        self.use(self.retrainer.poll(), updates, rows)
+        return self.retrainer.pauses_updates
+
+    def use(self, summary: dict | None, updates: int, rows: int, at_end: bool = False) -> bool:
+        """A finished retrain (None: none): validated against the current one on the same evaluation
+        episodes, logged, then (if accepted) recommended or taken over; True if taken over. ``at_end``:
+        the server is gone, the run's policy file is all there is to update."""
+        if summary is None:
+            return False
+        mode, run_dir = self.cfg.retrain_mode, self.retrainer.run_dir
+        evaluate_online = lambda: self.evaluations.current(updates, rows)  # noqa: E731 (only if needed)
+        decision = use_retrained(summary, mode, run_dir, self.agent, evaluate_online, self.logger, updates)
+        if not decision.accepted or mode != "fine_tune":
+            return False
+        self.evaluations.agent_changed()  # the online agent changed at this update
+        self.switches.append({"updates": updates, "checkpoint": summary["checkpoint"], "store_rows": summary["store_rows"],
+                              "score": decision.score, "incumbent_score": decision.incumbent_score})  # fmt: skip
+        if at_end:
+            self.publisher.export(updates)
+        else:
+            self.publisher.publish(updates)
+        self.checkpoint(updates)
+        return True
+
+    def finish(self, updates: int, rows: int) -> bool:
+        """After the online updates (the final checkpoint written, the server stopped): the last periodic
+        retrain, then one on the whole store (``retrain_at_end``); the run ends with an evaluation of a
+        retrained agent that switched in. False if a signal cut it short (the retrain is stopped)."""
+        try:
+            if stopping.requested():  # a signal while closing (noted by `shutdown`): no retrain at the end
+                raise KeyboardInterrupt
+            switched = self.use(self.retrainer.poll(wait=True), updates, rows)  # the last periodic one
+            if self.cfg.retrain_at_end:
+                log.info("retraining on the whole store (%d rows)", rows)
+                self.retrainer.start(updates, rows)
+                switched = self.use(self.retrainer.poll(wait=True), updates, rows, at_end=True) or switched
+            if switched:  # the run now ends with the retrained agent: the final evaluation must be of it
+                self.evaluations.run(updates, rows)
+        except KeyboardInterrupt:  # the final checkpoint is written: only the retrain is cut short
+            self.retrainer.stop()
+            log.info("interrupted: the retrain at the end is skipped")
+            return False
+        return True

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from o2o.learner.bonus import Bonus
 from o2o.learner.buffer import Batch
 from o2o.learner.calql import CalQLAgent
 from o2o.learner.checkpoint import AgentSpec, load_checkpoint, save_checkpoint
@@ -74,7 +75,7 @@ def test_sera_bonus_over_the_whole_batch_centred_by_default_on_normalised_observ
     agent, plain = twins(sera=True, sera_coef=1.0, sera_k=5)
     agent.normalizer.set_statistics(torch.full((OBS,), 5.0), torch.full((OBS,), 3.0))  # not the identity
     plain.normalizer.load_state_dict(agent.normalizer.state_dict())
-    agent.freeze_sera_critic()
+    agent.sera.freeze(agent.critic, agent.policy)
     b = batch(online_rows=24)
     b = dataclasses.replace(b, obs=5.0 + 3.0 * b.obs)
     bonus, metrics = agent.intrinsic_reward(b)
@@ -91,7 +92,7 @@ def test_sera_bonus_over_the_whole_batch_centred_by_default_on_normalised_observ
 
 def test_sera_on_online_rows_only_is_a_setting():
     agent, _ = twins(sera=True, sera_k=5, sera_rows="online", sera_center=False)
-    agent.freeze_sera_critic()
+    agent.sera.freeze(agent.critic, agent.policy)
     b = batch(online_rows=24)
     bonus, _ = agent.intrinsic_reward(b)
     assert torch.equal(bonus[:40], torch.zeros(40))  # offline rows: none
@@ -113,7 +114,7 @@ def chain_bonuses(**sera) -> tuple[float, float]:
     averages), from the real agent. s0 is a cloud of nearby states; offline and online rows alike."""
     torch.manual_seed(0)
     agent = CalQLAgent(4, 1, CalQLConfig(sera=True, sera_k=10, **sera), NET)
-    agent.freeze_sera_critic()
+    agent.sera.freeze(agent.critic, agent.policy)
     g = torch.Generator().manual_seed(0)
     go, stay = [], []
     for _ in range(400):
@@ -143,7 +144,7 @@ def test_rnd_trains_with_every_update_and_resumes_from_a_checkpoint(tmp_path):
     algo = CalQLConfig(rnd=True, sera=True, sera_k=5)
     spec = AgentSpec("pointmaze-umaze", OBS, ACT, [-1.0] * ACT, [1.0] * ACT, dataclasses.asdict(algo), dataclasses.asdict(NET))
     agent = spec.build_agent()
-    agent.freeze_sera_critic()
+    agent.sera.freeze(agent.critic, agent.policy)
     b = batch(online_rows=32)
     predictor = [w.clone() for w in agent.rnd.predictor.parameters()]
     target = [w.clone() for w in agent.rnd.target.parameters()]
@@ -162,7 +163,7 @@ def test_rnd_trains_with_every_update_and_resumes_from_a_checkpoint(tmp_path):
 
 
 def test_sera_needs_more_online_rows_than_k():
-    from o2o.learner.online import check_sera_batch
+    from o2o.learner.sera import check_sera_batch
 
     check_sera_batch(256, 0.5, 10, "online")
     with pytest.raises(ValueError, match="more than algo.sera_k=10 online rows"):
@@ -187,3 +188,46 @@ def test_critic_feature_norm_by_hand():
         expected.append((h @ critic.weights[-1][i] + critic.biases[-1][i]).squeeze(-1))
     torch.testing.assert_close(critic(obs, action), torch.stack(expected))
     torch.testing.assert_close(critic.forward_per_state(obs, action.unsqueeze(1))[..., 0], torch.stack(expected))
+
+
+class ConstantBonus(Bonus):
+    """A third bonus, as a newcomer would add one: a constant reward on every row."""
+
+    @classmethod
+    def from_config(cls, obs_dim, action_dim, cfg, net, device):
+        return cls()
+
+    def reward(self, agent, batch):
+        return torch.full_like(batch.reward, 0.5), {"constant_bonus": torch.tensor(0.5)}
+
+
+@dataclasses.dataclass
+class WithConstantBonus(CalQLConfig):
+    constant: bool = dataclasses.field(default=True, metadata={"bonus": f"{__name__}:ConstantBonus"})
+
+
+def test_a_third_bonus_is_one_class_and_one_config_field():
+    torch.manual_seed(0)
+    agent = CalQLAgent(OBS, ACT, WithConstantBonus(rnd=True, rnd_coef=10.0), NET)
+    assert [b.name for b in agent.bonuses] == ["rnd", "constant"]  # in the order the fields are declared
+    b = batch()
+    bonus, metrics = agent.intrinsic_reward(b)
+    torch.testing.assert_close(bonus, 10.0 * agent.rnd.bonus(b.next_obs) + 0.5)
+    assert "constant_bonus" in agent.update(b) and "rnd_loss" in agent.update(b)
+
+
+def test_bonus_weights_keep_their_checkpoint_keys(tmp_path):
+    """Checkpoints written before the bonus interface hold ``rnd.*`` and ``sera.*``: they still load."""
+    algo = CalQLConfig(rnd=True, sera=True, sera_k=5)
+    agent = CalQLAgent(OBS, ACT, algo, NET)
+    assert not any(k.startswith("sera.") for k in agent.state_dict())  # nothing frozen before fine-tuning
+    agent.start_fine_tuning(B, 0.5, from_scratch=False)
+    keys = agent.state_dict().keys()
+    assert {k.split(".")[0] for k in keys if k.startswith(("rnd.", "sera."))} == {"rnd", "sera"}
+    assert any(k.startswith("rnd.predictor.") for k in keys) and any(k.startswith("sera.critic.") for k in keys)
+    assert "rnd_optimizer" in agent.training_state()
+    # Turned off for a later run: the weights are not used, and said so.
+    plain = CalQLAgent(OBS, ACT, CalQLConfig(), NET)
+    notes = plain.load_training_state({**agent.training_state(), "optimizer": plain.optimizer.state_dict()})
+    assert notes == ["the checkpoint's RND is not used (algo.rnd=false)",
+                     "the checkpoint's SERA is not used (algo.sera=false)"]  # fmt: skip

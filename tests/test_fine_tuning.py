@@ -126,3 +126,24 @@ def test_the_learner_refuses_a_conflicting_reward_scale_at_start_up(tmp_path, ch
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "algo.reward_scale=1.0 differs from the checkpoint's 10.0" in done.stderr
+
+
+def test_a_resumed_runs_checkpoint_step_counts_each_online_update_once(tmp_path, checkpoint):
+    """Pretrained for 100 updates, resumed twice: the step is 100 + the online updates, whatever the resumes."""
+    from types import SimpleNamespace
+
+    from o2o.learner.checkpoint import load_checkpoint
+    from o2o.learner.online import FineTuning
+
+    agent, spec, _ = load_checkpoint(checkpoint)
+    publisher = SimpleNamespace(version=3, run_id="r")
+    step, online_updates = 100, 0
+    for more in (30, 40, 50):  # the first run, then two resumes, each making `more` online updates
+        run = FineTuning(tmp_path, agent, spec, {"step": step, "extra": {"online_updates": online_updates}},
+                         None, None, None, None, publisher)  # fmt: skip
+        assert run.offline_steps == 100
+        run.checkpoint(online_updates + more)
+        _, _, saved = load_checkpoint(tmp_path / "checkpoint.pt")
+        step, online_updates = saved["step"], saved["extra"]["online_updates"]
+        assert step == 100 + online_updates
+    assert online_updates == 120

@@ -23,7 +23,7 @@ import torch
 from o2o.datasets.replay_store import ReplayStore
 from o2o.learner.checkpoint import AgentSpec, save_checkpoint
 from o2o.learner.config import CalQLConfig, EvalConfig, NetworkConfig, PretrainConfig
-from o2o.learner.pretrain import pretrain
+from o2o.learner.offline import pretrain
 
 TASK = "pointmaze-umaze"
 TINY_NET = ["net.policy_hidden=[32,32]", "net.critic_hidden=[32,32]"]
@@ -147,7 +147,7 @@ def test_the_launcher_takes_any_signal_after_the_first_as_urgent_wherever_it_lan
     later one (even one landing before the stop path runs) means "kill now", never a second
     graceful wait; a signal while the children start stops the run as the loop begins; once the
     learner is done, a first signal hurries the stop."""
-    from o2o.learner.launch import StopSignals
+    from o2o.launch.launch import StopSignals
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN under `cmd &`
     signals = StopSignals()
@@ -302,7 +302,7 @@ def test_launch_stopped_by_sigterm_stops_the_learner_with_its_checkpoint(tmp_pat
     learner = ["batch_size=32", "log_every=10", "checkpoint_every=1000000", "build_episodes=6", "warmup_rows=50",
                "publish_every=50", "online_updates=0", "eval.episodes=1", "eval_every_steps=0", "threads=1",
                f"pretrained={tiny_checkpoint(tmp_path / 'pre')}"]  # fmt: skip
-    proc = start([sys.executable, "-m", "o2o.learner.launch", *(f"learner.{arg}" for arg in learner), "actors=1",
+    proc = start([sys.executable, "-m", "o2o.launch.launch", *(f"learner.{arg}" for arg in learner), "actors=1",
                   "actor.control_hz=300", "actor.link.drain_s=1", "refresh_s=0.5", f"hydra.run.dir={run_dir}"],
                  log)  # fmt: skip
     try:

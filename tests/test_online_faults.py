@@ -23,7 +23,7 @@ from o2o.learner.config import CalQLConfig, NetworkConfig
 from o2o.learner.divergence import DivergedError, non_finite_tensors
 from o2o.transport.ingest import IngestServer
 from user_files_guard import minari_datasets_at
-from o2o.learner.online import PolicyPublisher
+from o2o.learner.fleet import PolicyPublisher
 
 TASK = "pointmaze-umaze"
 # One torch thread: the learner shares 2 cores with actors (more threads thrash); one evaluation
@@ -127,7 +127,7 @@ def test_a_learner_whose_store_turns_read_only_exits_with_a_clear_error(tmp_path
     forever while the actors filled their spools."""
     run_dir, endpoint, store = tmp_path / "run", free_endpoint(), tmpfs / "replay"
     cmd = learner_cmd(run_dir, endpoint, f"pretrained={tiny_checkpoint(tmp_path / 'pre')}", f"store={store}",
-                      "warmup_rows=100000", "online_updates=0", "commit_retry_s=1")  # fmt: skip
+                      "warmup_rows=100000", "online_updates=0", "ingest.commit_retry_s=1")  # fmt: skip
     learner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     actor = start_actor(tmp_path, endpoint, "a0", "control_hz=500")
     try:
@@ -176,7 +176,7 @@ def launch_cmd(tmp_path: Path, run_dir: Path, *args: str) -> list[str]:
     learner = ["batch_size=32", "log_every=10", "checkpoint_every=20", "build_episodes=6", "warmup_rows=50",
                "publish_every=50", "threads=1", "eval.episodes=1", "eval_every_steps=0",
                f"pretrained={tiny_checkpoint(tmp_path / 'pre')}"]  # fmt: skip
-    return [sys.executable, "-m", "o2o.learner.launch", *(f"learner.{arg}" for arg in learner), "refresh_s=0.5",
+    return [sys.executable, "-m", "o2o.launch.launch", *(f"learner.{arg}" for arg in learner), "refresh_s=0.5",
             "actor.link.drain_s=0", f"hydra.run.dir={run_dir}", *args]  # fmt: skip
 
 

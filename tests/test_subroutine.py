@@ -26,7 +26,7 @@ from o2o.learner.config import NetworkConfig, OnlineConfig, PretrainConfig
 from o2o.learner.evaluation import evaluate
 from o2o.learner.export_onnx import export_policy
 from o2o.learner.metrics import MetricsLogger
-from o2o.learner.pretrain import make_agent
+from o2o.learner.setup import make_agent
 from o2o.learner.subroutine import RetrainJob, Retrainer, retrain_seed, switch_in, use_retrained
 from test_online_learner import free_endpoint
 
@@ -323,3 +323,17 @@ def test_a_retrain_trains_as_many_updates_as_the_agent_it_is_compared_with(tmp_p
     assert Retrainer(OnlineConfig(task=TASK), tmp_path, tmp_path / "replay", {}, True).steps(700) == 700  # from scratch
     fixed = Retrainer(OnlineConfig(task=TASK, retrain_steps=50), tmp_path, tmp_path / "replay", {}, False, 3000)
     assert fixed.steps(1500) == 50
+
+
+def test_a_retrain_shares_every_network_setting_but_the_bonus_networks(tmp_path):
+    """NET_FIELDS comes from NetworkConfig: a new network field reaches the retrain's command by itself."""
+    import dataclasses
+
+    from o2o.learner.subroutine import NET_FIELDS
+
+    names = [f.name for f in dataclasses.fields(NetworkConfig)]
+    assert list(NET_FIELDS) == [n for n in names if not n.startswith("rnd_")]
+    net = dataclasses.asdict(NetworkConfig(num_critics=5, critic_feature_norm=True))
+    command = Retrainer(OnlineConfig(task=TASK), tmp_path, tmp_path / "replay", net, False).command(10, tmp_path / "r")
+    assert "net.num_critics=5" in command and "net.critic_feature_norm=true" in command
+    assert not any(arg.startswith("net.rnd_") for arg in command)
