@@ -163,7 +163,9 @@ def measure_store_alone(args, path: Path, compressor=DEFAULT_COMPRESSOR) -> tupl
 
 
 def measure_ingest(args, path: Path) -> dict:
-    store = ReplayStore.create(path, args.obs_dim, args.act_dim, task=TASK)
+    # O2O_BENCH_FSYNC=0: no fsync, to compare with trees from before fsync existed (benchmarks.versus_commit).
+    store = ReplayStore.create(path, args.obs_dim, args.act_dim, task=TASK,
+                               fsync=os.environ.get("O2O_BENCH_FSYNC", "1") != "0")  # fmt: skip
     server = IngestServer(
         store, "tcp://127.0.0.1:*", commit_rows=args.commit_rows, commit_interval_s=args.commit_interval,
         max_rows_per_s=None,  # the throughput of the path, not of the learner's per-actor limit
