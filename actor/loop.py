@@ -4,7 +4,7 @@ Reads top to bottom: (stop? / room? / hold / begin episode / swap policy) -> act
 clip -> step -> record -> (flush chunk) -> (episode end) -> pace. It knows nothing
 about sockets or robots: transitions go to a ``TransitionSink`` (whose status may
 also hold the loop between episodes: the learner's flow control) and policies come
-from a ``PolicySource`` (actor/seams.py); the env is any checked gymnasium env
+from a ``PolicySource`` (transport/seams.py); the env is any checked gymnasium env
 (envs/robot.py), a MuJoCo task's or a robot's. Every wait (for spool room, for the
 end of a hold, for a first policy) is one ``_wait`` on the sink's ``changed``
 condition, so an ack, a release or a stop request ends it at once.
@@ -28,11 +28,11 @@ import gymnasium as gym
 import numpy as np
 
 from o2o.envs import hold_env
+from o2o.transport.seams import PolicySource, SinkStatus, TransitionSink
 from o2o.transport.wire import TransitionChunk
 
 from .config import ActorConfig
 from .onnx_policy import Exploration, OnnxPolicy
-from .seams import PolicySource, SinkStatus, TransitionSink
 
 log = logging.getLogger("o2o.actor")
 

@@ -30,13 +30,14 @@ from omegaconf.errors import MissingMandatoryValue
 
 from o2o.envs import make_actor_env
 from o2o.transport.link import Link
+from o2o.transport.seams import PolicySource, TransitionSink
 from o2o.transport.security import ActorKeys
 from o2o.transport.spool import Spool, SpoolError
 
 from .config import ActorConfig, validate
 from .loop import Actor
 from .onnx_policy import OnnxPolicy, PolicyExpectation, PolicyMismatch
-from .seams import FixedPolicySource, MemorySink, PolicyBuilder, PolicySource, TransitionSink
+from .seams import FixedPolicySource, MemorySink, PolicyBuilder
 
 log = logging.getLogger("o2o.actor")
 

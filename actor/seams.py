@@ -1,8 +1,8 @@
-"""The control loop's two seams (as small as Acme's): a sink for transitions and a source of policies.
+"""The actor's own implementations of its seams (the contracts: transport/seams.py).
 
-The loop never sees a socket: ``Link`` (transport/link.py) implements both seams over
-ZeroMQ; a dry run (no learner) uses ``MemorySink`` and ``FixedPolicySource``.
-``PolicyBuilder`` turns received ONNX bytes into sessions off the control thread.
+``MemorySink`` and ``FixedPolicySource`` stand in for the learner's ``Link`` in a dry run;
+``PolicyBuilder`` (the ``PolicyTaker`` a ``Link`` hands received policies to) turns ONNX bytes
+into sessions off the control thread.
 """
 
 from __future__ import annotations
@@ -11,40 +11,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-# SinkStatus lives beside Link: transport may not import the actor (the dependency direction).
-from o2o.transport.link import SinkStatus
+from o2o.transport.seams import PolicySource, PolicyTaker, SinkStatus, TransitionSink
 from o2o.transport.wire import TransitionChunk, is_newer_policy
 
 from .onnx_policy import OnnxPolicy, PolicyMismatch
 
 log = logging.getLogger("o2o.actor")
 
-__all__ = ["TransitionSink", "SinkStatus", "PolicySource", "MemorySink", "FixedPolicySource", "PolicyBuilder"]
-
-
-class TransitionSink(Protocol):
-    """Where the loop's chunks go: the learner's ``Link``, or ``MemorySink`` in a dry run."""
-
-    changed: threading.Condition
-    """Notified whenever ``status()``, or the policy source paired with this sink, may have
-    changed: the loop waits on it instead of polling. Any thread may notify it, and so may a
-    signal handler on the waiting thread: ``threading.Condition()``'s lock is reentrant."""
-
-    def status(self) -> SinkStatus:
-        """What the loop may do now: the next chunk's seq, room for it, a hold, or why to stop."""
-
-    def add(self, chunk: TransitionChunk) -> None:
-        """Take a chunk (``chunk.seq == status().next_seq``); never blocks on the network."""
-
-    def summary(self) -> dict:
-        """Counters for progress lines (e.g. ``spool_depth``, ``learner_lost``)."""
-
-
-class PolicySource(Protocol):
-    def latest(self) -> OnnxPolicy | None:
-        """The newest policy ready to act (None before the first); never blocks."""
+__all__ = ["TransitionSink", "SinkStatus", "PolicySource", "PolicyTaker", "MemorySink", "FixedPolicySource",
+           "PolicyBuilder"]
 
 
 class MemorySink:

@@ -42,7 +42,6 @@ import queue
 import threading
 import time
 import uuid
-from typing import NamedTuple, Protocol
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -72,35 +71,11 @@ from o2o.transport.wire import (
 
 from .config import LinkConfig
 from .rate_log import RateLimitedLog
+from .seams import PolicyTaker, SinkStatus
 from .spool import Spool
 
 
-class PolicyTaker(Protocol):
-    """Where received policies go (the actor's ``PolicyBuilder``): built off the link thread."""
-
-    built: int
-    refused: int
-
-    def submit(self, version: int, onnx: bytes, run_id: str = "") -> None: ...
-
-    def latest(self): ...  # the policy in use (with .version), or None
-
-    def close(self) -> None: ...
-
 log = logging.getLogger("o2o.transport.link")
-
-
-class SinkStatus(NamedTuple):
-    """What an actor's transition sink tells its control loop (actor/seams.py ``TransitionSink``)."""
-
-    next_seq: int
-    """The seq the next chunk must carry."""
-    room: bool
-    """One more chunk can be taken without dropping anything (the spool is not full)."""
-    held: bool
-    """Flow control: the learner is ahead of its updates, begin no new episode."""
-    stop: str | None
-    """Why the loop must stop now (the learner refused this actor, the spool's disk failed...), else None."""
 
 
 LOG_EVERY_S = 5.0  # at most one line per kind of repeated warning per interval
