@@ -95,8 +95,11 @@ def trajectory_return_to_go(
     # So a truncated last step gets r_last / (1 - gamma) (the tail repeats r_last forever)
     # while a terminal last step gets just r_last (the tail is multiplied by 1 - 1 = 0).
     running = float(rewards[-1]) / (1.0 - gamma) if infinite_horizon else 0.0
+    # Python floats, not numpy scalars: the same float64 arithmetic in the same order (identical
+    # results), several times faster; the ingest server runs this for every episode that closes.
+    reward_list, terminal_list = rewards.tolist(), terminals.tolist()
     for t in range(rewards.size - 1, -1, -1):
-        running = rewards[t] + gamma * running * (1.0 - terminals[t])
+        running = reward_list[t] + gamma * running * (1.0 - terminal_list[t])
         returns[t] = running
     return returns.astype(np.float32)
 
