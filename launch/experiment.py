@@ -21,7 +21,6 @@ skipped when the matrix is run again, so an interrupted matrix resumes where it 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -34,22 +33,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from o2o.datasets.atomic_file import write_atomic
 from o2o.datasets.builders import ensure_dataset as build_offline_dataset
 from o2o.datasets.file_lock import FileLock
 from o2o.experiments.cell import CELL_FILE, ExperimentConfig, dataset_id, machine
+from o2o.learner.commands import run_logged
 
 from .commands import launch_command, pretrain_command
 
 ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
 
 
-def run_logged(cmd: list[str], log_path: Path) -> None:
+def run_checked(cmd: list[str], log_path: Path) -> None:
     """Run a command with its output in ``log_path`` (first line: the command); raise if it fails."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(shlex.join(cmd) + "\n")
-        log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    code = run_logged(cmd, log_path, stdin=subprocess.DEVNULL)
     if code != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{shlex.join(cmd[:4])} ... failed (exit {code}); see {log_path}:\n{tail}")
@@ -74,7 +71,7 @@ def pretrained_checkpoint(cfg: ExperimentConfig) -> Path | None:
         if not done.exists():
             cmd = pretrain_command(cfg, folder)
             started = time.time()
-            run_logged(cmd, folder / "pretrain.log")
+            run_checked(cmd, folder / "pretrain.log")
             done.write_text(json.dumps({"seconds": time.time() - started, "command": shlex.join(cmd)}))
     return folder / "checkpoint.pt"
 
@@ -91,16 +88,14 @@ def run_cell(cfg: ExperimentConfig, command_line: str) -> dict:
     if run_dir.exists():  # an interrupted cell starts again: its store would mix two runs
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     run_dir.mkdir(parents=True)
-    run_logged(launch_command(cfg, checkpoint, run_dir), run_dir.parent / f"seed{cfg.seed}.launch.log")
+    run_checked(launch_command(cfg, checkpoint, run_dir), run_dir.parent / f"seed{cfg.seed}.launch.log")
     cell = {
         "task": cfg.task, "method": cfg.method.name, "seed": cfg.seed, "budget": cfg.budget.name,
         "dataset": dataset_id(cfg) if checkpoint else None, "pretrained": str(checkpoint) if checkpoint else None,
         "seconds": time.time() - started, "machine": machine(), "command": command_line,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }  # fmt: skip
-    tmp = run_dir / f".{CELL_FILE}.tmp"
-    tmp.write_text(json.dumps(cell, indent=2))
-    os.replace(tmp, cell_file)  # last: its presence means the cell is complete
+    write_atomic(cell_file, json.dumps(cell, indent=2))  # last: its presence means the cell is complete
     return cell
 
 

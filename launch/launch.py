@@ -20,7 +20,6 @@ rows, returns and the policy version. No torch here: the learner's imports stay 
 from __future__ import annotations
 
 import json
-import shlex
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from o2o.datasets.builders import ensure_dataset
 from o2o.datasets.minari_io import DatasetError
 import o2o.learner.metric_keys as keys
+from o2o.learner.commands import start_logged
 from o2o.learner.fine_tuning import explicit_keys
 from o2o.learner.metric_keys import evaluation_line, evaluation_summary
 
@@ -186,14 +186,9 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
     resumed = Path(cfg.learner.resume or run_dir)
     learner_dir = resumed if resumed.is_dir() else resumed.parent
     print(f"o2o-launch: run folder {run_dir}, learner on {endpoint}, {cfg.actors} actors")
-    logs = []
 
     def start(cmd: list[str], name: str) -> subprocess.Popen:
-        log = open(run_dir / f"{name}.log", "w")
-        log.write(shlex.join(cmd) + "\n")  # what ran, settings included
-        log.flush()
-        logs.append(log)
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return start_logged(cmd, run_dir / f"{name}.log", start_new_session=True)
 
     def start_actor(i: int) -> subprocess.Popen:
         return start(actor_command(cfg, explicit, run_dir, endpoint, i), f"actor-{i}")
@@ -250,8 +245,6 @@ def launch(cfg: LaunchConfig, run_dir: Path, groups: dict[str, str], explicit: s
         if pretraining is None:
             bar.n = progress.updates
         bar.close()
-        for log in logs:
-            log.close()
     if learner.returncode != 0:
         print(f"o2o-launch: the learner failed (exit {learner.returncode}); see {run_dir / 'learner.log'}", file=sys.stderr)
         print((run_dir / "learner.log").read_text()[-2000:], file=sys.stderr)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from o2o.datasets.atomic_file import replacing
+
 from .calql import CalQLAgent
 from .config import CalQLConfig, NetworkConfig
 from .divergence import ADVICE, DivergedError, non_finite_tensors
@@ -69,9 +71,8 @@ def save_checkpoint(path: str | os.PathLike, agent: CalQLAgent, spec: AgentSpec,
         **agent.training_state(),
         "extra": extra or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -4,14 +4,19 @@
 Hydra's grammar: `hydra_value`); `retrain_command` is o2o-retrain's command line, the one the online
 learner starts (subroutine.py). The launchers' own builders (o2o-pretrain, o2o-learner, o2o-actor,
 o2o-launch) are in launch/commands.py: the learner may not import the launchers, they may import this.
+`start_logged` / `run_logged` start one of them with its output in a log whose first line is the
+command (the learner's retrains, the launcher's processes, the experiment's steps).
 """
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .overrides import hydra_value
 
@@ -50,3 +55,26 @@ def retrain_command(*, task: str, preset: str | None, store: Path, until_row: in
         "eval": {"episodes": eval_episodes, "seed": eval_seed, "every": 0}, "progress": False,
         "checkpoint_every": steps, "hydra.run.dir": str(out), "net": dict(net),
     }, extra)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _command_log(cmd: list[str], log_path: Path) -> Iterator[IO[str]]:
+    """``log_path`` opened anew (its folder made), the command its first line: what ran, settings included."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(shlex.join(cmd) + "\n")
+        log.flush()  # before the child's output
+        yield log
+
+
+def start_logged(cmd: list[str], log_path: Path, **popen: Any) -> subprocess.Popen:
+    """Start ``cmd`` with stdout and stderr in ``log_path`` (first line: the command); ``popen``: more
+    ``subprocess.Popen`` arguments (``stdin``, ``start_new_session``). The log stays open in the child only."""
+    with _command_log(cmd, log_path) as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
+
+
+def run_logged(cmd: list[str], log_path: Path, **run: Any) -> int:
+    """Run ``cmd`` to its end like ``start_logged``; its exit code."""
+    with _command_log(cmd, log_path) as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, **run).returncode

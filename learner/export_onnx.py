@@ -66,7 +66,6 @@ import json
 import logging
 import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -75,6 +74,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from o2o.datasets.atomic_file import replacing
 from o2o.datasets.policy_format import FORMAT_VERSION, INPUT_NAMES, NOISE, OUTPUT_NAMES, POLICY_FILENAME
 
 from .calql import CalQLAgent
@@ -287,17 +287,9 @@ def export_policy_verified(
     # Written to a temporary file beside the target and checked there: a reader of
     # ``path`` sees the old policy or the new, verified one, never a partial file.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
+    with replacing(path, fsync=True) as tmp:
+        tmp.write_bytes(model.SerializeToString())
         error = _parity_error(tmp, module, spec.obs_dim, spec.action_dim)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("exported %s (version %d, step %d); max |onnxruntime - torch| = %.3g", path, version, step, error)
     return path, error
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -43,10 +42,12 @@ from pathlib import Path
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 
+from o2o.datasets.atomic_file import replacing, write_atomic
+
 from . import stopping
 from .bonus import bonus_names
 from .checkpoint import load_checkpoint
-from .commands import retrain_command
+from .commands import retrain_command, start_logged
 from .config import CalQLConfig, NetworkConfig
 from .metric_keys import ACCEPTED, RETRAIN, STARTED_AT_UPDATES
 
@@ -133,10 +134,7 @@ class Retrainer:
         out.mkdir(parents=True, exist_ok=True)
         seed = retrain_seed(self.cfg.seed, updates)
         cmd = self.command(store_rows, out, seed, self.steps(updates))
-        with open(out / "retrain.log", "w") as log_file:
-            log_file.write(" ".join(cmd) + "\n")
-            log_file.flush()
-            process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = start_logged(cmd, out / "retrain.log", stdin=subprocess.DEVNULL)
         self.job = RetrainJob(updates, store_rows, out, process, seed)
         log.info("retraining on the store's first %d rows (at %d updates, seed %d): %s", store_rows, updates, seed, out)
 
@@ -169,14 +167,11 @@ class Retrainer:
 def recommend(run_dir: Path, summary: dict) -> Path:
     """The retrained policy becomes the run's recommended policy (written atomically)."""
     target = run_dir / RECOMMENDED_POLICY
-    tmp = run_dir / f".{RECOMMENDED_POLICY}.tmp"
-    shutil.copyfile(summary["policy"], tmp)
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        shutil.copyfile(summary["policy"], tmp)
     record = {k: summary.get(k) for k in ("updates", "store_rows", "online_rows", "policy_versions", "eval", "policy",
                                           "checkpoint")}  # fmt: skip
-    tmp_record = run_dir / f".{RECOMMENDED_FILE}.tmp"
-    tmp_record.write_text(json.dumps(record, indent=2))
-    os.replace(tmp_record, run_dir / RECOMMENDED_FILE)
+    write_atomic(run_dir / RECOMMENDED_FILE, json.dumps(record, indent=2))
     return target
 
 

@@ -8,6 +8,7 @@ processes on loopback; the run folder holds what the README promises.
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ import o2o.learner.online  # noqa: F401  (registers online_schema)
 from o2o.actor.config import ActorConfig
 from o2o.datasets.replay_store import ReplayStore
 from o2o.learner.config import CalQLConfig, NetworkConfig, OnlineConfig
+from o2o.learner.commands import run_logged, start_logged
 from o2o.learner.fine_tuning import explicit_keys
 from o2o.launch.commands import actor_command, flatten, hydra_value, learner_command
 from o2o.launch.config import GROUPS, LaunchConfig, hydra_overrides
@@ -197,3 +199,15 @@ def test_typos_and_settings_the_launcher_owns_are_clear_errors(refused, case):
     message = REFUSED[case][1]
     assert returncode != 0 and message in stderr, stderr[-2000:]
     assert not (run_dir / "learner.log").exists()  # refused before anything started
+
+
+def test_a_started_command_logs_itself_quoted_then_its_output(tmp_path):
+    """The first line of a process's log is its command, quoted so it can be pasted back into a shell."""
+    cmd = [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"]
+    assert start_logged(cmd, tmp_path / "a" / "started.log").wait() == 3
+    assert run_logged(cmd, tmp_path / "run.log", stdin=subprocess.DEVNULL) == 3
+    for log in (tmp_path / "a" / "started.log", tmp_path / "run.log"):
+        first, *rest = log.read_text().splitlines()
+        assert shlex.split(first) == cmd  # a plain " ".join would split the -c program apart
+        assert sorted(rest) == ["err", "out"]
+
