@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import shlex
@@ -68,6 +69,7 @@ def child(side: str, rev: str, marks: list[int], capacity: int) -> None:
     """One side: ingest up to max(marks) rows, print one JSON line per mark."""
     import numpy as np
 
+    from o2o.datasets.data_settings import DataSettings
     from o2o.datasets.replay_store import ReplayStore
     from o2o.learner.buffer import TransitionBuffer
     from o2o.transport import wire
@@ -87,11 +89,13 @@ def child(side: str, rev: str, marks: list[int], capacity: int) -> None:
         })  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="o2o-learner-memory-", dir="/tmp"))
     try:
-        store = ReplayStore.create(folder / "replay", OBS_DIM, ACT_DIM, gamma=0.99)
+        store = ReplayStore.create(folder / "replay", OBS_DIM, ACT_DIM)
         buffer = TransitionBuffer(OBS_DIM, ACT_DIM, capacity, "cpu")
         buffer_bytes = sum(t.nbytes for t in buffer.columns.values())
         low, high = -np.ones(ACT_DIM, np.float32), np.ones(ACT_DIM, np.float32)
-        data = module.OnlineData(buffer, low, high, reward_scale=1.0, reward_bias=0.0)
+        # The old revision's OnlineData took reward_scale, reward_bias; this tree's, the DataSettings.
+        settings = (1.0, 0.0) if "reward_scale" in inspect.signature(module.OnlineData).parameters else (DataSettings(),)
+        data = module.OnlineData(buffer, low, high, *settings)
         seqs = [0] * ACTORS
         rows, t0 = 0, time.perf_counter()
         for mark in sorted(marks):

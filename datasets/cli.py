@@ -10,6 +10,7 @@ import numpy as np
 from o2o.envs import TASKS, get_task
 
 from .builders import BUILDER_MODULES, QUALITIES, build_dataset, dataset_id, recorded_build
+from .data_settings import DataSettings
 from .minari_io import DatasetError, datasets_root, load_transitions, open_dataset
 
 
@@ -42,7 +43,7 @@ def cmd_inspect(args) -> None:
         print(f"built by o2o-dataset: {record.describe()}")
     print(f"observation space: {dataset.observation_space}\naction space: {dataset.action_space}")
     if args.task:
-        data = load_transitions(dataset, get_task(args.task), gamma=args.gamma)
+        data = load_transitions(dataset, get_task(args.task), DataSettings(discount=args.gamma))
         returns = data.episode_returns()
         print(f"flat obs dim {data.obs_dim}, action dim {data.action_dim}, trajectories {len(returns)}")
         print(f"return per trajectory: mean {returns.mean():.3f}, min {returns.min():.3f}, max {returns.max():.3f}")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="summarise a Minari dataset (id or path)")
     inspect.add_argument("dataset")
     inspect.add_argument("--task", help="also load it as this o2o task: flat dims, returns, MC returns")
-    inspect.add_argument("--gamma", type=float, default=0.99)
+    inspect.add_argument("--gamma", type=float, default=DataSettings.discount, help="the discount of the MC returns")
     inspect.set_defaults(func=cmd_inspect)
     args = parser.parse_args(argv)
     try:

@@ -20,7 +20,8 @@ from minari.data_collector import EpisodeBuffer
 
 from o2o.envs import TaskSpec, flatten_obs
 
-from .mc_return import mc_returns, scale_rewards, scaled_failure_reward, trajectory_ends
+from .data_settings import DataSettings
+from .mc_return import mc_returns, scaled_failure_reward, trajectory_ends
 
 log = logging.getLogger("o2o.datasets")
 
@@ -138,18 +139,17 @@ def _episode_success(episode, task: TaskSpec, rewards: np.ndarray) -> np.ndarray
 def load_transitions(
     dataset: str | os.PathLike | minari.MinariDataset,
     task: TaskSpec,
-    gamma: float = 0.99,
-    reward_scale: float = 1.0,
-    reward_bias: float = 0.0,
-    infinite_horizon: bool = False,
+    data: DataSettings | None = None,
 ) -> Transitions:
     """Flat transitions of every episode of a Minari dataset, with MC return-to-go.
 
     Tasks with ``binary_reward`` or ``terminate_on_success`` (Cal-QL's Adroit-binary
     processing) drop the episodes without any success step, as the official code does.
-    ``infinite_horizon`` (Cal-QL's Kitchen setting) bootstraps each truncated
+    ``data`` (None: ``DataSettings()``'s defaults) scales the rewards and computes the MC
+    returns; its ``mc_infinite_horizon`` (Cal-QL's Kitchen setting) bootstraps each truncated
     trajectory's MC return from ``r_last / (1 - gamma)``; see ``mc_return``.
     """
+    data = data or DataSettings()
     ds = dataset if isinstance(dataset, minari.MinariDataset) else open_dataset(dataset)
     arrays = [_episode_arrays(ep, task) for ep in ds.iterate_episodes()]
     if not arrays:
@@ -169,10 +169,10 @@ def load_transitions(
         )  # fmt: skip
     cols = {key: np.concatenate([ep[key] for ep in episodes]) for key in episodes[0]}
     _check_matches_task(ds, cols, task)
-    reward = scale_rewards(cols["reward"], reward_scale, reward_bias)
+    reward = data.scale(cols["reward"])
     terminated = cols["terminated"].astype(np.float32)
     ends = trajectory_ends(cols["obs"], cols["next_obs"], cols["terminated"], cols["truncated"])
-    failure = scaled_failure_reward(task.reward, task.reward_neg, reward_scale, reward_bias)
+    failure = scaled_failure_reward(task.reward, task.reward_neg, data.reward_scale, data.reward_bias)
     return Transitions(
         obs=cols["obs"],
         action=cols["action"],
@@ -180,7 +180,7 @@ def load_transitions(
         next_obs=cols["next_obs"],
         terminated=terminated,
         episode_end=ends,
-        mc_return=mc_returns(reward, terminated, ends, gamma, failure, infinite_horizon),
+        mc_return=mc_returns(reward, terminated, ends, data.discount, failure, data.mc_infinite_horizon),
     )
 
 

@@ -2,7 +2,7 @@
 
 Layout of a store folder::
 
-    zarr.json        root group; attrs["o2o_replay"] = static metadata (dims, gamma, ...)
+    zarr.json        root group; attrs["o2o_replay"] = static metadata (dims, data settings, ...)
     data/<column>    one row per transition, append-only (see ROW_COLUMNS)
     episodes/<col>   one row per closed episode (see EPISODE_COLUMNS)
     commit.json      the commit record: trusted row / episode counts, actor table,
@@ -82,6 +82,7 @@ import zarr
 
 from .atomic_file import fsync_path, write_atomic
 from .file_lock import try_lock
+from .data_settings import DataSettings
 from .rows import TransitionChunk
 from .store_episodes import Actor, Closed, Episode, EpisodeTracker
 from .store_format import (  # noqa: F401  (re-exported: the store's public names)
@@ -189,22 +190,20 @@ class ReplayStore:
         obs_dim: int,
         action_dim: int,
         *,
-        gamma: float = 0.99,
-        reward_scale: float = 1.0,
-        reward_bias: float = 0.0,
+        data: DataSettings | None = None,
         failure_reward: float | None = None,
         task: str | None = None,
         chunk_rows: int = 0,
         compressor=DEFAULT_COMPRESSOR,
         overwrite: bool = False,
-        infinite_horizon: bool = False,
         fsync: bool = True,
     ) -> "ReplayStore":
         """A new, empty store opened for appending.
 
         ``failure_reward`` is the RAW failure reward of a sparse task (``TaskSpec.reward_neg``),
         None for dense tasks; see the module docstring for the reward convention.
-        ``infinite_horizon``: MC returns as with ``load_transitions(..., infinite_horizon=True)``.
+        ``data``: the data settings its MC returns are computed with, as ``load_transitions(...,
+        data)`` computes a dataset's (None: ``DataSettings()``'s defaults).
         ``fsync``: make each commit durable against OS crashes and power loss (see the module
         docstring); it is a setting of this writer, not of the store.
         """
@@ -219,15 +218,12 @@ class ReplayStore:
         if chunk_rows <= 0:
             chunk_rows = 2 ** round(math.log2(TARGET_CHUNK_BYTES / (4 * obs_dim)))
             chunk_rows = min(max(chunk_rows, 1024), 262144)
-        config = StoreConfig(
-            obs_dim, action_dim, float(gamma), float(reward_scale), float(reward_bias),
-            None if failure_reward is None else float(failure_reward), task, chunk_rows,
-            infinite_horizon=bool(infinite_horizon),
-        )  # fmt: skip
+        config = StoreConfig(obs_dim, action_dim, (data or DataSettings()).normalized(),
+                             None if failure_reward is None else float(failure_reward), task, chunk_rows)  # fmt: skip
         path.mkdir(parents=True)
         lock_fd = _lock(path)
         group = zarr.open_group(str(path), mode="a")  # "w" would wipe the lock file
-        group.attrs["o2o_replay"] = {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(config)}
+        group.attrs["o2o_replay"] = config.to_attrs()
         AppendTable.create(group.create_group("data"), row_columns(obs_dim, action_dim), chunk_rows, compressor)
         AppendTable.create(group.create_group("episodes"), EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, compressor)
         if fsync:  # the metadata files and folders, before the record that makes the store valid
@@ -241,7 +237,7 @@ class ReplayStore:
     @classmethod
     def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
         """A store with the dimensions and failure reward of an o2o task (makes the env once);
-        ``kwargs`` go to ``create`` (``gamma``, ``reward_scale``, ``infinite_horizon``, ...)."""
+        ``kwargs`` go to ``create`` (``data``, ``fsync``, ...)."""
         from o2o.envs import get_task, make_env
 
         spec = get_task(task)
@@ -278,8 +274,7 @@ class ReplayStore:
             raise StoreError(f"{path} is not an o2o replay store (no o2o_replay attributes)")
         if attrs["version"] != FORMAT_VERSION:
             raise StoreError(f"{path} has store format version {attrs['version']}; this code reads {FORMAT_VERSION}")
-        known = {**LATER_ATTRS, **attrs}  # a store made by older code lacks the later attributes
-        config = StoreConfig(**{f.name: known[f.name] for f in dataclasses.fields(StoreConfig)})
+        config = StoreConfig.from_attrs(attrs)  # also a store's made by older code (old names, fewer attributes)
         lock_fd = _lock(path) if mode == "a" else None
         return _construct(cls, path, config, mode, lock_fd, abandon_idle_s, fsync)
 

@@ -115,9 +115,8 @@ def check_store(path: str | os.PathLike) -> Findings:
     cfg = store.config
     found.checked.append(
         f"commit {record['commit']}: {rows:,} rows, {n_episodes:,} closed episodes, {len(actors)} actors "
-        f"(obs_dim {cfg.obs_dim}, action_dim {cfg.action_dim}, chunk_rows {cfg.chunk_rows}, gamma {cfg.gamma}, "
-        f"reward_scale {cfg.reward_scale}, reward_bias {cfg.reward_bias}, failure_reward {cfg.failure_reward}, "
-        f"infinite_horizon {cfg.infinite_horizon}){'; a writer has it open' if live else ''}"
+        f"(obs_dim {cfg.obs_dim}, action_dim {cfg.action_dim}, chunk_rows {cfg.chunk_rows}, {cfg.data}, "
+        f"failure_reward {cfg.failure_reward}){'; a writer has it open' if live else ''}"
     )
     group = zarr.open_group(str(path), mode="r")
     cols = _check_columns(group, store, record, found)
@@ -284,8 +283,8 @@ def _check_episodes(store, data: dict, episodes: dict, open_episodes: list[dict]
         expect_mc[idx] = True
         terminals = np.zeros(len(idx), np.float32)
         terminals[-1] = float(episodes["terminated"][i])
-        want = trajectory_return_to_go(cfg.scale_rewards(data["reward"][idx]), terminals, cfg.gamma,
-                                       cfg.scaled_failure_reward, cfg.infinite_horizon)  # fmt: skip
+        want = trajectory_return_to_go(cfg.data.scale(data["reward"][idx]), terminals, cfg.data.discount,
+                                       cfg.scaled_failure_reward, cfg.data.mc_infinite_horizon)  # fmt: skip
         got = mc[idx]
         bad = ~np.isclose(got, want, rtol=MC_RTOL, atol=MC_RTOL)
         n_mc += len(idx)

@@ -6,8 +6,8 @@ actor observed it, so the store does not depend on training choices. The
 ``mc_return`` column is the Cal-QL Monte-Carlo return-to-go computed exactly
 like ``minari_io.load_transitions``: rewards scaled to
 ``float32(reward * reward_scale + reward_bias)``, then
-``mc_return.trajectory_return_to_go`` with the store's ``gamma``, the scaled
-failure reward (sparse tasks) and ``infinite_horizon`` (Cal-QL's Kitchen tail;
+``mc_return.trajectory_return_to_go`` with the store's ``data.discount``, the scaled
+failure reward (sparse tasks) and ``data.mc_infinite_horizon`` (Cal-QL's Kitchen tail;
 stores made before that setting existed read it as False). It is filled when
 an episode's terminated or truncated row arrives, for every row of that episode
 (rows of different actors interleave). Rows of episodes still open, abandoned (the actor moved on to
@@ -172,7 +172,7 @@ class EpisodeTracker:
             # rewards, G_t = r_t + gamma * G_{t+1} * (1 - terminal_t), the all-failure rule of
             # sparse tasks and, for Kitchen, the infinite-horizon tail of truncated episodes.
             mc = trajectory_return_to_go(
-                cfg.scale_rewards(raw), terminals, cfg.gamma, cfg.scaled_failure_reward, cfg.infinite_horizon
+                cfg.data.scale(raw), terminals, cfg.data.discount, cfg.scaled_failure_reward, cfg.data.mc_infinite_horizon
             )
             self.rows.patch("mc_return", rows, mc)
             self.closed.append((rows, mc, episode.parts))  # handed to the learner by the commit

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .mc_return import scale_rewards
+from .data_settings import OLD_STORE_NAMES, DataSettings
 from .rows import ARRAY_NAMES, MAX_INT32, TransitionChunk
 from .zarr_table import ZARR_ATOMIC_WRITES, ColumnSpec, zarr_writes_atomically
 
@@ -80,35 +80,42 @@ class SeqGapError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
-    """Static metadata of a store (saved in the root group's attributes)."""
+    """Static metadata of a store (saved in the root group's attributes, ``to_attrs``)."""
 
     obs_dim: int
     action_dim: int
-    gamma: float = 0.99
-    reward_scale: float = 1.0
-    reward_bias: float = 0.0
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    """The data settings its MC returns are computed with (the agent's ``algo`` ones)."""
     failure_reward: float | None = None
     """RAW failure reward of a sparse task (its ``reward_neg``), or None for dense tasks."""
     task: str | None = None
     chunk_rows: int = 0
     """Rows per Zarr chunk; 0 picks ~2 MiB obs chunks."""
-    infinite_horizon: bool = False
-    """MC returns of truncated episodes start from r_last / (1 - gamma) (Cal-QL's Kitchen rule)."""
 
     @property
     def scaled_failure_reward(self) -> float | None:
         if self.failure_reward is None:
             return None
         # Scaled like the rewards (float32), so the all-failure rule compares equal numbers.
-        return float(self.scale_rewards(np.array([self.failure_reward]))[0])
+        return float(self.data.scale(np.array([self.failure_reward]))[0])
 
-    def scale_rewards(self, raw: np.ndarray) -> np.ndarray:
-        # The same float32 arithmetic as minari_io.load_transitions, so MC returns match bit for bit.
-        return scale_rewards(raw, self.reward_scale, self.reward_bias)
+    def to_attrs(self) -> dict:
+        """The metadata saved in the root group: the data settings flat, under their names."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "data"}
+        return {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self.data.normalized()), **fields}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "StoreConfig":
+        """Read ``to_attrs``'s metadata, also a store's made by older code: the data settings under
+        their old names (gamma, infinite_horizon) or without ``infinite_horizon`` (then False)."""
+        known = {**LATER_ATTRS, **{OLD_STORE_NAMES.get(k, k): v for k, v in attrs.items()}}
+        fields = {f.name: known[f.name] for f in dataclasses.fields(cls) if f.name != "data"}
+        return cls(data=DataSettings.of(known), **fields)
 
 
 # Attributes added after FORMAT_VERSION was fixed: a store made before lacks them and reads these.
-LATER_ATTRS = {"infinite_horizon": False}
+LATER_ATTRS = {"mc_infinite_horizon": DataSettings.mc_infinite_horizon}
+
 
 @dataclasses.dataclass(frozen=True)
 class CommitEvent:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.transport.config import IngestConfig
 
 
@@ -44,11 +45,12 @@ class NetworkConfig:
 
 
 @dataclasses.dataclass
-class CalQLConfig:
+class CalQLConfig(DataSettings):
+    """The agent: the data settings (``DataSettings``: discount, reward_scale, reward_bias,
+    mc_infinite_horizon, declared there) and the algorithm's own."""
+
     calibrated: bool = True
     """Cal-QL: raise policy-action Q-values in the CQL term to the MC return. False = plain CQL."""
-    discount: float = 0.99
-    """gamma, for the TD targets and the MC returns."""
     policy_lr: float = 1e-4
     """Adam learning rate of the policy."""
     critic_lr: float = 3e-4
@@ -59,13 +61,6 @@ class CalQLConfig:
     """Learning rate of the CQL Lagrange multiplier (the official code uses the Q lr)."""
     tau: float = 5e-3
     """Target network soft-update rate."""
-    reward_scale: float = 1.0
-    """Rewards become r * reward_scale + reward_bias before anything else (AntMaze 10, Adroit 10, Kitchen 1)."""
-    reward_bias: float = 0.0
-    """See reward_scale (AntMaze -5, Adroit +5, Kitchen 0)."""
-    mc_infinite_horizon: bool = False
-    """MC return of a trajectory cut by a time limit starts from r_last / (1 - gamma) instead of 0
-    (the official ``infinite_horizon`` switch, on for Kitchen)."""
     auto_entropy: bool = True
     """Tune the SAC temperature to reach target_entropy; off = fixed alpha_multiplier."""
     target_entropy: float | None = None
@@ -133,7 +128,7 @@ class CalQLConfig:
     """torch.compile mode: default, reduce-overhead or max-autotune."""
 
 
-DATA_FIELDS = ("discount", "reward_scale", "reward_bias", "mc_infinite_horizon")
+DATA_FIELDS = DataSettings.names()
 """`algo` fields that define the data (rewards, MC returns, TD targets): fine-tuning keeps the
 checkpoint's, for offline and online rows alike, and refuses an override that differs."""
 

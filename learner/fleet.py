@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import ReplayStore, StoreError
 
 from .checkpoint import AgentSpec
@@ -31,12 +32,11 @@ PUBLISHED_FILE = "published.json"
 
 def open_store(path: Path, task_name: str, algo, fsync: bool, abandon_idle_s: float | None) -> ReplayStore:
     """The replay store at ``path`` (created if missing), whose MC returns follow the agent's data settings."""
-    wanted = {"gamma": algo.discount, "reward_scale": algo.reward_scale, "reward_bias": algo.reward_bias,
-              "infinite_horizon": algo.mc_infinite_horizon}  # fmt: skip
+    wanted = DataSettings.of(algo)
     if not path.exists():
-        return ReplayStore.create_for_task(path, task_name, fsync=fsync, **wanted)
+        return ReplayStore.create_for_task(path, task_name, data=wanted, fsync=fsync)
     store = ReplayStore.open(path, "a", abandon_idle_s=abandon_idle_s, fsync=fsync)
-    wrong = {k: (getattr(store.config, k), v) for k, v in wanted.items() if getattr(store.config, k) != v}
+    wrong = store.config.data.differences(wanted)
     if wrong:
         store.close(commit=False)
         shown = ", ".join(f"{k} {have!r} (the agent: {want!r})" for k, (have, want) in wrong.items())

@@ -156,7 +156,7 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     # OOO's exploring agent on maze2d, Kitchen, hammer: Q' clipped to bounds that widen with online rewards.
     q_bound = QBound(agent, algo.discount, None if scratch else offline_data.reward) if algo.q_target_clip else None
     online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device, online=True)
-    online = OnlineData(online_buffer, low, high, algo.reward_scale, algo.reward_bias, cfg.train_on_eval,
+    online = OnlineData(online_buffer, low, high, algo, cfg.train_on_eval,
                         on_rewards=q_bound.widen if q_bound else None)  # fmt: skip
     store = open_store(Path(cfg.store) if cfg.store else run_dir / "replay", task.name, algo, cfg.ingest.fsync, cfg.ingest.abandon_idle_s)
     if len(store):

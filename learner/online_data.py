@@ -16,8 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from o2o.datasets.mc_return import scale_rewards
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import LEARNER_COLUMNS, CommitEvent, ReplayStore
+from o2o.datasets.trainable_rows import trainable_rows
 
 from .buffer import Batch, TransitionBuffer, concat_batches, normalize_actions, offline_batch_rows
 
@@ -38,17 +39,17 @@ class OnlineData:
         buffer: TransitionBuffer,
         low: np.ndarray,
         high: np.ndarray,
-        reward_scale: float,
-        reward_bias: float,
+        data: DataSettings,
         train_on_eval: bool = False,
         on_rewards: Callable[[np.ndarray], None] | None = None,
     ):
-        """``on_rewards``: called with the scaled rewards of each trainable chunk as it enters the
-        buffer (``QBound.widen``)."""
+        """``data``: the agent's data settings (rewards are scaled with them, as the offline rows and
+        the store's MC returns are). ``on_rewards``: called with the scaled rewards of each trainable
+        chunk as it enters the buffer (``QBound.widen``)."""
         self.on_rewards = on_rewards
         self.buffer = buffer
         self.low, self.high = low, high
-        self.reward_scale, self.reward_bias = reward_scale, reward_bias
+        self.data = DataSettings.of(data)
         self.train_on_eval = train_on_eval
         self.events: queue.SimpleQueue[_Commit] = queue.SimpleQueue()
         self.committed_rows = 0
@@ -100,7 +101,7 @@ class OnlineData:
 
     def add_rows(self, obs, action, raw_reward, next_obs, terminated, mc_return) -> None:
         """Trainable rows in store units (env actions, raw rewards) into the device buffer."""
-        reward = scale_rewards(raw_reward, self.reward_scale, self.reward_bias)  # as offline rows and the store
+        reward = self.data.scale(raw_reward)  # as offline rows and the store
         self.buffer.add(
             obs=obs,
             action=normalize_actions(action, self.low, self.high),
@@ -114,26 +115,27 @@ class OnlineData:
             self.on_rewards(reward)
 
     def load_store(self, store: ReplayStore, chunk: int = 262_144) -> int:
-        """After a restart: the committed, finished, non-eval rows of the store (the source of
-        truth), streamed ``chunk`` rows at a time; returns how many there are.
+        """After a restart: the store's trainable rows (the source of truth; ``trainable_rows``, the
+        retrain's rule: rows of ended episodes, with an MC return, eval rows only with
+        ``train_on_eval``), streamed ``chunk`` rows at a time; returns how many there are.
 
-        Only the last ``buffer.capacity`` of them fit the buffer, so a first pass reads just
-        ``mc_return`` and ``eval`` to count them, and the second reads whole rows only from
-        the chunk where those last ones begin. Rows of episodes still open come later, in the
-        ``closed`` rows of the commit that ends them.
+        Only the last ``buffer.capacity`` of them fit the buffer, so a first pass reads just the
+        rule's columns to count them, and the second reads whole rows only from the chunk where
+        those last ones begin. Rows of episodes still open come later, in the ``closed`` rows of
+        the commit that ends them.
         """
-        n = len(store)
-        starts = range(0, n, chunk)
-        counts = [int(self._trainable(store.read(a, a + chunk, ["mc_return", "eval"])).sum()) for a in starts]
+        rows = trainable_rows(store, include_eval=self.train_on_eval)
+        starts = range(0, rows.stop, chunk)
+        counts = [rows.count(a, a + chunk) for a in starts]
         first, kept = len(counts), 0
         while first > 0 and kept < self.buffer.capacity:
             first -= 1
             kept += counts[first]
         skipped = sum(counts[:first])  # trainable, but pushed out of the buffer by later rows anyway
-        for a in starts[first:]:
-            self._add_trainable(store.read(a, a + chunk, [*LEARNER_COLUMNS, "mc_return"]))
+        for part in rows.chunks([*LEARNER_COLUMNS, "mc_return"], chunk, first=first * chunk):
+            self._add_trainable(part)
         self.trainable_rows += skipped
-        self.committed_rows = n
+        self.committed_rows = rows.stop
         self.trainable_committed = self.trainable_rows
         return self.trainable_rows
 

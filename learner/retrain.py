@@ -38,7 +38,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from o2o.datasets.minari_io import DatasetError, Transitions
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import ReplayStore, StoreError
+from o2o.datasets.trainable_rows import READ_CHUNK_ROWS, trainable_rows
 from o2o.envs import TaskSpec, get_task
 
 from .buffer import Batch, TransitionBuffer, concat_batches
@@ -54,7 +56,6 @@ from .stopping import Stopped, graceful_stop, requested
 log = logging.getLogger("o2o.retrain")
 
 SUMMARY_FILE = "retrain.json"
-READ_CHUNK_ROWS = 262_144
 
 
 @dataclasses.dataclass
@@ -85,11 +86,6 @@ class RetrainConfig(PretrainConfig):
 
 ConfigStore.instance().store(name="retrain_schema", node=RetrainConfig)
 
-DATA_SETTINGS = {"discount": "gamma", "reward_scale": "reward_scale", "reward_bias": "reward_bias",
-                 "mc_infinite_horizon": "infinite_horizon"}  # fmt: skip
-"""algo field -> the store's setting: the store computed its MC returns with these."""
-
-
 @dataclasses.dataclass
 class StoreSelection:
     """The store rows a retrain uses, and where they came from."""
@@ -102,46 +98,30 @@ class StoreSelection:
 
 def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int = 0,
                       train_on_eval: bool = False) -> StoreSelection:  # fmt: skip
-    """The trainable rows of the store's committed prefix: rows of episodes that ENDED within the
-    prefix (their MC return needs no later row), not evaluation rows unless ``train_on_eval``.
+    """The trainable rows of the store's committed prefix (``trainable_rows``: rows of episodes that
+    ENDED within the prefix, with an MC return, not evaluation rows unless ``train_on_eval``).
 
     Rewards come out scaled with the store's settings, actions in env units (as a dataset's)."""
-    committed = store.refresh()
-    stop = min(until_row, committed) if until_row > 0 else committed
-    if until_version > 0:
-        versions = store.read(0, stop, ["policy_version"])["policy_version"]
-        later = np.flatnonzero(versions > until_version)
-        stop = int(later[0]) if len(later) else stop
-    episodes = store.episodes(["actor", "episode_id", "end_row", "ended", "eval"])
-    usable = episodes["ended"] & (episodes["end_row"] < stop) & (train_on_eval | ~episodes["eval"])
-    keys = _episode_keys(episodes["actor"][usable], episodes["episode_id"][usable])
-    parts = []
-    for start in range(0, stop, READ_CHUNK_ROWS):
-        rows = store.read(start, min(stop, start + READ_CHUNK_ROWS))
-        keep = np.isin(_episode_keys(rows["actor"], rows["episode_id"]), keys) & np.isfinite(rows["mc_return"])
-        parts.append({k: v[keep] for k, v in rows.items()})
+    rows = trainable_rows(store, until_row, until_version, include_eval=train_on_eval)
+    parts = list(rows.chunks(chunk=READ_CHUNK_ROWS))
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
     if columns is None or len(columns["reward"]) == 0:
         empty = np.zeros(0, np.float32)
         dims = (store.config.obs_dim, store.config.action_dim)
         data = Transitions(np.zeros((0, dims[0]), np.float32), np.zeros((0, dims[1]), np.float32), empty,
                            np.zeros((0, dims[0]), np.float32), empty, np.zeros(0, bool), empty)  # fmt: skip
-        return StoreSelection(data, stop, 0, [])
+        return StoreSelection(data, rows.stop, 0, [])
     data = Transitions(
         obs=columns["obs"],
         action=columns["action"],
-        reward=store.config.scale_rewards(columns["reward"]),  # as the offline rows and the online learner
+        reward=store.config.data.scale(columns["reward"]),  # as the offline rows and the online learner
         next_obs=columns["next_obs"],
         terminated=columns["terminated"].astype(np.float32),
         episode_end=columns["terminated"] | columns["truncated"],
         mc_return=columns["mc_return"],
     )
     versions = columns["policy_version"]
-    return StoreSelection(data, stop, int(usable.sum()), [int(versions.min()), int(versions.max())])
-
-
-def _episode_keys(actor: np.ndarray, episode_id: np.ndarray) -> np.ndarray:
-    return actor.astype(np.int64) << 40 | episode_id.astype(np.int64)
+    return StoreSelection(data, rows.stop, rows.episodes, [int(versions.min()), int(versions.max())])
 
 
 def concat_transitions(parts: list[Transitions]) -> Transitions:
@@ -181,12 +161,9 @@ def high_reward_rows(online_reward: np.ndarray) -> np.ndarray:
 def apply_store_settings(cfg: RetrainConfig, store: ReplayStore, explicit: set[str]) -> None:
     """The data settings are the store's (its MC returns were computed with them): an explicit
     override that differs is refused; a preset default that differs is replaced, and said."""
-    for field, setting in DATA_SETTINGS.items():
-        have, want = getattr(cfg.algo, field), getattr(store.config, setting)
-        if have == want:
-            continue
+    for field, (have, want) in DataSettings.of(cfg.algo).differences(store.config.data).items():
         if f"algo.{field}" in explicit:
-            raise ValueError(f"algo.{field}={have!r} differs from the store's {setting} {want!r}, with which its MC "
+            raise ValueError(f"algo.{field}={have!r} differs from the store's {field} {want!r}, with which its MC "
                              f"returns were computed: drop the override (the store's value is used)")  # fmt: skip
         log.info("algo.%s: the store's %r (not %r)", field, want, have)
         setattr(cfg.algo, field, want)

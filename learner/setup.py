@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from o2o.datasets.builders import ensure_dataset, parse_dataset_id
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions
 from o2o.envs import TaskSpec, make_env
 
@@ -42,10 +43,7 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
     if cfg.build_missing_dataset:
         ensure_dataset(cfg.dataset, cfg.build_episodes, cfg.build_seed, rebuild=cfg.rebuild_dataset,
                        progress=cfg.progress)  # fmt: skip
-    return load_transitions(
-        cfg.dataset, task, gamma=algo.discount, reward_scale=algo.reward_scale, reward_bias=algo.reward_bias,
-        infinite_horizon=algo.mc_infinite_horizon,
-    )
+    return load_transitions(cfg.dataset, task, DataSettings.of(algo))
 
 
 def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, device) -> tuple[CalQLAgent, AgentSpec]:

@@ -8,6 +8,7 @@ import minari
 import numpy as np
 import pytest
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.builders.common import episode_succeeded, record_episode
 from o2o.datasets.builders.fetch import QUALITIES, TASKS, build_episodes, episode_plan, random_controller
 from o2o.datasets.minari_io import load_transitions, write_dataset
@@ -51,7 +52,7 @@ def test_minari_dataset_keeps_dict_observations(built):
 
 def test_flat_obs_is_achieved_desired_observation_in_that_order(built):
     task, _, dataset_id = built
-    data = load_transitions(dataset_id, get_task(task), gamma=GAMMA)
+    data = load_transitions(dataset_id, get_task(task), DataSettings(GAMMA))
     episodes = list(minari.load_dataset(dataset_id).iterate_episodes())
     obs = episodes[0].observations
     expected = np.concatenate([obs["achieved_goal"], obs["desired_goal"], obs["observation"]], axis=1)
@@ -63,7 +64,7 @@ def test_flat_obs_is_achieved_desired_observation_in_that_order(built):
 
 def test_failed_episodes_get_the_sparse_failure_mc_return(built):
     task, episodes, dataset_id = built
-    data = load_transitions(dataset_id, get_task(task), gamma=GAMMA)
+    data = load_transitions(dataset_id, get_task(task), DataSettings(GAMMA))
     rows = np.split(np.arange(len(data)), np.flatnonzero(data.episode_end)[:-1] + 1)
     failed = [i for i, ep in enumerate(episodes) if max(ep["rewards"]) == -1.0]
     assert failed and len(failed) < len(episodes), "the mixed data should hold successes and failures"

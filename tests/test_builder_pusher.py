@@ -8,6 +8,7 @@ import minari
 import numpy as np
 import pytest
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.builders.common import episode_succeeded, record_episode
 from o2o.datasets.builders.pusher import QUALITIES, build_episodes, episode_plan, random_controller
 from o2o.datasets.minari_io import load_transitions, write_dataset
@@ -49,7 +50,7 @@ def test_minari_dataset_round_trips_the_episodes(built):
 
 def test_transitions_are_the_episodes_flattened(built):
     episodes, dataset_id = built
-    data = load_transitions(dataset_id, get_task("pusher"), gamma=GAMMA)
+    data = load_transitions(dataset_id, get_task("pusher"), DataSettings(GAMMA))
     assert len(data) == STEPS * len(episodes)
     assert (data.obs_dim, data.action_dim) == (OBS_DIM, ACT_DIM)
     obs = np.asarray(episodes[1]["observations"], np.float32)
@@ -65,7 +66,7 @@ def test_transitions_are_the_episodes_flattened(built):
 
 def test_dense_mc_return_is_the_discounted_backward_sum(built):
     episodes, dataset_id = built
-    data = load_transitions(dataset_id, get_task("pusher"), gamma=GAMMA)
+    data = load_transitions(dataset_id, get_task("pusher"), DataSettings(GAMMA))
     for i, episode in enumerate(episodes):
         rewards = np.asarray(episode["rewards"], np.float64)
         expected = np.zeros(STEPS)

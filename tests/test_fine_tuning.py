@@ -94,7 +94,7 @@ def test_offline_and_online_rows_carry_the_checkpoints_scaling(tmp_path, checkpo
     terminal = np.array([0, 0, 0, 0, 1], np.float32)
     np.testing.assert_allclose(run.online_buffer.columns["mc_return"][:5].numpy(),
                                trajectory_return_to_go(scaled, terminal, 0.99, failure_reward=-5.0), rtol=1e-6)  # fmt: skip
-    assert run.store.config.reward_scale == 10.0 and run.store.config.reward_bias == -5.0
+    assert run.store.config.data.reward_scale == 10.0 and run.store.config.data.reward_bias == -5.0
 
     # The CQL weight of the loss: the override's, else the checkpoint's.
     weight = 1.0 if override else 5.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.transport import wire
 from o2o.datasets.mc_return import mc_returns, scaled_failure_reward, trajectory_ends, trajectory_return_to_go
 from o2o.datasets.minari_io import DatasetError, load_transitions, write_dataset
@@ -133,7 +134,7 @@ def test_load_transitions_all_failure_rule_with_scale_point_one_and_a_bias():
     success = {"observations": [obs] * 3, "actions": [np.zeros(2, np.float32)] * 2, "rewards": [0.0, 1.0],
                "terminations": [False, True], "truncations": [False, False]}  # fmt: skip
     _write("test/mcofficial/scaled-v0", "pointmaze-umaze", [failure, success])
-    data = load_transitions("test/mcofficial/scaled-v0", get_task("pointmaze-umaze"), GAMMA, 0.1, 0.3)
+    data = load_transitions("test/mcofficial/scaled-v0", get_task("pointmaze-umaze"), DataSettings(GAMMA, 0.1, 0.3))
     # Failure: 0 * 0.1 + 0.3 = 0.3 each -> 0.3 / 0.01 = 30. Success: [0.3, 0.4], terminal.
     np.testing.assert_allclose(data.mc_return, [30.0, 30.0, 30.0, 0.3 + GAMMA * 0.4, 0.4], rtol=1e-5)
 
@@ -163,7 +164,7 @@ def test_adroit_binary_demo_without_success_is_dropped():
     failed = _door_demo(env, 0, success_steps=(), steps=3)
     good = _door_demo(env, 1, success_steps=(2, 3), steps=5)
     _write("test/mcofficial/door-v0", task, [failed, good])
-    data = load_transitions("test/mcofficial/door-v0", task, GAMMA, reward_scale=10.0, reward_bias=5.0)
+    data = load_transitions("test/mcofficial/door-v0", task, DataSettings(GAMMA, 10.0, 5.0))
     # Only the good demo, cut after its last success (step 3); success steps are terminal.
     assert len(data) == 4
     np.testing.assert_allclose(data.obs, np.asarray(good["observations"][:4], np.float32))
@@ -178,7 +179,7 @@ def test_adroit_binary_dataset_without_any_success_is_a_clear_error():
     env = make_env(task, flatten=False)
     _write("test/mcofficial/door-fail-v0", task, [_door_demo(env, 0, (), 3), _door_demo(env, 1, (), 4)])
     with pytest.raises(DatasetError, match="all 2 episodes were dropped"):
-        load_transitions("test/mcofficial/door-fail-v0", task, GAMMA)
+        load_transitions("test/mcofficial/door-fail-v0", task, DataSettings(GAMMA))
 
 
 # ------------------------------------------------------------------ online store
@@ -199,9 +200,9 @@ def _episode_chunk(seq, episode, obs_dim, act_dim, rewards, terminated):
 
 def test_store_mc_returns_match_load_transitions_with_infinite_horizon(tmp_path):
     task = get_task("pointmaze-umaze")
-    kwargs = {"gamma": 0.9, "reward_scale": 0.1, "reward_bias": 0.3}
-    store = ReplayStore.create_for_task(tmp_path / "replay", task.name, infinite_horizon=True, **kwargs)
-    assert store.config.infinite_horizon
+    settings = DataSettings(discount=0.9, reward_scale=0.1, reward_bias=0.3, mc_infinite_horizon=True)
+    store = ReplayStore.create_for_task(tmp_path / "replay", task.name, data=settings)
+    assert store.config.data.mc_infinite_horizon
     dims = store.config.obs_dim, store.config.action_dim
     episodes = [([0.0, 1.0, 0.0], False), ([0.0, 0.0, 1.0], True), ([1.0, 0.0], False), ([0.0, 0.0], False)]
     for i, (rewards, terminated) in enumerate(episodes):
@@ -209,11 +210,11 @@ def test_store_mc_returns_match_load_transitions_with_infinite_horizon(tmp_path)
     store.commit()
     store.close()
     store = ReplayStore.open(tmp_path / "replay")
-    assert store.config.infinite_horizon  # saved in the attrs
+    assert store.config.data == settings  # saved in the attrs
     rows = store.read()
 
     export_minari(store, "o2o/test/mcofficial-ih-v0")
-    data = load_transitions("o2o/test/mcofficial-ih-v0", task, infinite_horizon=True, **kwargs)
+    data = load_transitions("o2o/test/mcofficial-ih-v0", task, settings)
     order = np.lexsort(data.obs.T)
     np.testing.assert_array_equal(data.obs[order], rows["obs"][np.lexsort(rows["obs"].T)])
     np.testing.assert_array_equal(data.mc_return[order], rows["mc_return"][np.lexsort(rows["obs"].T)])
@@ -235,14 +236,40 @@ def test_store_mc_returns_match_load_transitions_with_infinite_horizon(tmp_path)
     np.testing.assert_allclose(rows["mc_return"][-2:], [3.0, 3.0], rtol=1e-5)
 
 
+def _write_old_attrs(path, old: dict) -> None:
+    """Rewrite a store's metadata as code before ``DataSettings`` wrote it: the data settings
+    under the old names (gamma, infinite_horizon) instead of the new ones."""
+    group = zarr.open_group(str(path), mode="a")
+    attrs = dict(group.attrs["o2o_replay"])
+    for new in DataSettings.names():
+        del attrs[new]
+    group.attrs["o2o_replay"] = {**attrs, **old}
+
+
 def test_store_made_before_infinite_horizon_existed_reads_it_as_false(tmp_path):
     store = ReplayStore.create(tmp_path / "replay", 3, 2, failure_reward=-1.0)
     store.close()
-    group = zarr.open_group(str(tmp_path / "replay"), mode="a")
-    attrs = dict(group.attrs["o2o_replay"])
-    del attrs["infinite_horizon"]
-    group.attrs["o2o_replay"] = attrs
+    _write_old_attrs(tmp_path / "replay", {"gamma": 0.99, "reward_scale": 1.0, "reward_bias": 0.0})
     for mode in ("r", "a"):
         store = ReplayStore.open(tmp_path / "replay", mode)
-        assert store.config.infinite_horizon is False
+        assert store.config.data.mc_infinite_horizon is False
         store.close()
+
+
+def test_store_written_with_the_old_names_opens_with_its_settings_and_keeps_them(tmp_path):
+    """A store whose metadata says gamma / infinite_horizon (before ``DataSettings``) opens with
+    those values as discount / mc_infinite_horizon, and its MC returns keep following them."""
+    settings = DataSettings(discount=0.9, reward_scale=0.1, reward_bias=0.3, mc_infinite_horizon=True)
+    store = ReplayStore.create(tmp_path / "replay", 3, 2, failure_reward=-1.0)
+    store.close()
+    _write_old_attrs(tmp_path / "replay", {"gamma": 0.9, "reward_scale": 0.1, "reward_bias": 0.3,
+                                           "infinite_horizon": True})  # fmt: skip
+    assert ReplayStore.open(tmp_path / "replay", "r").config.data == settings
+    with ReplayStore.open(tmp_path / "replay", "a") as store:
+        assert store.config.data == settings
+        store.append(_episode_chunk(0, 0, 3, 2, [0.0, 1.0, 0.0], False))
+    rows = ReplayStore.open(tmp_path / "replay", "r").read()
+    scaled = np.asarray([0.0, 1.0, 0.0], np.float32) * np.float32(0.1) + np.float32(0.3)
+    want = official_calc_return_to_go(scaled, np.zeros(3), 0.9, np.float32(-1.0) * np.float32(0.1) + np.float32(0.3),
+                                      True, True)  # fmt: skip
+    np.testing.assert_allclose(rows["mc_return"], want, rtol=1e-5)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.mc_return import mc_returns, scaled_failure_reward, trajectory_ends, trajectory_return_to_go
 from o2o.datasets.minari_io import DatasetError, load_transitions, write_dataset
 from o2o.envs import get_task, make_env
@@ -96,7 +97,7 @@ def test_minari_dataset_loads_with_scaled_rewards_and_official_mc_returns():
     success = _maze_episode(env, 1, [0.0, 1.0], terminal=True)
     _write("test/mc/scaled-v0", "pointmaze-umaze", [failure, success])
 
-    data = load_transitions("test/mc/scaled-v0", get_task("pointmaze-umaze"), GAMMA, reward_scale=10.0, reward_bias=-5.0)
+    data = load_transitions("test/mc/scaled-v0", get_task("pointmaze-umaze"), DataSettings(GAMMA, 10.0, -5.0))
     np.testing.assert_allclose(data.reward, [-5, -5, -5, -5, 5])
     np.testing.assert_allclose(data.mc_return, [-500, -500, -500, -5 + GAMMA * 5, 5], rtol=1e-5)
     assert data.terminated.tolist() == [0, 0, 0, 0, 1]

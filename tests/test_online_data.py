@@ -4,6 +4,7 @@ with the store's Cal-QL MC returns; eval rows are not trained on; batches mix by
 import numpy as np
 import pytest
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
 from o2o.datasets.replay_store import ReplayStore, row_columns
@@ -29,10 +30,10 @@ def chunk(seq, episode, step, n, end=False, eval=False, reward=-1.0):
 
 
 def make(tmp_path):
-    store = ReplayStore.create(tmp_path / "replay", OBS, ACT, gamma=0.9, reward_scale=2.0, reward_bias=1.0,
+    store = ReplayStore.create(tmp_path / "replay", OBS, ACT, data=DataSettings(0.9, 2.0, 1.0),
                                failure_reward=-1.0)  # fmt: skip
     buffer = TransitionBuffer(OBS, ACT, 1000, "cpu")
-    data = OnlineData(buffer, LOW, HIGH, reward_scale=2.0, reward_bias=1.0)
+    data = OnlineData(buffer, LOW, HIGH, DataSettings(0.9, 2.0, 1.0))
     return store, buffer, data
 
 
@@ -79,7 +80,7 @@ def test_restart_reloads_trainable_rows_from_the_store(tmp_path):
     commit(store, data, chunk(0, 0, 0, 5, end=True), chunk(1, 1, 0, 3))
     store.close()
     reopened = ReplayStore.open(tmp_path / "replay", "a")
-    fresh = OnlineData(TransitionBuffer(OBS, ACT, 1000, "cpu"), LOW, HIGH, 2.0, 1.0)
+    fresh = OnlineData(TransitionBuffer(OBS, ACT, 1000, "cpu"), LOW, HIGH, DataSettings(0.9, 2.0, 1.0))
     assert fresh.load_store(reopened) == 5
     # The open episode's rows are found again when it ends after the restart.
     assert commit(reopened, fresh, chunk(2, 1, 3, 2, end=True)) == 5
@@ -195,7 +196,7 @@ def test_load_store_streams_only_the_rows_that_fit_the_buffer(tmp_path):
     store.close()
     reopened = Recording.open(tmp_path / "replay", "r")
     buffer = TransitionBuffer(OBS, ACT, 300, "cpu")
-    data = OnlineData(buffer, LOW, HIGH, 2.0, 1.0)
+    data = OnlineData(buffer, LOW, HIGH, DataSettings(0.9, 2.0, 1.0))
     assert data.load_store(reopened, chunk=512) == 2000  # every trainable row counts (the updates allowed)
     assert (data.committed_rows, data.trainable_committed, len(buffer)) == (4096, 2000, 300)
     full = [start for start, columns in reads if columns is None or "obs" in columns]
@@ -219,10 +220,10 @@ def test_learner_memory_stays_flat_over_ten_buffers_of_rows(tmp_path):
     # outgrew its first 65,536 rows while traced below).
     capacity, chunk_rows, actors = 8192, 512, ("a", "b", "c", "e")
     # fsync=False: durability is not what is measured here, and 40 fsynced commits take seconds.
-    store = ReplayStore.create(tmp_path / "replay", obs_dim, act_dim, gamma=0.9, chunk_rows=len(actors) * chunk_rows,
+    store = ReplayStore.create(tmp_path / "replay", obs_dim, act_dim, data=DataSettings(0.9, 2.0, 1.0), chunk_rows=len(actors) * chunk_rows,
                                fsync=False)  # fmt: skip
     buffer = TransitionBuffer(obs_dim, act_dim, capacity, "cpu")
-    data = OnlineData(buffer, -2 * np.ones(act_dim), 2 * np.ones(act_dim), reward_scale=2.0, reward_bias=1.0)
+    data = OnlineData(buffer, -2 * np.ones(act_dim), 2 * np.ones(act_dim), DataSettings(0.9, 2.0, 1.0))
     seq = 0
     row_bytes = sum(np.dtype(c.dtype).itemsize * int(np.prod(c.shape)) for c in row_columns(obs_dim, act_dim).values())
 
@@ -272,7 +273,7 @@ def test_the_exploring_agents_q_bound_widens_with_online_rewards():
     bound = QBound(agent, 0.9, np.array([0.0, 0.5, 1.0], np.float32))
     assert agent.td_target_bounds.tolist() == pytest.approx([0.0, 10.0])
     buffer = TransitionBuffer(OBS, ACT, 100, "cpu", online=True)
-    data = OnlineData(buffer, -np.ones(ACT), np.ones(ACT), reward_scale=2.0, reward_bias=0.0, on_rewards=bound.widen)
+    data = OnlineData(buffer, -np.ones(ACT), np.ones(ACT), DataSettings(reward_scale=2.0), on_rewards=bound.widen)
     rows = lambda r: dict(obs=np.zeros((2, OBS), np.float32), action=np.zeros((2, ACT), np.float32),  # noqa: E731
                           raw_reward=np.array(r, np.float32), next_obs=np.zeros((2, OBS), np.float32),
                           terminated=np.zeros(2), mc_return=np.zeros(2, np.float32))  # fmt: skip

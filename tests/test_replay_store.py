@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
 from o2o.datasets.replay_export import export_minari
@@ -47,7 +48,7 @@ def check_mc_returns(store: ReplayStore) -> int:
         )
         assert len(idx) == episodes["length"][i] and rows["step"][idx].tolist() == list(range(len(idx)))
         want = trajectory_return_to_go(
-            cfg.scale_rewards(rows["reward"][idx]), rows["terminated"][idx], cfg.gamma, cfg.scaled_failure_reward
+            cfg.data.scale(rows["reward"][idx]), rows["terminated"][idx], cfg.data.discount, cfg.scaled_failure_reward
         )
         np.testing.assert_array_equal(rows["mc_return"][idx], want)
         filled[idx] = True
@@ -104,7 +105,7 @@ def test_duplicates_are_skipped_and_gaps_refused(tmp_path):
 
 def test_mc_returns_fill_on_episode_end_for_interleaved_actors(tmp_path):
     # Sparse convention: scaled reward = 2 r - 1, failure reward 0 (raw) -> -1 (scaled).
-    store = new_store(tmp_path, gamma=0.9, reward_scale=2.0, reward_bias=-1.0, failure_reward=0.0)
+    store = new_store(tmp_path, data=DataSettings(0.9, 2.0, -1.0), failure_reward=0.0)
     all_fail = make_chunk("c", 0, rows=25)
     all_fail = wire.TransitionChunk(**{**all_fail.__dict__, "reward": np.zeros(25, np.float32)})
     store.append(all_fail)
@@ -156,7 +157,7 @@ def test_commit_events_hand_over_the_rows_of_the_episodes_they_close(tmp_path):
     once, with its columns, from the commit that closed its episode, also for rows committed
     before a restart (read back by the reopening writer), eval rows included (flagged), and
     never for abandoned or gappy episodes."""
-    store = new_store(tmp_path, gamma=0.9, reward_scale=2.0, reward_bias=-1.0, failure_reward=0.0)
+    store = new_store(tmp_path, data=DataSettings(0.9, 2.0, -1.0), failure_reward=0.0)
     finite = np.zeros(0, bool)
     handed = []
 
@@ -250,7 +251,7 @@ def test_export_minari_round_trips_through_load_transitions(tmp_path):
     from o2o.envs import get_task
 
     task = get_task("pointmaze-umaze")
-    store = ReplayStore.create_for_task(tmp_path / "replay", task.name, gamma=0.95, reward_scale=3.0, reward_bias=-1.0)
+    store = ReplayStore.create_for_task(tmp_path / "replay", task.name, data=DataSettings(0.95, 3.0, -1.0))
     dims = {"obs_dim": store.config.obs_dim, "act_dim": store.config.action_dim}
     for seq in range(4):
         store.append(make_chunk("a", seq, **dims))
@@ -262,7 +263,7 @@ def test_export_minari_round_trips_through_load_transitions(tmp_path):
     dataset = export_minari(store, "o2o/test/replay-v0")
     loaded = minari.load_dataset("o2o/test/replay-v0")
     assert loaded.total_episodes == dataset.total_episodes == 12  # 6 complete episodes each; eval excluded
-    data = load_transitions("o2o/test/replay-v0", task, gamma=0.95, reward_scale=3.0, reward_bias=-1.0)
+    data = load_transitions("o2o/test/replay-v0", task, DataSettings(0.95, 3.0, -1.0))
     rows = store.read()
     exported = np.isfinite(rows["mc_return"]) & ~rows["eval"]
     # Episodes are exported in the order they ended; compare as sets of rows keyed by obs.

@@ -126,7 +126,7 @@ def test_store_rows_are_the_ended_episodes_of_the_prefix(tmp_path):
     assert by_version.store_rows == 6 and by_version.policy_versions == [1, 6]
     # Rewards come scaled with the store's settings, actions stay in env units.
     raw = reader.read(0, 10)
-    np.testing.assert_array_equal(everything.transitions.reward, reader.config.scale_rewards(raw["reward"]))
+    np.testing.assert_array_equal(everything.transitions.reward, reader.config.data.scale(raw["reward"]))
     np.testing.assert_array_equal(everything.transitions.action, raw["action"])
     store.close(commit=False)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
+from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import ReplayStore
 from o2o.datasets.store_check import check_store, main
 from replay_peers import ACT_DIM, OBS_DIM, make_chunk
@@ -23,8 +24,8 @@ def o2o_store(*args) -> subprocess.CompletedProcess:
 def good_store(tmp_path) -> ReplayStore:
     """Two actors, episodes closed and open across commits, a skipped seq; MC returns with
     settings other than the defaults, so a checker that ignored them would fail."""
-    store = ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM, chunk_rows=64, gamma=0.9,
-                               reward_scale=2.0, reward_bias=-0.5, infinite_horizon=True, fsync=False)  # fmt: skip
+    store = ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM, chunk_rows=64, data=DataSettings(0.9, 2.0, -0.5, True),
+                               fsync=False)  # fmt: skip
     for seq in range(5):
         store.append(make_chunk("a", seq))
         if seq < 4:
