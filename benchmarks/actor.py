@@ -103,8 +103,12 @@ def bench_inference(onnx_path: Path, torch_module, obs_dim: int, action_dim: int
                    "p99_runs": [round(r[1], 1) for r in runs]} for side, runs in results.items()}  # fmt: skip
 
 
-def serve(store_path: str, endpoint_out, stop) -> None:
-    """A learner's ingest side in its own process: IngestServer + Zarr store, until told to stop."""
+def serve(store_path: str, endpoint_out, stop, core: int | None) -> None:
+    """A learner's ingest side in its own process: IngestServer + Zarr store, until told to stop.
+    Pinned here, before any thread starts, so that every server thread (ZeroMQ I/O, receive, commit)
+    inherits the core: pinning the process from outside moves only its main thread."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     from o2o.datasets.replay_store import ReplayStore
     from o2o.transport.ingest import IngestServer
 
@@ -194,15 +198,15 @@ def bench_throughput(onnx_path: Path, steps: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         parent, child = ctx.Pipe()
         stop = ctx.Event()
-        server = ctx.Process(target=serve, args=(f"{tmp}/store", child, stop), daemon=True)
-        server.start()
-        endpoint = parent.recv()
-        # The actor (and every baseline) on one core, the ingest server on the other, as with a learner
-        # on its own machine; the actor's link and ZeroMQ I/O threads share the actor's core.
+        # The actor (and every baseline) on one core, the ingest server (all its threads) on the other, as
+        # with a learner on its own machine; the actor's link and ZeroMQ I/O threads share the actor's core.
         cores = sorted(os.sched_getaffinity(0))
         previous = set(cores)
-        if len(cores) > 1:
-            os.sched_setaffinity(server.pid, {cores[-1]})
+        server_core = cores[-1] if len(cores) > 1 else None
+        server = ctx.Process(target=serve, args=(f"{tmp}/store", child, stop, server_core), daemon=True)
+        server.start()
+        endpoint = parent.recv()
+        if server_core is not None:
             os.sched_setaffinity(0, {cores[0]})
         runs = {"bare": [], "env_policy": [], "dry": [], "actor": []}
         links = []

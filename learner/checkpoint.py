@@ -18,12 +18,16 @@ import torch
 from o2o.datasets.atomic_file import replacing
 
 from .calql import CalQLAgent
-from .config import CalQLConfig, NetworkConfig
+from .config import CalQLConfig, NetworkConfig, OnlineConfig
 from .divergence import ADVICE, DivergedError, non_finite_tensors
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 log = logging.getLogger("o2o.checkpoint")
+
+RETIRED_ALGO_FIELDS = ("offline_ratio",)
+"""`algo` keys of older checkpoints that CalQLConfig no longer declares: offline_ratio, the fine-tuning
+batch mix, is now the learner's own setting (OnlineConfig.offline_ratio), not the agent's."""
 
 
 @dataclasses.dataclass
@@ -37,6 +41,17 @@ class AgentSpec:
     action_high: list[float]
     algo: dict
     net: dict
+
+    def __post_init__(self):
+        # An older checkpoint's stale `algo` keys are dropped (CalQLConfig(**algo) would refuse them), so it
+        # still loads, fine-tunes and exports; a mix other than the default is no longer applied: say so.
+        retired = {k: v for k, v in self.algo.items() if k in RETIRED_ALGO_FIELDS}
+        self.algo = {k: v for k, v in self.algo.items() if k not in retired}
+        ratio = retired.get("offline_ratio", OnlineConfig.offline_ratio)
+        if ratio != OnlineConfig.offline_ratio:
+            log.warning("the checkpoint's algo.offline_ratio=%r is no longer read: the fine-tuning mix is the "
+                        "learner's own offline_ratio (default %r; offline_ratio=%r keeps this one)", ratio,
+                        OnlineConfig.offline_ratio, ratio)  # fmt: skip
 
     def build_agent(self, device="cpu") -> CalQLAgent:
         algo = CalQLConfig(**{**self.algo, "compile": False})
@@ -91,9 +106,7 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", restore_rng: bool = F
 
     ``algo`` replaces the checkpoint's algorithm settings (fine-tuning: see ``fine_tuning``)."""
     payload = torch.load(resolve_checkpoint(path), map_location=device, weights_only=True)
-    spec = AgentSpec(**payload["spec"])
-    if algo is not None:
-        spec.algo = dict(algo)
+    spec = AgentSpec(**{**payload["spec"], **({} if algo is None else {"algo": dict(algo)})})
     agent = spec.build_agent(device)
     for note in agent.load_training_state(payload):
         log.info("%s: %s", path, note)

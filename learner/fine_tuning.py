@@ -9,9 +9,13 @@ the command sets explicitly (``algo.cql_alpha=1.0``) is considered:
   data: an override that differs from the checkpoint is refused;
 * ``net.*`` is the checkpoint's network: an override that differs is refused;
 * every other ``algo.*`` field may change when fine-tuning starts (the official code's
-  ``cql_min_q_weight_online``, ``online_use_cql``, ``mixing_ratio``; learning rates):
-  applied, logged as "changed for fine-tuning: X a -> b", and stored in the run's
-  checkpoint, so ``resume`` keeps it.
+  ``cql_min_q_weight_online``, ``online_use_cql``; learning rates): applied, logged as
+  "changed for fine-tuning: X a -> b", and stored in the run's checkpoint, so ``resume``
+  keeps it.
+
+The offline/online batch mix (the official ``mixing_ratio``) is no ``algo`` field but the
+learner's own ``offline_ratio``, as ``utd`` is; an older checkpoint's ``algo.offline_ratio``
+is dropped when read (``checkpoint.RETIRED_ALGO_FIELDS``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ def explicit_keys(overrides: Iterable[str]) -> set[str]:
     return keys
 
 
+MOVED_KEYS = {"algo.offline_ratio": "offline_ratio"}
+"""Keys that left ``algo`` (old spelling -> the learner's key). Hydra refuses the old spelling itself
+(``Key 'offline_ratio' not in 'CalQLConfig'``, suggesting ``+algo.offline_ratio``, which fails as well);
+o2o-learner names the new key instead."""
+
+
+def moved_key_error(overrides: Iterable[str]) -> str | None:
+    """What to write instead, if the command line sets a key of ``MOVED_KEYS``."""
+    moved = sorted(explicit_keys(overrides) & MOVED_KEYS.keys())
+    if not moved:
+        return None
+    return "; ".join(f"{old} is no longer an algo field: the fine-tuning batch mix is the learner's own setting, "
+                     f"{MOVED_KEYS[old]}=X" for old in moved)  # fmt: skip
+
+
 def fine_tuning_algo(checkpoint_algo: dict, checkpoint_net: dict, algo: CalQLConfig, net: NetworkConfig,
                      explicit: set[str]) -> tuple[dict, list[str]]:  # fmt: skip
     """The algo settings to fine-tune with, and one line per field changed for fine-tuning.
@@ -40,7 +59,8 @@ def fine_tuning_algo(checkpoint_algo: dict, checkpoint_net: dict, algo: CalQLCon
     Raises ValueError naming the field, both values and what to do.
     """
     fields = {f.name: f for f in dataclasses.fields(CalQLConfig)}
-    merged = {name: checkpoint_algo.get(name, f.default) for name, f in fields.items()}  # older checkpoints
+    # Missing fields (older checkpoints) take the default; keys CalQLConfig no longer has are left out.
+    merged = {name: checkpoint_algo.get(name, f.default) for name, f in fields.items()}
     changes = []
     for name in sorted(k.removeprefix("algo.") for k in explicit if k.startswith("algo.")):
         if name not in fields:

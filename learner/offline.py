@@ -25,7 +25,7 @@ from .config import PretrainConfig
 from .export_onnx import export_policy
 from .metric_keys import TRAIN
 from .metrics import MetricsLogger, RunningMean
-from .online_data import QBound
+from .q_bound import QBound
 from .setup import init_torch, load_offline_data, make_agent, resolve_device
 from .stopping import Stopped, deferred
 

@@ -7,7 +7,7 @@ The learner binds ``endpoint``; actors (``o2o-actor``) connect, send transitions
 and receive each policy it publishes. Committed rows land in the Zarr store
 (``<run>/replay``); finished episodes (with their MC returns, so calibration stays
 on online) feed the sampling buffer, mixed with the offline data at
-``algo.offline_ratio``. Updates follow ``utd`` with a samples-per-insert limiter. The
+``offline_ratio``. Updates follow ``utd`` with a samples-per-insert limiter. The
 algorithm settings are the checkpoint's, with what the command changes explicitly
 (``fine_tuning``).
 
@@ -44,12 +44,13 @@ from .cadence import Cadence, Evaluations, log_train
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OnlineConfig, PretrainConfig
 from .divergence import DivergedError
-from .fine_tuning import explicit_keys, fine_tuning_algo
+from .fine_tuning import explicit_keys, fine_tuning_algo, moved_key_error
 from .fleet import FleetHold, FleetMonitor, PolicyPublisher, open_store
 from .metric_keys import ACTOR_EVAL, COMMITTED_ROWS, ONLINE, TRAIN, evaluation_line
 from .metrics import MetricsLogger, RunningMean
 from .offline import pretrain
-from .online_data import OnlineData, QBound, UpdateLimiter, mixed_batch
+from .online_data import OnlineData, UpdateLimiter, mixed_batch
+from .q_bound import QBound
 from .setup import init_torch, load_offline_data, make_agent, resolve_device
 from .subroutine import Retrainer, Subroutine
 
@@ -148,7 +149,7 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
         task = get_task(spec.task)
     algo = agent.cfg
     scratch = bool(payload.get("extra", {}).get("from_scratch"))
-    for line in agent.start_fine_tuning(cfg.batch_size, algo.offline_ratio, scratch):  # SERA freezes its value here
+    for line in agent.start_fine_tuning(cfg.batch_size, cfg.offline_ratio, scratch):  # SERA freezes its value here
         log.info("%s", line)
     low, high = action_bounds(spec)
     offline_data = None if scratch else load_offline_data(cfg, task, algo)
@@ -220,7 +221,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 continue
             # Short bursts: new data, the fleet's hold and its stats are looked at between them.
             for _ in range(min(allowed, UPDATE_BURST, logs.left(updates))):
-                batch = mixed_batch(run.offline, run.online_buffer, cfg.batch_size, agent.cfg.offline_ratio)
+                batch = mixed_batch(run.offline, run.online_buffer, cfg.batch_size, cfg.offline_ratio)
                 with stopping.deferred():  # a stop lands between updates: weights and count agree
                     running.add(agent.update(batch))
                     updates = fleet.updates = updates + 1
@@ -307,6 +308,10 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    moved = moved_key_error(sys.argv[1:])
+    if moved:
+        print(f"o2o-learner: error: {moved}", file=sys.stderr)
+        sys.exit(2)
     with stopping.graceful_stop("o2o-learner"):  # SIGTERM too stops gracefully; a second signal exits at once
         _hydra_main()
 

@@ -50,6 +50,7 @@ from .config import PretrainConfig
 from .divergence import DivergedError
 from .fine_tuning import explicit_keys
 from .offline import train
+from .q_bound import QBound
 from .setup import init_torch, load_offline_data, make_agent, resolve_device
 from .stopping import Stopped, graceful_stop, requested
 
@@ -126,13 +127,6 @@ def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int
 
 def concat_transitions(parts: list[Transitions]) -> Transitions:
     return Transitions(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Transitions)))
-
-
-def td_target_bounds(reward: np.ndarray, discount: float) -> tuple[float, float]:
-    """OOO's bound on Q': [min r, max r] / (1 - gamma) over all training rewards (scaled): OOO's
-    conservative_sac_exploitation.py (bound_q_functions_according_to_data) takes min and max over the
-    offline dataset and the loaded replay buffer, after its reward rescaling, then divides by 1 - gamma."""
-    return float(reward.min()) / (1.0 - discount), float(reward.max()) / (1.0 - discount)
 
 
 def batch_split(offline_rows: int, online_rows: int, batch_size: int, offline_share: float | None) -> tuple[int, int]:
@@ -232,8 +226,8 @@ def prepare_retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = froz
              selection.policy_versions or "-")  # fmt: skip
 
     agent, spec = make_agent(cfg, task, data, device)
-    if cfg.algo.q_target_clip:  # over all training rows, offline and online
-        agent.set_td_target_bounds(*td_target_bounds(data.reward, cfg.algo.discount))
+    if cfg.algo.q_target_clip:  # over all training rows, offline and online (OOO's conservative_sac_exploitation.py:
+        QBound(agent, cfg.algo.discount, data.reward)  # bound_q_functions_according_to_data, after reward rescaling)
     start = 0
     if cfg.resume:
         resumed, _, payload = load_checkpoint(cfg.resume, device, restore_rng=True)

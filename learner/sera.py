@@ -160,4 +160,4 @@ def check_sera_batch(batch_size: int, offline_ratio: float, k: int, rows: str = 
     online = batch_size - offline_batch_rows(batch_size, offline_ratio) if rows == "online" else batch_size
     if online <= k:
         raise ValueError(f"algo.sera needs more than algo.sera_k={k} online rows per batch, and batch_size={batch_size} "
-                         f"with algo.offline_ratio={offline_ratio} has {online}")  # fmt: skip
+                         f"with offline_ratio={offline_ratio} has {online}")  # fmt: skip

@@ -3,6 +3,7 @@ offline and online rows alike; explicit overrides of tunable fields reach the lo
 checkpoint; conflicting data settings are refused."""
 
 import dataclasses
+import logging
 import subprocess
 import sys
 
@@ -14,9 +15,9 @@ from o2o.transport import wire
 from o2o.datasets.mc_return import trajectory_return_to_go
 from o2o.datasets.minari_io import load_transitions
 from o2o.envs import get_task
-from o2o.learner.checkpoint import AgentSpec, save_checkpoint
+from o2o.learner.checkpoint import AgentSpec, load_checkpoint, save_checkpoint
 from o2o.learner.config import CalQLConfig, NetworkConfig, OnlineConfig
-from o2o.learner.fine_tuning import explicit_keys, fine_tuning_algo
+from o2o.learner.fine_tuning import explicit_keys, fine_tuning_algo, moved_key_error
 from o2o.learner.online import prepare, read_spec
 
 TASK = "pointmaze-umaze"
@@ -126,6 +127,47 @@ def test_the_learner_refuses_a_conflicting_reward_scale_at_start_up(tmp_path, ch
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "algo.reward_scale=1.0 differs from the checkpoint's 10.0" in done.stderr
+
+
+def test_a_checkpoint_with_the_old_algo_offline_ratio_still_loads(tmp_path, checkpoint, caplog):
+    """Checkpoints written while the batch mix was `algo.offline_ratio` hold it in their algo; the mix is
+    the learner's own `offline_ratio` now, so the stale key is dropped (with a warning when not 0.5)."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["spec"]["algo"]["offline_ratio"] = 0.25  # a Kitchen (preset=paper pusher) pretraining
+    torch.save(payload, checkpoint)
+    with caplog.at_level(logging.WARNING, logger="o2o.checkpoint"):
+        assert read_spec(checkpoint).algo == dataclasses.asdict(PRETRAINED)
+    assert "algo.offline_ratio=0.25 is no longer read" in caplog.text and "offline_ratio=0.25 keeps" in caplog.text
+    agent, spec, _ = load_checkpoint(checkpoint)
+    assert agent.cfg == PRETRAINED and "offline_ratio" not in spec.algo
+    merged, changes = fine_tuning_algo(payload["spec"]["algo"], payload["spec"]["net"], CalQLConfig(cql_alpha=1.0),
+                                       NetworkConfig(), {"algo.cql_alpha"})  # fmt: skip
+    assert merged == {**dataclasses.asdict(PRETRAINED), "cql_alpha": 1.0}
+    assert changes == ["changed for fine-tuning: algo.cql_alpha 5.0 -> 1.0"]
+    run = prepare(dataclasses.replace(online_cfg(checkpoint), offline_ratio=0.25), tmp_path / "online")
+    assert "offline_ratio" not in run.spec.algo  # nor in the checkpoints the run writes
+    run.store.close()
+
+
+def test_the_learners_offline_ratio_sets_the_fine_tuning_batches(tmp_path, checkpoint):
+    """SERA on the online rows needs more than sera_k of them: 16 rows at offline_ratio 0.5 leave 8,
+    at 0.25 they leave 12, so the learner's own setting is the one its batches follow."""
+    cfg = dataclasses.replace(online_cfg(checkpoint, sera=True, sera_rows="online", sera_k=10), batch_size=16)
+    explicit = {"algo.sera", "algo.sera_rows", "algo.sera_k"}
+    assert cfg.offline_ratio == 0.5  # the default (official mixing_ratio of AntMaze and Adroit)
+    with pytest.raises(ValueError, match="batch_size=16 with offline_ratio=0.5 has 8"):
+        prepare(cfg, tmp_path / "half", explicit)
+    run = prepare(dataclasses.replace(cfg, offline_ratio=0.25), tmp_path / "quarter", explicit)
+    assert run.agent.sera.frozen
+    run.store.close()
+
+
+def test_the_old_algo_offline_ratio_is_refused_with_the_new_key():
+    assert moved_key_error(["task=pusher", "offline_ratio=0.25"]) is None
+    assert "the learner's own setting, offline_ratio=X" in moved_key_error(["algo.offline_ratio=0.3"])
+    done = subprocess.run([sys.executable, "-m", "o2o.learner.online", "algo.offline_ratio=0.3"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "o2o-learner: error: algo.offline_ratio is no longer" in done.stderr
 
 
 def test_a_resumed_runs_checkpoint_step_counts_each_online_update_once(tmp_path, checkpoint):

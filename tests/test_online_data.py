@@ -266,7 +266,7 @@ def test_the_exploring_agents_q_bound_widens_with_online_rewards():
     rewards, widened by each online chunk's (scaled) rewards as they enter the buffer."""
     from o2o.learner.calql import CalQLAgent
     from o2o.learner.config import CalQLConfig, NetworkConfig
-    from o2o.learner.online_data import QBound
+    from o2o.learner.q_bound import QBound
 
     agent = CalQLAgent(OBS, ACT, CalQLConfig(q_target_clip=True, discount=0.9),
                        NetworkConfig(policy_hidden=[8], critic_hidden=[8]))  # fmt: skip

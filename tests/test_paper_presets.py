@@ -1,5 +1,6 @@
 """OOO's per-domain settings (preset=paper) reach o2o-pretrain, o2o-learner, o2o-launch and o2o-retrain,
-each through its own strict schema, and o2o-launch keeps preset=paper's budgets.
+each through its own strict schema, and o2o-launch keeps preset=paper's budgets; Cal-QL's fine-tuning
+mix (offline_ratio, a learner setting) reaches o2o-learner and o2o-launch only.
 
 Every config is composed with Hydra's compose API, as the commands compose theirs."""
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
 import o2o.configs
@@ -32,6 +34,10 @@ PAPER = {
     "fetch-push": ("adroit", 0.5, False, 0.5, 0, 20_000),
     "fetch-pick": ("adroit", 0.5, False, 0.5, 0, 20_000),
 }
+
+
+# Cal-QL's mixing_ratio (the learner's offline_ratio) where its column is not the default 0.5: Kitchen.
+OFFLINE_RATIO = {"pusher": 0.25}
 
 
 def composed(name: str, *overrides: str):
@@ -66,17 +72,48 @@ def test_the_retrain_gets_its_domains_mix_and_upsampling_and_runs_cql_with_the_b
 
 
 @pytest.mark.parametrize("task", PAPER)
+def test_the_fine_tuning_mix_is_the_learners_own_setting(task):
+    """offline_ratio is OnlineConfig's (not algo's): preset=paper gives Kitchen's 0.25 to o2o-learner and
+    o2o-launch's learner, while o2o-pretrain and o2o-retrain, composing the same preset_task, have no such field."""
+    ratio = OFFLINE_RATIO.get(task, 0.5)
+    assert composed("learner", f"task={task}", "preset=paper").offline_ratio == ratio
+    assert composed("learner", f"task={task}").offline_ratio == 0.5  # preset=small
+    assert composed("learner", f"task={task}", "preset=paper", "offline_ratio=0.4").offline_ratio == 0.4
+    assert launch(f"task={task}", "preset=paper")[0].learner.offline_ratio == ratio
+    for name in ("pretrain", "retrain"):
+        cfg = composed(name, f"task={task}", "preset=paper")
+        assert not hasattr(cfg, "offline_ratio") and not hasattr(cfg.algo, "offline_ratio")
+
+
+def test_the_old_algo_offline_ratio_is_refused_by_name():
+    with pytest.raises(ConfigCompositionException, match="algo.offline_ratio"):
+        composed("learner", "algo.offline_ratio=0.3")
+
+
+def domain(path: Path, group: str) -> str:
+    """The one domain of config group ``group`` that a task's file names in its defaults."""
+    entries = [e for e in yaml.safe_load(path.read_text())["defaults"] if e.startswith(f"/{group}/")]
+    assert len(entries) == 1, entries
+    return entries[0].split("/")[2].split("@")[0]
+
+
+@pytest.mark.parametrize("task", PAPER)
 def test_one_ooo_domain_per_task(task):
     """preset_task/paper (exploring agent) and retrain_task/paper (retraining) name the same OOO domain."""
-
-    def domain(path: Path, group: str) -> str:
-        entries = [e for e in yaml.safe_load(path.read_text())["defaults"] if e.startswith(f"/{group}/")]
-        assert len(entries) == 1, entries
-        return entries[0].split("/")[2].split("@")[0]
-
     ooo = PAPER[task][0]
     assert domain(CONFIGS / "preset_task" / "paper" / f"{task}.yaml", "ooo_domain") == ooo
     assert domain(CONFIGS / "retrain_task" / "paper" / f"{task}.yaml", "ooo_retrain") == ooo
+
+
+@pytest.mark.parametrize("task", PAPER)
+def test_one_calql_column_per_task(task):
+    """online_task/paper (fine-tuning, where a task has one) names preset_task/paper's Cal-QL column."""
+    online = CONFIGS / "online_task" / "paper" / f"{task}.yaml"
+    assert online.exists() == (task in OFFLINE_RATIO)
+    if online.exists():
+        column = domain(CONFIGS / "preset_task" / "paper" / f"{task}.yaml", "paper_domain")
+        assert domain(online, "paper_online") == column
+        assert (CONFIGS / "paper_domain" / f"{column}.yaml").exists()
 
 
 def launch(*args: str):

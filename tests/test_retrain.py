@@ -23,8 +23,7 @@ from o2o.datasets.rows import TransitionChunk
 from o2o.envs import make_env
 from o2o.learner.checkpoint import load_checkpoint
 from o2o.learner.config import CalQLConfig, EvalConfig, NetworkConfig
-from o2o.learner.retrain import (RetrainConfig, batch_split, prepare_retrain, retrain, select_store_rows,
-                                 td_target_bounds)
+from o2o.learner.retrain import RetrainConfig, batch_split, prepare_retrain, retrain, select_store_rows
 
 from replay_peers import make_chunk, write_forever
 
@@ -129,10 +128,6 @@ def test_store_rows_are_the_ended_episodes_of_the_prefix(tmp_path):
     np.testing.assert_array_equal(everything.transitions.reward, reader.config.data.scale(raw["reward"]))
     np.testing.assert_array_equal(everything.transitions.action, raw["action"])
     store.close(commit=False)
-
-
-def test_td_target_bounds_by_hand():
-    assert td_target_bounds(np.array([-1.0, 0.0, 2.0], np.float32), 0.9) == pytest.approx((-10.0, 20.0))
 
 
 def rows_of(batch, start: int, stop: int | None = None) -> dict:
