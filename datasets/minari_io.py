@@ -19,11 +19,16 @@ import numpy as np
 from minari.data_collector import EpisodeBuffer
 
 from o2o.envs import TaskSpec, flatten_obs
+from o2o.envs.obs_spec import STATE_KEY, ObsSpec
 
 from .data_settings import DataSettings
 from .mc_return import mc_returns, scaled_failure_reward, trajectory_ends
 
 log = logging.getLogger("o2o.datasets")
+
+
+CAMERA_FIELDS = ("frames", "obs_frame", "next_frame")
+"""Transitions' fields of camera datasets (not per-row arrays of state tasks)."""
 
 
 class DatasetError(ValueError):
@@ -41,6 +46,11 @@ class Transitions:
     terminated: np.ndarray  # (N,) float32: 1 = no bootstrap from next_obs
     episode_end: np.ndarray  # (N,) bool: last row of a trajectory (terminal, truncation or split)
     mc_return: np.ndarray  # (N,) float32
+    # Camera datasets (envs/obs_spec.py): obs / next_obs hold the state vector, the images are kept once
+    # per frame (an episode of T steps has T + 1 frames) and rows point at them.
+    frames: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # camera -> (F, H, W, C) uint8
+    obs_frame: np.ndarray | None = None  # (N,) int64: the frame of each row's observation
+    next_frame: np.ndarray | None = None  # (N,) int64: the frame of each row's next observation
 
     def __len__(self) -> int:
         return len(self.reward)
@@ -82,9 +92,11 @@ def open_dataset(dataset: str | os.PathLike) -> minari.MinariDataset:
         ) from err
 
 
-def _episode_arrays(episode, task: TaskSpec) -> dict[str, np.ndarray] | None:
-    """One episode as flat arrays; None for an Adroit-binary demo with no success (dropped)."""
-    obs = flatten_obs(episode.observations)
+def _episode_arrays(episode, task: TaskSpec, spec: ObsSpec) -> dict[str, np.ndarray] | None:
+    """One episode as flat arrays (and its T + 1 frames per camera under "frames"); None for an
+    Adroit-binary demo with no success (dropped)."""
+    frames = _episode_frames(episode, spec)
+    obs = np.asarray(episode.observations[STATE_KEY], np.float32) if spec.has_images else flatten_obs(episode.observations)
     actions = np.asarray(episode.actions, np.float32).reshape(len(episode.actions), -1)
     rewards = np.asarray(episode.rewards, np.float32).reshape(-1)
     terminations = np.asarray(episode.terminations, bool).reshape(-1)
@@ -109,6 +121,7 @@ def _episode_arrays(episode, task: TaskSpec) -> dict[str, np.ndarray] | None:
             # Cal-QL's Adroit-binary processing: cut at the last success; success steps are terminal.
             last = int(np.flatnonzero(success)[-1]) + 1
             obs, actions, rewards = obs[: last + 1], actions[:last], rewards[:last]
+            frames = {name: images[: last + 1] for name, images in frames.items()}
             terminations = terminations[:last] | success[:last]
             truncations = truncations[:last]
     return {
@@ -118,7 +131,30 @@ def _episode_arrays(episode, task: TaskSpec) -> dict[str, np.ndarray] | None:
         "reward": rewards,
         "terminated": terminations,
         "truncated": truncations,
+        "frames": frames,
     }
+
+
+def _episode_frames(episode, spec: ObsSpec) -> dict[str, np.ndarray]:
+    """Each camera's frames of one episode, checked against the task's cameras (a dataset whose images
+    change size, or are not uint8, is refused naming the episode and camera)."""
+    if not spec.has_images:
+        return {}
+    observations = episode.observations
+    if not isinstance(observations, dict) or STATE_KEY not in observations:
+        raise DatasetError(f"episode {episode.id}: the task has cameras {list(spec.camera_names)}, the dataset's "
+                           f"observations are {type(observations).__name__} without a '{STATE_KEY}' part")  # fmt: skip
+    frames = {}
+    for camera in spec.cameras:
+        if camera.name not in observations:
+            raise DatasetError(f"episode {episode.id}: no camera {camera.name!r} in the dataset's observations "
+                               f"(it has {sorted(observations)})")  # fmt: skip
+        images = np.asarray(observations[camera.name])
+        if images.dtype != np.uint8 or images.shape[1:] != camera.shape:
+            raise DatasetError(f"episode {episode.id}: camera {camera.name!r} frames are {images.dtype} "
+                               f"{images.shape[1:]}, the task declares uint8 {camera.shape}")  # fmt: skip
+        frames[camera.name] = images
+    return frames
 
 
 def _episode_success(episode, task: TaskSpec, rewards: np.ndarray) -> np.ndarray:
@@ -151,7 +187,8 @@ def load_transitions(
     """
     data = data or DataSettings()
     ds = dataset if isinstance(dataset, minari.MinariDataset) else open_dataset(dataset)
-    arrays = [_episode_arrays(ep, task) for ep in ds.iterate_episodes()]
+    spec = task_obs_spec(task)
+    arrays = [_episode_arrays(ep, task, spec) for ep in ds.iterate_episodes()]
     if not arrays:
         raise DatasetError(f"dataset {ds.spec.dataset_id} holds no episodes")
     episodes = [ep for ep in arrays if ep is not None]
@@ -167,11 +204,14 @@ def load_transitions(
             "dataset %s: dropped %d of %d episodes without any success step (Cal-QL's Adroit-binary rule)",
             ds.spec.dataset_id, dropped, len(arrays),
         )  # fmt: skip
-    cols = {key: np.concatenate([ep[key] for ep in episodes]) for key in episodes[0]}
-    _check_matches_task(ds, cols, task)
+    cols = {key: np.concatenate([ep[key] for ep in episodes]) for key in episodes[0] if key != "frames"}
+    _check_matches_task(ds, cols, task, spec)
     reward = data.scale(cols["reward"])
     terminated = cols["terminated"].astype(np.float32)
     ends = trajectory_ends(cols["obs"], cols["next_obs"], cols["terminated"], cols["truncated"])
+    frames = _frame_index(episodes, spec)
+    if frames:  # a state vector may repeat across an episode boundary; the frames never do
+        ends[:-1] |= frames["next_frame"][:-1] != frames["obs_frame"][1:]
     failure = scaled_failure_reward(task.reward, task.reward_neg, data.reward_scale, data.reward_bias)
     return Transitions(
         obs=cols["obs"],
@@ -181,14 +221,40 @@ def load_transitions(
         terminated=terminated,
         episode_end=ends,
         mc_return=mc_returns(reward, terminated, ends, data.discount, failure, data.mc_infinite_horizon),
+        **frames,
     )
 
 
-def _check_matches_task(ds: minari.MinariDataset, cols: dict, task: TaskSpec) -> None:
+def _frame_index(episodes: list[dict], spec: ObsSpec) -> dict:
+    """Transitions' frames (each once) and each row's observation and next-observation frame."""
+    if not spec.has_images:
+        return {}
+    steps = np.array([len(ep["reward"]) for ep in episodes])
+    first = np.concatenate([[0], np.cumsum(steps + 1)[:-1]])  # an episode's first frame
+    obs_frame = np.concatenate([start + np.arange(n) for start, n in zip(first, steps)]).astype(np.int64)
+    return {
+        "frames": {c: np.concatenate([ep["frames"][c] for ep in episodes]) for c in spec.camera_names},
+        "obs_frame": obs_frame,
+        "next_frame": obs_frame + 1,
+    }
+
+
+def task_obs_spec(task: TaskSpec) -> ObsSpec:
+    """The observation spec of a task's env (what its datasets must hold)."""
     from o2o.envs import make_env
 
     env = make_env(task)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    try:
+        return ObsSpec.from_space(env.observation_space)
+    finally:
+        env.close()
+
+
+def _check_matches_task(ds: minari.MinariDataset, cols: dict, task: TaskSpec, spec: ObsSpec) -> None:
+    from o2o.envs import make_env
+
+    env = make_env(task)
+    obs_dim, act_dim = spec.state_dim, env.action_space.shape[0]
     env.close()
     name = ds.spec.dataset_id
     if cols["obs"].shape[1] != obs_dim or cols["action"].shape[1] != act_dim:

@@ -239,9 +239,11 @@ class ReplayStore:
         """A store with the dimensions and failure reward of an o2o task (makes the env once);
         ``kwargs`` go to ``create`` (``data``, ``fsync``, ...)."""
         from o2o.envs import get_task, make_env
+        from o2o.envs.obs_spec import refuse_cameras
 
         spec = get_task(task)
         env = make_env(spec)
+        refuse_cameras(env.observation_space, "the replay store")
         obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
         env.close()
         failure = spec.reward_neg if spec.reward == "sparse" else None

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
+from .obs_spec import refuse_cameras
 from .observation import FlattenDictObservation
 from .tasks import get_task, make_env
 
@@ -61,6 +62,7 @@ def load_env_class(path: str) -> type[gym.Env]:
 
 def check_actor_env(env: gym.Env) -> gym.Env:
     """``env`` with a flat observation (a Dict one is flattened), if its spaces fit an actor; else ValueError."""
+    refuse_cameras(env.observation_space, "an o2o actor")  # never flatten an image into floats
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = FlattenDictObservation(env)
     obs_space, act_space = env.observation_space, env.action_space

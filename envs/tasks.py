@@ -49,6 +49,9 @@ class TaskSpec:
     datasets: tuple[str, ...] = ()
     """Minari ids that o2o's builders make for this task (``o2o-dataset build``)."""
     description: str = ""
+    camera: str | None = None
+    """Camera observations: "maze_top" (envs/maze_camera.py, numpy-drawn) gives the Dict
+    {"state": float32, "top": uint8 image} (envs/obs_spec.py); None: a flat state vector."""
 
     def normalized_score(self, mean_return: float, success_rate: float) -> float:
         if self.score == "success":
@@ -89,6 +92,20 @@ TASKS: dict[str, TaskSpec] = {
             datasets=_datasets("pointmaze-medium", "expert", "medium", "mixed"),
             description="2-D point mass in the medium maze, sparse goal reward.",
         ),
+        *[
+            TaskSpec(
+                name=f"pointmaze-{maze}-pixels",
+                env_id=f"PointMaze_{env_maze}-v3",
+                env_kwargs={"continuing_task": False, "reward_type": "sparse"},
+                reward="sparse",
+                score="success",
+                camera="maze_top",
+                datasets=_datasets(f"pointmaze-{maze}-pixels", "expert", "medium", "mixed"),
+                description=f"pointmaze-{maze} seen from above: an 84x84 RGB image (walls, ball, goal) plus the "
+                "ball's velocity; no OpenGL needed.",
+            )
+            for maze, env_maze in (("umaze", "UMaze"), ("medium", "Medium"))
+        ],
         TaskSpec(
             name="pusher",
             env_id="Pusher-v5",
@@ -209,7 +226,8 @@ def make_env(task: str | TaskSpec, flatten: bool = True, **make_kwargs) -> gym.E
     """A gymnasium env for ``task`` with ``info["success"]`` and the task's reward.
 
     ``flatten=True`` (what agents use) gives a flat float32 observation;
-    ``flatten=False`` keeps the env's own observation (what datasets record).
+    ``flatten=False`` keeps the env's own observation (what datasets record). A camera task
+    (``spec.camera``) gives its ``{"state", <camera>...}`` Dict either way (envs/obs_spec.py).
     """
     spec = get_task(task) if isinstance(task, str) else task
     register_robotics_envs()
@@ -218,7 +236,11 @@ def make_env(task: str | TaskSpec, flatten: bool = True, **make_kwargs) -> gym.E
         kwargs.setdefault("max_episode_steps", spec.max_episode_steps)
     env = gym.make(spec.env_id, **kwargs)
     env = TaskWrapper(env, spec)
-    if not flatten:
+    if spec.camera == "maze_top":
+        from .maze_camera import MazeTopCamera
+
+        env = MazeTopCamera(env)
+    if not flatten or spec.camera is not None:  # a camera task's Dict is already {"state": float32, images}
         return env
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = FlattenDictObservation(env)

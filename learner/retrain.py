@@ -37,7 +37,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from o2o.datasets.minari_io import DatasetError, Transitions
+from o2o.datasets.minari_io import CAMERA_FIELDS, DatasetError, Transitions
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import ReplayStore, StoreError
 from o2o.datasets.trainable_rows import READ_CHUNK_ROWS, trainable_rows
@@ -126,7 +126,8 @@ def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int
 
 
 def concat_transitions(parts: list[Transitions]) -> Transitions:
-    return Transitions(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Transitions)))
+    rows = [f.name for f in dataclasses.fields(Transitions) if f.name not in CAMERA_FIELDS]
+    return Transitions(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in rows})
 
 
 def batch_split(offline_rows: int, online_rows: int, batch_size: int, offline_share: float | None) -> tuple[int, int]:

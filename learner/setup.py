@@ -11,6 +11,7 @@ from o2o.datasets.builders import ensure_dataset, parse_dataset_id
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions
 from o2o.envs import TaskSpec, make_env
+from o2o.envs.obs_spec import refuse_cameras
 
 from .calql import CalQLAgent
 from .checkpoint import AgentSpec
@@ -32,11 +33,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def refuse_camera_task(task: TaskSpec) -> None:
+    env = make_env(task)
+    try:
+        refuse_cameras(env.observation_space, "the learner")
+    finally:
+        env.close()
+
+
 def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | None = None) -> Transitions:
     """The configured dataset as transitions; o2o's own ids are built on first use.
 
     ``algo`` (default ``cfg.algo``) gives the data settings: fine-tuning passes the checkpoint's."""
     algo = algo or cfg.algo
+    refuse_camera_task(task)  # before building or loading a dataset of images
     built = parse_dataset_id(cfg.dataset)
     if built and built[0] != task.name:
         raise DatasetError(f"dataset {cfg.dataset} was built for task {built[0]}, not {task.name}")
@@ -49,6 +59,7 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
 def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, device) -> tuple[CalQLAgent, AgentSpec]:
     """A fresh agent for ``task``; ``data`` (None: an online run from scratch) sets the observation
     statistics with ``net.normalize_observations``."""
+    refuse_camera_task(task)
     env = make_env(task)
     low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]

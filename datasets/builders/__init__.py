@@ -29,12 +29,15 @@ log = logging.getLogger("o2o.datasets")
 BUILDER_MODULES = {
     "pointmaze-umaze": "pointmaze",
     "pointmaze-medium": "pointmaze",
+    "pointmaze-umaze-pixels": "pointmaze",
+    "pointmaze-medium-pixels": "pointmaze",
     "pusher": "pusher",
     "fetch-push": "fetch",
     "fetch-pick": "fetch",
 }
 QUALITIES = ("expert", "medium", "mixed")
-DEFAULT_EPISODES = {"pointmaze-umaze": 300, "pointmaze-medium": 300, "pusher": 300, "fetch-push": 500, "fetch-pick": 500}
+DEFAULT_EPISODES = {"pointmaze-umaze": 300, "pointmaze-medium": 300, "pointmaze-umaze-pixels": 300,
+                    "pointmaze-medium-pixels": 300, "pusher": 300, "fetch-push": 500, "fetch-pick": 500}
 
 BUILDER_VERSION = 1
 """Bump when a builder records other episodes for the same parameters: older datasets are then refused."""
