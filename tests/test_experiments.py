@@ -82,7 +82,34 @@ def test_retrains_are_compared_at_their_own_data_and_fine_tune_hands_over_its_la
     text = write_report(root, tmp_path / "docs").read_text()
     assert "| sac_fine_tune | 2 | 0.0 ± 0.0 | 60.0 ± 0.0 | 20.0 ± 0.0 | 1.0 ± 0.0 | 90.0 ± 0.0 | 20.0 ± 0.0 |" in text
     # The retrains' handicap at this budget is stated, with the budget's own numbers.
-    assert "from scratch for 7 updates (budget small)" in text and "had 30 online updates, after 300 offline" in text
+    assert "from scratch for 7 updates (budget small)" in text and "had 30 online updates after 300 offline" in text
+
+
+def test_the_report_says_per_method_whether_its_papers_sign_shows(tmp_path):
+    """Each paper claims a + effect; the sign table compares the method's measure with its baseline's, by hand:
+    'matches' beyond the larger spread, 'opposite' beyond it, 'not shown' within, no verdict under 3 seeds."""
+    root = tmp_path / "root"
+    for seed, (calql, cql, sera) in enumerate([(80, 40, 70), (60, 40, 70), (70, 40, 70)]):
+        write_cell(root, "pointmaze-medium", "calql", seed, [(0, 40), (2000, calql)], [1])
+        write_cell(root, "pointmaze-medium", "cql", seed, [(0, 40), (2000, cql)], [1])
+        write_cell(root, "pointmaze-medium", "calql_sera", seed, [(0, 40), (2000, sera)], [1])
+    for seed in range(2):
+        write_cell(root, "pointmaze-medium", "sac", seed, [(0, 0), (2000, 50)], [1])
+        write_cell(root, "pointmaze-medium", "sac_recommend", seed, [(0, 0), (2000, 10)], [1])
+    text = write_report(root, tmp_path / "docs").read_text()
+    table = text[text.index("## Do the papers' effects show here?"):text.index("## What this matrix cannot show")]
+    # calql finals 80 60 70 (70 ± 8.2) vs cql 40 ± 0: +30, beyond 8.2
+    assert "| calql | 40.0 ± 0.0 |" not in table and "cql final score 40.0 ± 0.0 | +30.0 | matches (+) |" in table
+    # calql_sera 70 ± 0 vs calql 70 ± 8.2: 0, within the spread
+    assert "| calql_sera |" in table and "calql final score 70.0 ± 8.2 | +0.0 | not shown (within spread) |" in table
+    # sac_recommend hands over its final policy, 10, vs SAC 50 on 2 seeds: no verdict
+    assert "sac final score 50.0 ± 0.0 | -40.0 | no verdict (2 of 3 seeds) |" in table
+    # cql beyond calql (opposite sign) on another task
+    for seed in range(3):
+        write_cell(root, "fetch-push", "calql", seed, [(0, 0), (2000, 10)], [0])
+        write_cell(root, "fetch-push", "cql", seed, [(0, 0), (2000, 30)], [0])
+    text = write_report(root, tmp_path / "docs").read_text()
+    assert "| fetch-push | calql |" in text and "| -20.0 | opposite (-) |" in text
 
 
 def test_report_without_cells_is_a_clear_error(tmp_path):
