@@ -187,8 +187,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
     retrainer = Retrainer(cfg, run.run_dir, Path(store.path), run.spec.net, run.scratch,
                           offline_steps=run.offline_steps)  # fmt: skip
     subroutine = Subroutine(cfg, retrainer, agent, publisher, evaluations, logger, run.checkpoint, run.switches)
-    logs, publishes, saves = (Cadence(every, updates) for every in (cfg.log_every, cfg.publish_every,
-                                                                    cfg.checkpoint_every))  # fmt: skip
+    logs, publishes, saves = (Cadence(every, updates) for every in (cfg.log_every, cfg.publish_every, cfg.checkpoint_every))
     total = cfg.online_updates or None
     bar = tqdm(initial=updates, total=total, desc="online", disable=not cfg.progress)
     failed = interrupted = False
@@ -247,19 +246,21 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
     finally:
         bar.close()
         ending = not (interrupted or failed) and retrainer.enabled  # the metrics log stays open for them
+        if ending:  # the last retrains take minutes: hold the actors (not lost, which would keep them acting)
+            server.set_hold(True)
+        fleet_steps = [("stop the ingest server", server.stop), ("close the replay store", store.close)]
         shutdown([
             ("stop a running retrain", lambda: (interrupted or failed) and retrainer.stop()),
             ("log the last updates", lambda: running.count and logger.log(updates, TRAIN, running.pop())),
             ("write the final checkpoint", lambda: run.checkpoint(updates)),
-            ("stop the ingest server", server.stop),
-            ("close the replay store", store.close),
+            *([] if ending else fleet_steps),
             ("close the metrics log", lambda: ending or logger.close()),
         ], raise_first=not failed)
     if ending:
         try:
             interrupted = not subroutine.finish(updates, online.committed_rows) or interrupted
         finally:
-            logger.close()
+            shutdown([*fleet_steps, ("close the metrics log", logger.close)], raise_first=True)
     return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows,
             "evaluations": evaluations.results, "interrupted": interrupted or stopping.requested() is not None,
             "checkpoint": run.run_dir / CHECKPOINT_NAME}

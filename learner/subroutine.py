@@ -293,7 +293,7 @@ class Subroutine:
         return True
 
     def finish(self, updates: int, rows: int) -> bool:
-        """After the online updates (the final checkpoint written, the server stopped): the last periodic
+        """After the online updates (the final checkpoint written, the actors held): the last periodic
         retrain, then one on the whole store (``retrain_at_end``); the run ends with an evaluation of a
         retrained agent that switched in. False if a signal cut it short (the retrain is stopped)."""
         try:

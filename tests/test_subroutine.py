@@ -13,6 +13,7 @@ switch copying the target critics too, a seed per retrain, the pause in fine_tun
 import copy
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,11 @@ def start_learner_with_actor(run_dir: Path, mode: str, endpoint: str) -> tuple[s
         "retrain_steps=30",
         "retrain_args=['batch_size=32','log_every=10']", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
+    # fine_tune retrains at the end: its actor runs until stopped, to show it is held (not lost) meanwhile
+    max_steps = 1_000_000 if mode == "fine_tune" else 4000
     actor_cmd = [
         sys.executable, "-m", "o2o.actor.main", f"task={TASK}", f"learner={endpoint}", "actor_id=a0",
-        f"spool.dir={run_dir.parent / 'spool'}", "policy.act_before_policy=true", "max_steps=4000", "max_episode_steps=50",
+        f"spool.dir={run_dir.parent / 'spool'}", "policy.act_before_policy=true", f"max_steps={max_steps}", "max_episode_steps=50",
         "link.timeout_s=2", "log_every_s=1",
         "link.drain_s=0",  # stopped after the learner has exited: no acks can come
     ]  # fmt: skip
@@ -152,6 +155,14 @@ def test_offline_rl_as_a_subroutine_of_online_rl(runs, mode):
         assert log.count("the online agent continues from the retrained one") == len(accepted)
         # The pause: no online update while a retrain ran, so each is used at the update it started at.
         assert [r["step"] for r in records] == [r["retrain/started_at_updates"] for r in records]
+        # While the last retrain trains, the learner still serves its actors and holds them: the actor stops
+        # at its next episode boundary (max_episode_steps=50) instead of acting on with the learner lost
+        # (every step it took is committed, since the server stayed up).
+        from o2o.datasets.replay_store import ReplayStore
+
+        stored = len(ReplayStore.open(run_dir / "replay", "r"))
+        steps = max(int(m) for m in re.findall(r"steps (\d+)", (run_dir.parent / "actor.log").read_text()))
+        assert steps <= stored + 50, (steps, stored)
         if records[-1]["retrain/accepted"] == 1.0:
             # The switch at the end: the run's final agent IS the last retrained one, weight for weight,
             # and the run's last evaluation (its closing line) is of that agent, after the switch.
