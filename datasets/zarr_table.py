@@ -45,8 +45,6 @@ from .atomic_file import fsync_path
 # a flush can tear a chunk that holds flushed rows.
 ZARR_ATOMIC_WRITES = "3.1.3"
 
-WRITE_AS_IS = {"write_empty_chunks": True}
-
 
 def zarr_writes_atomically() -> bool:
     """Whether the installed zarr (``zarr.__version__``) is ``ZARR_ATOMIC_WRITES`` or newer."""
@@ -81,9 +79,7 @@ class AppendTable:
         self.length = length
         self.end = length
         self.writable = writable
-        # Every chunk is written as it is: zarr's default (write_empty_chunks=False) scans each chunk for fill
-        # values first, to delete instead of write it (about 5% of a commit's CPU for nothing here).
-        self.arrays: dict[str, zarr.Array] = {name: group[name].with_config(WRITE_AS_IS) for name in specs}
+        self.arrays: dict[str, zarr.Array] = {name: group[name] for name in specs}
         # In-memory rows [base, end): the flushed rows of the last partial chunk, then staged rows.
         self.base = (length // chunk_rows) * chunk_rows
         self._buf: dict[str, np.ndarray] = {}
@@ -278,7 +274,7 @@ class AppendTable:
             arr = self.arrays[name]
             if arr.shape[0] < stop:
                 # Another process grew the array since we opened it: re-read its metadata.
-                arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r").with_config(WRITE_AS_IS)
+                arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r")
             out[name] = arr[start:stop]
         return out
 
