@@ -157,17 +157,28 @@ def fmt(values) -> str:
     return "-" if n == 0 else f"{mean:.1f} ± {std:.1f}"
 
 
+def difference(a, b) -> tuple[str, float, int]:
+    """(verdict, mean of a - mean of b, seeds of the smaller side): verdict "higher" / "lower" when the
+    difference exceeds the larger spread, "within" when not, "few seeds" under MIN_SEEDS, "not measured"."""
+    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+    seeds, diff = min(na, nb), ma - mb
+    if seeds == 0:
+        return "not measured", math.nan, 0
+    if seeds < MIN_SEEDS:
+        return "few seeds", diff, seeds
+    if abs(diff) <= max(sa, sb):
+        return "within", diff, seeds
+    return ("higher" if diff > 0 else "lower"), diff, seeds
+
+
 def compare(a, b) -> str:
     """'higher' / 'lower' when the mean difference of a - b exceeds the larger spread, else 'within spread'."""
-    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
-    if na == 0 or nb == 0:
-        return "not measured"
-    if min(na, nb) < MIN_SEEDS:
-        return f"no verdict: {min(na, nb)} seed(s), {MIN_SEEDS} needed ({ma - mb:+.1f})"
-    diff = ma - mb
-    if abs(diff) <= max(sa, sb):
-        return f"within spread ({diff:+.1f})"
-    return f"{'higher' if diff > 0 else 'lower'} ({diff:+.1f})"
+    verdict, diff, seeds = difference(a, b)
+    if verdict == "not measured":
+        return verdict
+    if verdict == "few seeds":
+        return f"no verdict: {seeds} seed(s), {MIN_SEEDS} needed ({diff:+.1f})"
+    return f"{'within spread' if verdict == 'within' else verdict} ({diff:+.1f})"
 
 
 def plot_task(task: str, cells: list[Cell], path: Path, caption: str) -> None:
@@ -325,15 +336,11 @@ PAPER_CLAIMS = [
 
 def sign_here(a, b) -> str:
     """Whether a - b shows the papers' + sign: 'matches' beyond the spread, 'opposite' beyond it, 'not shown' within."""
-    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
-    if na == 0 or nb == 0:
-        return "not measured"
-    if min(na, nb) < MIN_SEEDS:
-        return f"no verdict ({min(na, nb)} of {MIN_SEEDS} seeds)"
-    diff = ma - mb
-    if abs(diff) <= max(sa, sb):
-        return "not shown (within spread)"
-    return "matches (+)" if diff > 0 else "opposite (-)"
+    verdict, _, seeds = difference(a, b)
+    if verdict == "few seeds":
+        return f"no verdict ({seeds} of {MIN_SEEDS} seeds)"
+    return {"not measured": "not measured", "within": "not shown (within spread)", "higher": "matches (+)",
+            "lower": "opposite (-)"}[verdict]  # fmt: skip
 
 
 def paper_signs(cells: list[Cell], tasks: list[str]) -> list[str]:
