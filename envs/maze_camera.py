@@ -45,9 +45,10 @@ class MazeTopCamera(gym.ObservationWrapper):
         col = np.floor((self._x + maze.x_map_center) / scale).astype(int)
         row = np.floor((maze.y_map_center - self._y) / scale).astype(int)
         grid = np.asarray(maze.maze_map)
-        inside = (row >= 0) & (row < grid.shape[0]) & (col >= 0) & (col < grid.shape[1])
         rows, cols = np.broadcast_arrays(row, col)
-        wall = np.where(inside, grid[np.clip(rows, 0, grid.shape[0] - 1), np.clip(cols, 0, grid.shape[1] - 1)] == 1, False)
+        inside = (rows >= 0) & (rows < grid.shape[0]) & (cols >= 0) & (cols < grid.shape[1])  # a non-square maze's margin
+        wall = np.zeros(rows.shape, bool)
+        wall[inside] = grid[rows[inside], cols[inside]] == 1
         image[wall] = WALL
         return image
 

@@ -54,12 +54,6 @@ class ObsSpec:
         """Bytes of one observation's images (all cameras)."""
         return sum(camera.frame_bytes for camera in self.cameras)
 
-    def camera(self, name: str) -> CameraSpec:
-        for camera in self.cameras:
-            if camera.name == name:
-                return camera
-        raise KeyError(f"no camera {name!r}; this observation has {', '.join(self.camera_names) or 'none'}")
-
     @property
     def camera_names(self) -> tuple[str, ...]:
         return tuple(camera.name for camera in self.cameras)

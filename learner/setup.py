@@ -59,8 +59,8 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
 def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, device) -> tuple[CalQLAgent, AgentSpec]:
     """A fresh agent for ``task``; ``data`` (None: an online run from scratch) sets the observation
     statistics with ``net.normalize_observations``."""
-    refuse_camera_task(task)
     env = make_env(task)
+    refuse_cameras(env.observation_space, "the learner")
     low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
