@@ -6,11 +6,20 @@ A transition is ``(obs, action, reward, next_obs, terminated, truncated, success
 these arrays in this order (``ARRAY_NAMES``); the store keeps one column each, plus
 bookkeeping columns; the learner's buffer takes obs, action, scaled reward, next_obs,
 terminated (as ``done``) and the store's MC return.
+
+Camera images (tasks whose observation declares cameras, envs/obs_spec.py) travel as uint8 frames,
+each frame once: ``frames[camera]`` holds ``(n + S, H, W, C)`` images for ``n`` rows in ``S``
+segments, where a segment ends after a row that is terminated or truncated, or at the chunk's last
+row. A segment of ``k`` rows carries ``k + 1`` frames: its rows' observations, then the next
+observation of its last row. ``frame_layout`` says which frame is whose (row ``i``'s observation is
+frame ``obs_frame[i]``, its next observation frame ``obs_frame[i] + 1``). The store and the buffer
+keep frames in one column per camera and per-row ``obs_frame`` / ``next_frame`` indices into it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -19,6 +28,22 @@ MAX_INT32 = 2**31 - 1  # policy_version and episode step are int32 columns in th
 ARRAY_NAMES = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
 FLOAT_ARRAYS = ("obs", "action", "reward", "next_obs")
 FLAG_ARRAYS = ("terminated", "truncated", "success")
+
+
+def frame_layout(terminated: np.ndarray, truncated: np.ndarray) -> tuple[np.ndarray, int]:
+    """(obs_frame, frame count) of a chunk's rows in the segment layout above.
+
+    Row ``i`` lies in segment ``s(i)`` = the number of episode ends among rows ``0 .. i-1``; each
+    earlier segment added one extra frame, so its observation is frame ``i + s(i)`` and its next
+    observation frame ``i + s(i) + 1``. The chunk holds ``n + S`` frames, ``S = s(n - 1) + 1``.
+    """
+    ends = (np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)).astype(np.int64)
+    n = len(ends)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    segment = np.concatenate([[0], np.cumsum(ends[:-1])])
+    obs_frame = np.arange(n, dtype=np.int64) + segment
+    return obs_frame, int(n + segment[-1] + 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +66,8 @@ class TransitionChunk:
     truncated: np.ndarray
     success: np.ndarray
     eval: bool = False
+    frames: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """camera name -> uint8 (n + S, H, W, C) frames in the segment layout (``frame_layout``); {} without cameras."""
 
     @property
     def n(self) -> int:

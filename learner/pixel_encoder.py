@@ -75,3 +75,17 @@ class PixelEncoder(nn.Module):
             x = x.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # DrQ: obs / 255 - 0.5
             features.append(self.heads[name](self.convs[name](x)))
         return torch.cat(features, dim=1)
+
+
+class ObsEncoder(nn.Module):
+    """(state (B, d) float, {camera: uint8 (B, H, W, C)}) -> (B, pixel features + d): the images through
+    ``PixelEncoder``, the state concatenated after it (SERL and DrQ-style agents with proprioception)."""
+
+    def __init__(self, spec: ObsSpec, feature_dim: int = DRQ_FEATURES):
+        super().__init__()
+        self.pixels = PixelEncoder(spec, feature_dim)
+        self.state_dim = spec.state_dim
+        self.out_dim = self.pixels.feature_dim + spec.state_dim
+
+    def forward(self, state: torch.Tensor, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.pixels(images), state], dim=1)
