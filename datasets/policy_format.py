@@ -5,6 +5,11 @@ The learner writes it (``learner/export_onnx.py``), actors check and run it
 and ``noise`` [batch, action_dim] (standard normal times a temperature; zeros give the
 deterministic action), output ``action`` [batch, action_dim] in env units; string
 metadata ``METADATA_KEYS`` describe the task, dimensions, bounds and version.
+
+A task with cameras (envs/obs_spec.py) adds one input per camera between them, in the spec's
+(alphabetical) order: ``obs`` is then the state vector [batch, state_dim] and ``<camera>`` the raw
+uint8 image [batch, H, W, C] (scaling and the encoder are in the graph); the ``cameras`` metadata
+is the JSON ``{name: [H, W, C]}`` (``{}`` for a state task), ``input_names`` lists the inputs.
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ FORMAT_VERSION = "1"
 """``o2o_format_version`` metadata: this input/output/noise convention."""
 INPUT_NAMES = ("obs", "noise")
 OUTPUT_NAMES = ("action",)
+
+
+def input_names(cameras: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The graph's inputs for a task with these cameras (INPUT_NAMES without)."""
+    return (INPUT_NAMES[0], *cameras, INPUT_NAMES[1])
+
 NOISE = "standard_normal"
 """``noise`` metadata: noise ~ N(0, I), times a temperature."""
 METADATA_KEYS = ("o2o_format_version", "task", "obs_dim", "action_dim", "action_low", "action_high",
-                 "policy_version", "training_step", "input_names", "output_names", "noise")  # fmt: skip
+                 "policy_version", "training_step", "input_names", "output_names", "noise", "cameras")  # fmt: skip
 POLICY_FILENAME = "policy.onnx"
