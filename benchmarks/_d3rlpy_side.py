@@ -8,11 +8,17 @@ prints one JSON line {"ready": ..., "gflop": ...}, then answers stdin commands:
 whole real update: critic step, actor step, temperature step, target sync) with no
 sampling; ``loop`` times what ``fit`` does per step: sample_transition_batch + algo.update
 (numpy -> torch conversion and the per-sample return-to-go sum included).
+
+``--pixels``: the .npz holds uint8 images (N, C, H, W) and the encoders are DrQ's, as ours
+(benchmarks/pixel_calql_updates.py): conv 32 3x3 stride 2, three conv 32 3x3 stride 1, linear to 50,
+LayerNorm, tanh, then the MLP (the critic's with the action concatenated after the features).
+d3rlpy gives actor and critic each their own encoder and has no image augmentation (2.x).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import d3rlpy  # noqa: E402
 from d3rlpy.dataset import MDPDataset  # noqa: E402
-from d3rlpy.models.encoders import VectorEncoderFactory  # noqa: E402
+from d3rlpy.models.encoders import EncoderFactory, VectorEncoderFactory, register_encoder_factory  # noqa: E402
+from d3rlpy.models.torch.encoders import Encoder, EncoderWithAction  # noqa: E402
 from d3rlpy.torch_utility import TorchMiniBatch  # noqa: E402
 
 
@@ -39,6 +46,66 @@ def tune_malloc() -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
+class DrQTrunk(torch.nn.Module):
+    """DrQ's conv encoder + LayerNorm + tanh, then an MLP: the same shapes as o2o's ObsEncoder + MLP."""
+
+    def __init__(self, shape, hidden: list[int], action_size: int = 0):
+        super().__init__()
+        c, h, w = shape
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(c, 32, 3, stride=2), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, stride=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, stride=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, stride=1), torch.nn.ReLU(), torch.nn.Flatten())
+        flat = self.conv(torch.zeros(1, c, h, w)).shape[1]
+        self.head = torch.nn.Sequential(torch.nn.Linear(flat, 50), torch.nn.LayerNorm(50), torch.nn.Tanh())
+        layers, width = [], 50 + action_size
+        for size in hidden:
+            layers += [torch.nn.Linear(width, size), torch.nn.ReLU()]
+            width = size
+        self.mlp = torch.nn.Sequential(*layers)
+
+    def forward(self, x, action=None):
+        features = self.head(self.conv(x))
+        return self.mlp(features if action is None else torch.cat([features, action], dim=1))
+
+
+class DrQEncoder(Encoder):
+    def __init__(self, shape, hidden: list[int]):
+        super().__init__()
+        self.trunk = DrQTrunk(shape, hidden)
+
+    def forward(self, x):
+        return self.trunk(x)
+
+
+class DrQEncoderWithAction(EncoderWithAction):
+    def __init__(self, shape, action_size: int, hidden: list[int]):
+        super().__init__()
+        self.trunk = DrQTrunk(shape, hidden, action_size)
+
+    def forward(self, x, action):
+        return self.trunk(x, action)
+
+
+@dataclasses.dataclass()
+class DrQEncoderFactory(EncoderFactory):
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
+
+    def create(self, observation_shape):
+        return DrQEncoder(observation_shape, self.hidden)
+
+    def create_with_action(self, observation_shape, action_size: int, discrete_action: bool = False):
+        return DrQEncoderWithAction(observation_shape, action_size, self.hidden)
+
+    @staticmethod
+    def get_type() -> str:
+        return "o2o_drq"
+
+
+register_encoder_factory(DrQEncoderFactory)
 
 
 def say(**msg) -> None:
@@ -55,6 +122,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mallopt", action="store_true")
+    p.add_argument("--pixels", action="store_true", help="image observations, DrQ encoders (see the docstring)")
     args = p.parse_args()
     if args.mallopt:
         tune_malloc()
@@ -68,6 +136,10 @@ def main() -> None:
         terminals=d["terminal"], timeouts=d["timeout"],
     )
     hidden = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    if args.pixels:
+        encoder = lambda s: DrQEncoderFactory(hidden(s))  # noqa: E731
+    else:
+        encoder = lambda s: VectorEncoderFactory(hidden_units=hidden(s))  # noqa: E731
     config = d3rlpy.algos.CalQLConfig(
         batch_size=args.batch,
         gamma=0.99,
@@ -83,8 +155,9 @@ def main() -> None:
         max_q_backup=True,
         soft_q_backup=False,
         n_critics=2,
-        actor_encoder_factory=VectorEncoderFactory(hidden_units=hidden(args.policy_hidden)),
-        critic_encoder_factory=VectorEncoderFactory(hidden_units=hidden(args.critic_hidden)),
+        actor_encoder_factory=encoder(args.policy_hidden),
+        critic_encoder_factory=encoder(args.critic_hidden),
+        observation_scaler=d3rlpy.preprocessing.PixelObservationScaler() if args.pixels else None,
         compile_graph=False,
     )
     algo = config.create(device=device)
