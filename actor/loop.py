@@ -13,6 +13,11 @@ Chunks never span episodes and carry one policy version: a chunk is sent when
 it holds ``chunk_rows`` rows, at each episode end, and before a policy swap.
 An episode's id is the seq of its first chunk, so ids are unique across
 actor restarts without any state of their own.
+
+Cameras (an env whose observation is a Dict of a state vector and uint8 images, envs/obs_spec.py):
+each observation is split and checked by ``ObsSpec.split`` (a wrong image stops the actor with
+an ``ObservationError`` before anything of it is sent or acted on); rows carry the state vector
+and each camera's frames travel once, in the chunk's segment layout (datasets/rows.py).
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import gymnasium as gym
 import numpy as np
 
 from o2o.envs import hold_env
+from o2o.envs.obs_spec import STATE_KEY, CameraSpec, ObservationError, ObsSpec
 from o2o.transport.seams import PolicySource, SinkStatus, TransitionSink
 from o2o.transport.wire import TransitionChunk
 
@@ -67,30 +73,57 @@ class LoopStats:
 
 
 class ChunkRows:
-    """Pre-allocated rows of the chunk being filled."""
+    """Pre-allocated rows of the chunk being filled, and each camera's frames.
 
-    def __init__(self, rows: int, obs_dim: int, action_dim: int):
+    A chunk never spans episodes (the loop sends it at each episode end), so it is one segment of
+    the frame layout (datasets/rows.py ``frame_layout``): n rows carry n + 1 frames, frame i the
+    observation of row i and frame n the next observation of the last row. That frame is also the
+    current observation's image (the one the policy acts on): a chunk sent mid-episode ends with
+    it, and the next chunk starts with it again (the store keeps it once).
+    """
+
+    def __init__(self, rows: int, obs_dim: int, action_dim: int, cameras: tuple[CameraSpec, ...] = ()):
         self.obs = np.zeros((rows, obs_dim), np.float32)
         self.action = np.zeros((rows, action_dim), np.float32)
         self.next_obs = np.zeros((rows, obs_dim), np.float32)
         self.reward = np.zeros(rows, np.float32)
         self.terminated, self.truncated, self.success = (np.zeros(rows, np.uint8) for _ in range(3))
+        self.frames = {camera.name: np.zeros((rows + 1, *camera.shape), np.uint8) for camera in cameras}
+        self._frames = tuple(self.frames.items())
         self.capacity = rows
         self.n = 0
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated, success) -> bool:
-        """Record one transition; True when the chunk is full."""
+    def begin(self, images: dict[str, np.ndarray]) -> None:
+        """An episode's first observation images (the chunk is empty: it starts with them)."""
+        for name, frames in self._frames:
+            frames[0] = images[name]
+
+    def images(self) -> dict[str, np.ndarray]:
+        """The current observation's images: views of the chunk's last frame (valid until the next add)."""
+        n = self.n
+        return {name: frames[n] for name, frames in self._frames}
+
+    def add(self, obs, action, reward, next_obs, terminated, truncated, success, next_images=None) -> bool:
+        """Record one transition (``next_images``: its next observation's images, if cameras); True when the
+        chunk is full."""
         i = self.n
         self.obs[i], self.action[i], self.reward[i], self.next_obs[i] = obs, action, reward, next_obs
         self.terminated[i], self.truncated[i], self.success[i] = terminated, truncated, success
+        for name, frames in self._frames:
+            frames[i + 1] = next_images[name]  # the one copy of each image
         self.n = i + 1
         return self.n == self.capacity
 
     def take(self) -> dict[str, np.ndarray]:
-        """Copies of the filled rows (the sink keeps them; these buffers are reused)."""
+        """Copies of the filled rows and frames (the sink keeps them; these buffers are reused)."""
         n, self.n = self.n, 0
         names = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
-        return {name: getattr(self, name)[:n].copy() for name in names}
+        taken = {name: getattr(self, name)[:n].copy() for name in names}
+        if self._frames:
+            taken["frames"] = {name: frames[: n + 1].copy() for name, frames in self._frames}
+            for _, frames in self._frames:
+                frames[0] = frames[n]  # mid-episode, the next chunk starts at the current observation
+        return taken
 
 
 class Actor:
@@ -101,16 +134,20 @@ class Actor:
         self.env, self.sink, self.policies, self.cfg = env, sink, policies, cfg
         space = env.action_space
         self.low, self.high = space.low.astype(np.float32), space.high.astype(np.float32)
-        obs_dim, action_dim = env.observation_space.shape[0], space.shape[0]
+        # A flat Box is a state-only env (today's path: its observation is used as it comes);
+        # a Dict with cameras is split and checked at every step.
+        self.spec = ObsSpec.from_space(env.observation_space)
+        self.cameras = self.spec.has_images
+        obs_dim, action_dim = self.spec.state_dim, space.shape[0]
         seeds = np.random.SeedSequence([cfg.seed, sink.status().next_seq])  # a restarted actor draws new noise
         self.explore = Exploration(action_dim, cfg.policy.noise_scale, seeds.spawn(1)[0])
         self.reset_rng = np.random.default_rng(seeds.spawn(1)[0])
-        self.rows = ChunkRows(cfg.chunk_rows, obs_dim, action_dim)
+        self.rows = ChunkRows(cfg.chunk_rows, obs_dim, action_dim, self.spec.cameras)
         self._may_clip = True
         self.period = 1.0 / cfg.control_hz if cfg.control_hz > 0 else 0.0
         self.stats = LoopStats()
         self.policy: OnnxPolicy | None = None
-        self.obs: np.ndarray | None = None
+        self.obs: np.ndarray | None = None  # the current observation's state (its images: self.rows.images())
         self.stop_requested = False
         self.paused = False  # waiting for spool room (mid-episode)
         self.holding = False  # held by the learner (between episodes)
@@ -135,14 +172,17 @@ class Actor:
         self._tick = self._last_log = time.perf_counter()
         self._log_steps = self.stats.steps
         while True:
-            reason = self._before_step(end_steps, end_episodes)
-            if reason is not None:
-                break
             try:
+                reason = self._before_step(end_steps, end_episodes)  # a reset's observation may be NonFinite
+                if reason is not None:
+                    break
                 self._step()
             except NonFinite as err:
                 reason = str(err)
                 break
+            except ObservationError:
+                self._flush()  # the rows before it are whole transitions; the bad observation is in none of them
+                raise
             if time.perf_counter() - self._last_log >= self.cfg.log_every_s:
                 self._log_progress()
         self._flush()
@@ -176,7 +216,8 @@ class Actor:
         if self.policy is None:
             action = self.reset_rng.uniform(self.low, self.high).astype(np.float32)
         else:
-            action = self.policy.act(self.obs, self.explore.draw(0.0 if evaluating else None))
+            images = self.rows.images() if self.cameras else None
+            action = self.policy.act(self.obs, self.explore.draw(0.0 if evaluating else None), images)
         clipped = np.minimum(np.maximum(action, self.low), self.high)  # a fresh array: the env may keep it
         if not math.isfinite(np.add.reduce(clipped)):  # NaN survives clipping: never send it to a robot
             raise NonFinite(f"policy version {self.version} gave the non-finite action {action} "
@@ -184,13 +225,17 @@ class Actor:
         if self._may_clip and not np.array_equal(clipped, action):
             self.stats.clipped_steps += 1
         next_obs, reward, terminated, truncated, info = self.env.step(clipped)
+        next_images = None
+        if self.cameras:
+            next_obs, next_images = self._split(next_obs, self.ep_step + 1)
         if not math.isfinite(np.add.reduce(next_obs)) or not math.isfinite(reward):
             raise NonFinite(f"the env returned a non-finite observation {next_obs} or reward {reward} at "
                             f"step {self.ep_step}: that transition is not sent (a sensor fault?)")  # fmt: skip
         self.stats.steps += 1
         self.ep_return += reward
         self.ep_step += 1
-        full = self.rows.add(self.obs, clipped, reward, next_obs, terminated, truncated, info.get("success", False))
+        full = self.rows.add(self.obs, clipped, reward, next_obs, terminated, truncated, info.get("success", False),
+                             next_images)  # fmt: skip
         if terminated or truncated:
             self._end_episode(evaluating, bool(info.get("success", False)))
         else:
@@ -198,6 +243,20 @@ class Actor:
             if full:
                 self._flush()
         self._pace()
+
+    def _split(self, obs, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(state, images) of observation ``index`` of the episode (0 = the reset's) of an env with cameras;
+        ObservationError if it does not match the env's declared space (NonFinite for a NaN/inf state, as
+        without cameras)."""
+        try:
+            return self.spec.split(obs)
+        except ObservationError as err:
+            state = obs.get(STATE_KEY) if isinstance(obs, Mapping) else None
+            if np.shape(state) == (self.spec.state_dim,) and not np.isfinite(np.asarray(state, np.float64)).all():
+                raise NonFinite(f"the env returned a non-finite state {state} as observation {index} of the "
+                                "episode: that transition is not sent (a sensor fault?)") from None  # fmt: skip
+            raise ObservationError(f"the env's observation {index} of the episode (0 = the reset's) does not match "
+                                   f"its declared space: {err}") from None  # fmt: skip
 
     def _flush(self) -> None:
         if self.rows.n == 0:
@@ -218,9 +277,13 @@ class Actor:
 
     def _begin_episode(self) -> None:
         self._maybe_swap()  # policy.swap=episode swaps only here
-        self.obs, _ = self.env.reset(seed=int(self.reset_rng.integers(2**31)))
-        self.episode_id = None  # set by the episode's first chunk
         self.ep_step = self.chunk_step = 0
+        obs, _ = self.env.reset(seed=int(self.reset_rng.integers(2**31)))
+        if self.cameras:
+            obs, images = self._split(obs, 0)
+            self.rows.begin(images)
+        self.obs = obs
+        self.episode_id = None  # set by the episode's first chunk
         self.ep_return = 0.0
 
     def _end_episode(self, evaluating: bool, success: bool) -> None:

@@ -5,7 +5,8 @@
     o2o-actor task=pointmaze-umaze learner=null policy.path=policy.onnx max_episodes=5 actor_id=dry
 
 Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT, after waiting up to link.drain_s
-for acks), 2 bad configuration, 3 stopped safely (learner lost or refused us, spool full or its
+for acks), 2 bad configuration (or an env observation that does not match its declared space, e.g. a camera
+image of another size: nothing of it is sent), 3 stopped safely (learner lost or refused us, spool full or its
 disk failing: see the log line), 128 + signal: a second SIGTERM/SIGINT cut that wait short (the
 unacked chunks stay in the spool for the next run).
 """
@@ -29,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from o2o.envs import make_actor_env
+from o2o.envs.obs_spec import ObsSpec
+from o2o.transport.limits import ChunkSpec
 from o2o.transport.link import Link
 from o2o.transport.seams import PolicySource, TransitionSink
 from o2o.transport.security import ActorKeys
@@ -52,31 +55,41 @@ def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, L
     validate(cfg)
     # A task's MuJoCo env or a user's robot: the same loop drives either (envs/robot.py checks it).
     env = make_actor_env(cfg.task, cfg.env, dict(cfg.env_kwargs), cfg.max_episode_steps)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    expect = PolicyExpectation(cfg.task, obs_dim, action_dim)
+    try:  # a refused configuration never leaves a robot's connection open
+        spec = ObsSpec.from_space(env.observation_space)  # the state vector and the cameras, if any
+        obs_dim, action_dim = spec.state_dim, env.action_space.shape[0]
+        max_rows = ChunkSpec.for_obs(spec, action_dim).max_rows  # what the learner accepts
+        if cfg.chunk_rows > max_rows:
+            why = f" with these cameras ({spec.image_bytes} image bytes per observation)" if spec.has_images else ""
+            raise ValueError(f"chunk_rows={cfg.chunk_rows}: the learner takes chunks of at most {max_rows} rows{why}: "
+                             f"set chunk_rows<={max_rows}")  # fmt: skip
+        cameras = spec.to_dict()["cameras"]  # {name: [H, W, C]}; {} for a state task
+        expect = PolicyExpectation(cfg.task, obs_dim, action_dim, {c.name: c.shape for c in spec.cameras})
 
-    def build_policy(onnx: bytes | Path, version: int | None) -> OnnxPolicy:
-        policy = OnnxPolicy(onnx, expect, version=version, threads=cfg.policy.threads, device=cfg.policy.device)
-        if not (np.allclose(policy.action_low, env.action_space.low) and np.allclose(policy.action_high, env.action_space.high)):
-            log.warning("policy version %d acts in [%s, %s], the env in [%s, %s]: actions are clipped to the env's",
-                        policy.version, policy.action_low, policy.action_high, env.action_space.low, env.action_space.high)  # fmt: skip
-        return policy
+        def build_policy(onnx: bytes | Path, version: int | None) -> OnnxPolicy:
+            policy = OnnxPolicy(onnx, expect, version=version, threads=cfg.policy.threads, device=cfg.policy.device)
+            if not (np.allclose(policy.action_low, env.action_space.low) and np.allclose(policy.action_high, env.action_space.high)):
+                log.warning("policy version %d acts in [%s, %s], the env in [%s, %s]: actions are clipped to the env's",
+                            policy.version, policy.action_low, policy.action_high, env.action_space.low, env.action_space.high)  # fmt: skip
+            return policy
 
-    try:
         initial = build_policy(Path(cfg.policy.path), None) if cfg.policy.path is not None else None
         if cfg.learner is None:
             return env, MemorySink(), FixedPolicySource(initial), None
         folder = Path(cfg.spool.dir) / cfg.actor_id if cfg.spool.dir else None
+        meta = {"actor_id": cfg.actor_id, "task": cfg.task, "obs_dim": obs_dim, "action_dim": action_dim}
+        if cameras:  # a state task's spool folder keeps today's meta (its unacked chunks still resend)
+            meta["cameras"] = cameras
         spool = Spool(cfg.spool.memory_chunks, folder, int(cfg.spool.max_disk_mb * 2**20),
-                      int(cfg.spool.segment_mb * 2**20),
-                      meta={"actor_id": cfg.actor_id, "task": cfg.task, "obs_dim": obs_dim, "action_dim": action_dim})  # fmt: skip
+                      int(cfg.spool.segment_mb * 2**20), meta=meta)  # fmt: skip
     except BaseException:
         env.close()
         raise
     changed = threading.Condition()  # the loop's one wake-up: notified by the link and by each built policy
     builder = PolicyBuilder(build_policy, initial, changed)
     keys = ActorKeys(cfg.keys, cfg.actor_id) if cfg.keys else None
-    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, builder, cfg.link, changed, keys)
+    link = Link(cfg.learner, cfg.actor_id, cfg.task, obs_dim, action_dim, spool, builder, cfg.link, changed, keys,
+                cameras=cameras)  # fmt: skip
     return env, link, link, link.start()
 
 

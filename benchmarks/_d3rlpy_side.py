@@ -181,7 +181,7 @@ def main() -> None:
         algo.update(dataset.sample_transition_batch(args.batch))
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(5):
+    for _ in range(1 if args.pixels else 5):  # a pixel update takes minutes on a CPU
         update()
     sync()
     with FlopCounterMode(display=False) as counter:

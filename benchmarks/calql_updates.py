@@ -158,10 +158,10 @@ class Ours:
 class D3rlpy:
     """The d3rlpy CalQL subprocess (its own venv), driven over stdin/stdout."""
 
-    def __init__(self, python: Path, data_path: Path, hidden: list[int], args):
+    def __init__(self, python: Path, data_path: Path, hidden: list[int], args, extra: tuple[str, ...] = ()):
         cmd = [str(python), str(SIDE), "--data", str(data_path), "--critic-hidden", ",".join(map(str, hidden)),
                "--policy-hidden", ",".join(map(str, POLICY_HIDDEN)), "--batch", str(args.batch),
-               "--threads", str(args.threads), "--device", args.device] + (["--mallopt"] if args.mallopt else [])
+               "--threads", str(args.threads), "--device", args.device, *extra] + (["--mallopt"] if args.mallopt else [])
         self.log = BENCH_DIR / "d3rlpy_side.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -14,6 +14,15 @@ mark the process's VmRSS and VmHWM (peak) from /proc/self/status are reported ne
 the buffer's own bytes. The other side is ``learner/online_data.py`` of ``--old`` (git
 show, loaded as a temporary module): its ``HostMirror`` kept a copy of every committed row.
 The store folder is deleted afterwards.
+
+Image mode (``--images``): the same with ``pointmaze-umaze-pixels`` rows (one 84x84x3 camera, the
+frames rendered by the task's own camera from random-action episodes) into an image
+``TransitionBuffer`` (uint8 frames on the host) of ``--capacity`` transitions, with marks at 1x to 10x
+the capacity; then a restarted learner (a fresh process) reloads the store at 1x and at 10x
+(``OnlineData.load_store``): its peak RSS must not grow with the store (the read path reads frames
+only for the rows the buffer keeps, a few hundred MiB at a time).
+
+    python -m benchmarks.learner_memory --images --capacity 10000   # 1x..10x, writes BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -177,6 +186,208 @@ def report(results: list[dict], command: str, rev: str, load: tuple[float, float
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- image mode
+
+IMAGE_TASK = "pointmaze-umaze-pixels"
+IMAGE_CHUNK_ROWS, IMAGE_EPISODE_LEN, IMAGE_COMMIT_ROWS = 50, 100, 2000  # a chunk: ~1.7 s at 30 Hz
+
+
+def frame_pool(n: int = 512):
+    """(spec, action_dim, {camera: n frames}) of ``IMAGE_TASK``'s camera, from random-action episodes."""
+    import numpy as np
+
+    from o2o.envs import get_task, make_env
+    from o2o.envs.obs_spec import ObsSpec
+
+    env = make_env(get_task(IMAGE_TASK))
+    spec = ObsSpec.from_space(env.observation_space)
+    pool = {c: [] for c in spec.camera_names}
+    obs, _ = env.reset(seed=0)
+    env.action_space.seed(0)
+    for _ in range(n):
+        for camera in pool:
+            pool[camera].append(obs[camera])
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            obs, _ = env.reset()
+    action_dim = env.action_space.shape[0]
+    env.close()
+    return spec, action_dim, {camera: np.stack(frames) for camera, frames in pool.items()}
+
+
+def image_chunk(actor: int, seq: int, pool: dict, spec, action_dim: int):
+    """Chunk ``seq`` of actor ``actor``: truncated episodes of ``IMAGE_EPISODE_LEN`` steps, frames in the
+    wire's segment layout; the frame of (episode, step) is always the same pool frame, so the store
+    keeps a continuing episode's shared frame once."""
+    import numpy as np
+
+    from o2o.datasets.rows import TransitionChunk, frame_layout
+
+    g = seq * IMAGE_CHUNK_ROWS + np.arange(IMAGE_CHUNK_ROWS)  # the actor's steps so far
+    episode, step = g // IMAGE_EPISODE_LEN, g % IMAGE_EPISODE_LEN
+    truncated = (step == IMAGE_EPISODE_LEN - 1).astype(np.uint8)
+    obs_frame, count = frame_layout(np.zeros_like(truncated), truncated)
+    frames = {}
+    for camera, images in pool.items():
+        which = lambda t: (episode * 7 + t + actor * 13) % len(images)  # noqa: E731
+        frames[camera] = np.empty((count, *images.shape[1:]), np.uint8)
+        frames[camera][obs_frame], frames[camera][obs_frame + 1] = images[which(step)], images[which(step + 1)]
+    state = np.stack([np.sin(g / 10.0), np.cos(g / 10.0)], 1).astype(np.float32)[:, : spec.state_dim]
+    zeros = np.zeros(IMAGE_CHUNK_ROWS, np.uint8)
+    return TransitionChunk(
+        actor_id=f"arm-{actor}", seq=seq, policy_version=0, episode_id=int(episode[0]), step=int(step[0]), obs=state,
+        action=np.zeros((IMAGE_CHUNK_ROWS, action_dim), np.float32), reward=-np.ones(IMAGE_CHUNK_ROWS, np.float32),
+        next_obs=state, terminated=zeros, truncated=truncated, success=zeros, frames=frames,
+    )  # fmt: skip
+
+
+def image_learner(spec, action_dim: int, capacity: int):
+    import numpy as np
+
+    from o2o.datasets.data_settings import DataSettings
+    from o2o.learner.buffer import TransitionBuffer
+    from o2o.learner.online_data import OnlineData
+
+    buffer = TransitionBuffer(spec, action_dim, capacity, "cpu")
+    low, high = -np.ones(action_dim, np.float32), np.ones(action_dim, np.float32)
+    return buffer, OnlineData(buffer, low, high, DataSettings())
+
+
+def child_images(marks: list[int], capacity: int, folder: Path) -> None:
+    """Ingest up to max(marks) image rows through a real store into the learner; one JSON line per
+    mark. The store at the first mark is copied to ``folder/first`` for the restart side."""
+    from o2o.datasets.replay_store import ReplayStore
+
+    start_rss = proc_status()["VmRSS"]
+    spec, action_dim, pool = frame_pool()
+    # fsync off: memory is measured here, not durability (benchmarks/store_fsync.py measures that).
+    store = ReplayStore.create(folder / "replay", spec, action_dim, fsync=False)
+    buffer, data = image_learner(spec, action_dim, capacity)
+    memory = buffer.memory
+    print(json.dumps({"log": f"buffer: {memory.line()}"}), flush=True)
+    seqs, rows, staged, t0 = [0] * ACTORS, 0, 0, time.perf_counter()
+    for mark in sorted(marks):
+        while rows < mark:
+            for k in range(ACTORS):
+                store.append(image_chunk(k, seqs[k], pool, spec, action_dim))
+                seqs[k] += 1
+            rows, staged = rows + ACTORS * IMAGE_CHUNK_ROWS, staged + ACTORS * IMAGE_CHUNK_ROWS
+            if staged >= IMAGE_COMMIT_ROWS:  # the ingest server's group commit
+                store.commit(collect=True)
+                data.on_commit(store.last_commit)
+                data.drain()
+                data.pop_episodes()
+                staged = 0
+        store.commit(collect=True)
+        data.on_commit(store.last_commit)
+        data.drain()
+        if mark == min(marks):
+            shutil.copytree(folder / "replay", folder / "first", ignore=shutil.ignore_patterns("writer.lock"))
+        print(json.dumps({
+            "side": "ingest", "rows": rows, "committed": data.committed_rows, "trainable": data.trainable_rows,
+            "capacity": capacity, "buffer_rows": len(buffer), "buffer_bytes": memory.total_bytes,
+            "start_rss": start_rss, "seconds": time.perf_counter() - t0, **proc_status(),
+        }), flush=True)  # fmt: skip
+    store.close()
+
+
+def child_restart(store_path: Path, capacity: int) -> None:
+    """A restarted learner: a fresh buffer filled from the store (``OnlineData.load_store``)."""
+    from o2o.datasets.replay_store import ReplayStore
+    from o2o.envs.obs_spec import ObsSpec
+
+    start_rss = proc_status()["VmRSS"]
+    store = ReplayStore.open(store_path, "r")
+    spec = ObsSpec(store.config.obs_dim, store.config.cameras)
+    buffer, data = image_learner(spec, store.config.action_dim, capacity)
+    before = proc_status()["VmRSS"]
+    t0 = time.perf_counter()
+    trainable = data.load_store(store)
+    print(json.dumps({
+        "side": "restart", "rows": len(store), "trainable": trainable, "capacity": capacity, "buffer_rows": len(buffer),
+        "buffer_bytes": buffer.memory.total_bytes, "start_rss": start_rss, "with_buffer_rss": before,
+        "seconds": time.perf_counter() - t0, **proc_status(),
+    }), flush=True)  # fmt: skip
+
+
+def image_report(results: list[dict], command: str, logs: list[str], load: tuple[float, float]) -> str:
+    from benchmarks.report import machine_line
+
+    capacity = results[0]["capacity"]
+    ingest = [r for r in results if r["side"] == "ingest"]
+    restart = [r for r in results if r["side"] == "restart"]
+    lines = [
+        f"## Learner memory with image rows: 1x to {ingest[-1]['rows'] // capacity}x a {capacity:,}-transition buffer",
+        "",
+        f"`{command}` on {machine_line()}, CPU buffer (torch, no accelerator), `{IMAGE_TASK}` rows (one 84x84x3",
+        f"camera, frames from the task's camera): {ACTORS} actors' {IMAGE_CHUNK_ROWS}-row chunks, {IMAGE_EPISODE_LEN}-step",
+        f"truncated episodes, appended to a real `ReplayStore` on /tmp (fsync off) and committed every {IMAGE_COMMIT_ROWS:,}",
+        "rows; each commit event through `OnlineData.on_commit` + `drain` into the image `TransitionBuffer`",
+        f"({'; '.join(logs)}). Then a fresh process reloads the store at 1x and at the last mark",
+        "(`OnlineData.load_store`, a restarted learner). RSS: VmRSS at the mark; peak: VmHWM so far; 'start':",
+        "RSS before the buffer and store existed.",
+        "",
+        "| side | store rows | RSS (MiB) | peak RSS (MiB) | RSS - start (MiB) | buffer (MiB) | buffer rows | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['side']} | {r['rows']:,} | {mb(r['VmRSS'])} | {mb(r['VmHWM'])} | {mb(r['VmRSS'] - r['start_rss'])} | "
+            f"{mb(r['buffer_bytes'])} | {r['buffer_rows']:,} | {r['seconds']:.0f} |"
+        )
+    first, last = ingest[0], ingest[-1]
+    lines += [
+        "",
+        f"- ingest: RSS {'+' if last['VmRSS'] >= first['VmRSS'] else ''}{mb(last['VmRSS'] - first['VmRSS'])} MiB from "
+        f"{first['rows']:,} to {last['rows']:,} rows (the buffer's frames are allocated, and touched, at start).",
+    ]
+    if len(restart) == 2:
+        a, b = restart
+        lines.append(
+            f"- restart: peak RSS {mb(a['VmHWM'])} MiB with {a['rows']:,} store rows, {mb(b['VmHWM'])} MiB with "
+            f"{b['rows']:,}; above the buffer: {mb(a['VmHWM'] - a['with_buffer_rss'])} and "
+            f"{mb(b['VmHWM'] - b['with_buffer_rss'])} MiB (one read of frames for the rows the buffer keeps)."
+        )
+    lines.append(f"- Load average {load[0]:.1f} before, {load[1]:.1f} after (other jobs shared the machine).")
+    return "\n".join(lines)
+
+
+def main_images(args) -> None:
+    if args.child == "images":
+        child_images([int(m) for m in args.rows.split(",")], args.capacity, Path(args.store))
+        return
+    if args.child == "restart":
+        child_restart(Path(args.store), args.capacity)
+        return
+    marks = [args.capacity * k for k in (1, 2, 5, 10)]
+    folder = Path(tempfile.mkdtemp(prefix="o2o-learner-memory-images-", dir="/tmp"))
+    results, logs, load_before = [], [], os.getloadavg()[0]
+
+    def run(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.learner_memory", "--capacity", str(args.capacity),
+                               "--store", *extra], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"{extra} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        for line in done.stdout.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                logs.append(record["log"]) if "log" in record else results.append(record)
+
+    try:
+        run(str(folder), "--child", "images", "--rows", ",".join(map(str, marks)))
+        run(str(folder / "first"), "--child", "restart")
+        run(str(folder / "replay"), "--child", "restart")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    command = f"python -m benchmarks.learner_memory --images --capacity {args.capacity}"
+    text = image_report(results, command, logs, (load_before, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        from benchmarks.report import write_section
+
+        write_section("learner_memory_images", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000,5000000", help="comma-separated marks (rows ingested)")
@@ -184,8 +395,13 @@ def main() -> None:
     parser.add_argument("--old", default=OLD_REV, help="the commit whose learner/online_data.py is 'old'")
     parser.add_argument("--sides", default="new,old")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--child", choices=["new", "old"], help=argparse.SUPPRESS)
+    parser.add_argument("--images", action="store_true", help="image rows (pointmaze-umaze-pixels), marks 1x..10x capacity")
+    parser.add_argument("--child", choices=["new", "old", "images", "restart"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.images or args.child in ("images", "restart"):
+        main_images(args)
+        return
     marks = [int(m) for m in args.rows.split(",")]
     if args.child:
         child(args.child, args.old, marks, args.capacity)

@@ -46,6 +46,8 @@ def cmd_inspect(args) -> None:
         data = load_transitions(dataset, get_task(args.task), DataSettings(discount=args.gamma))
         returns = data.episode_returns()
         print(f"flat obs dim {data.obs_dim}, action dim {data.action_dim}, trajectories {len(returns)}")
+        for camera, frames in data.frames.items():  # a camera task: each frame once, rows point at them
+            print(f"camera {camera}: {len(frames)} frames of {frames.shape[1:]} {frames.dtype} for {len(data)} rows")
         print(f"return per trajectory: mean {returns.mean():.3f}, min {returns.min():.3f}, max {returns.max():.3f}")
         print(f"MC return-to-go: mean {data.mc_return.mean():.3f}, min {data.mc_return.min():.3f}, max {data.mc_return.max():.3f}")
         print(f"terminal rows: {int(data.terminated.sum())}, reward mean {np.mean(data.reward):.4f}")

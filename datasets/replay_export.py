@@ -7,7 +7,11 @@ step are exported: abandoned or gapped episodes cannot be written as Minari
 episodes (observations must chain). Rewards are the raw env rewards, so
 ``minari_io.load_transitions`` applies the reward scale and recomputes the same
 MC returns the store holds. Observations are the flat float32 vectors the
-actors sent, with the flattened env's Box observation space.
+actors sent, with the flattened env's Box observation space; a camera store's are
+the task's Dict ``{"state": ..., "<camera>": uint8 (H, W, C)}``, written by Minari's
+own writer as o2o's dataset builders write theirs (``minari_io.write_dataset``:
+Minari's default JPEG encoding of image spaces, so the frames come back within JPEG
+error, not bit-exact).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from o2o.envs.obs_spec import STATE_KEY, ObsSpec
+
+from .rows import frame_key
+from .store_frames import camera_keys
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -31,7 +40,8 @@ def store_episodes(store: "ReplayStore", include_eval: bool = False) -> list[dic
     keep = table["ended"] & table["contiguous"]
     if not include_eval:
         keep &= ~table["eval"]
-    rows = store.read(0, len(store), ROW_FIELDS)
+    spec = store.obs_spec
+    rows = store.read(0, len(store), [*ROW_FIELDS, *camera_keys(spec)])  # a camera store's frames too
     episodes = []
     for i in np.flatnonzero(keep):
         lo, hi = int(table["start_row"][i]), int(table["end_row"][i]) + 1
@@ -39,9 +49,13 @@ def store_episodes(store: "ReplayStore", include_eval: bool = False) -> list[dic
         idx = np.flatnonzero(mask) + lo
         if len(idx) != table["length"][i]:
             raise RuntimeError(f"episode {i} of {store.path}: found {len(idx)} rows, the table says {table['length'][i]}")
+        observations = np.concatenate([rows["obs"][idx], rows["next_obs"][idx[-1:]]])
+        if spec.has_images:  # T + 1 frames: the rows' observations, then the last row's next one
+            frames = np.concatenate([rows["obs_frame"][idx], rows["next_frame"][idx[-1:]]])
+            observations = {STATE_KEY: observations, **{c: rows[frame_key(c)][frames] for c in spec.camera_names}}
         episodes.append(
             {
-                "observations": np.concatenate([rows["obs"][idx], rows["next_obs"][idx[-1:]]]),
+                "observations": observations,
                 "actions": rows["action"][idx],
                 "rewards": rows["reward"][idx],
                 "terminations": rows["terminated"][idx],
@@ -72,11 +86,11 @@ def export_minari(
         raise ValueError(f"{store.path} records no task: pass the task name to export it")
     spec = get_task(task)
     env = env if env is not None else make_env(spec)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    if (obs_dim, action_dim) != (store.config.obs_dim, store.config.action_dim):
+    obs_spec, action_dim = ObsSpec.from_space(env.observation_space), env.action_space.shape[0]
+    if (obs_spec, action_dim) != (store.obs_spec, store.config.action_dim):
         raise ValueError(
-            f"task {task} has obs_dim={obs_dim}, action_dim={action_dim}; the store at {store.path} "
-            f"holds {store.config.obs_dim} and {store.config.action_dim}"
+            f"task {task} has observations {obs_spec.to_dict()}, action_dim={action_dim}; the store at "
+            f"{store.path} holds {store.obs_spec.to_dict()} and {store.config.action_dim}"
         )
     episodes = store_episodes(store, include_eval)
     if not episodes:

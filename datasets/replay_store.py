@@ -5,7 +5,9 @@ Layout of a store folder::
     zarr.json        root group; attrs["o2o_replay"] = static metadata (dims, data settings, ...)
     data/<column>    one row per transition, append-only (see ROW_COLUMNS)
     episodes/<col>   one row per closed episode (see EPISODE_COLUMNS)
-    commit.json      the commit record: trusted row / episode counts, actor table,
+    frames/<camera>  stores made for an ObsSpec with cameras: each frame once, rows point at
+                     them (data/obs_frame, data/next_frame; see ``store_frames``)
+    commit.json      the commit record: trusted row / episode (/ frame) counts, actor table,
                      per-actor last committed seq and open episode
     writer.lock      flock held by the one writer
 
@@ -62,30 +64,31 @@ Idle actors: ``abandon_idle_episodes`` and ``open(path, "a", abandon_idle_s=...)
 open episodes of actors that staged no row for a while, as abandoned (``store_idle``).
 
 Split by concern: ``store_format`` (files, columns, settings, events), ``store_episodes``
-(episode tracking and MC returns), ``store_idle`` (idle actors), ``zarr_table`` (the
-columns); this module holds the store itself and its commit protocol.
+(episode tracking and MC returns), ``store_idle`` (idle actors), ``store_frames`` (camera
+frames), ``zarr_table`` (the columns); this module holds the store itself and its commit protocol.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import zarr
 
-from .atomic_file import fsync_path, write_atomic
-from .file_lock import try_lock
+from o2o.envs.obs_spec import ObsSpec
+
 from .data_settings import DataSettings
 from .rows import TransitionChunk
-from .store_episodes import Actor, Closed, Episode, EpisodeTracker
+from .store_frames import DEFAULT_FRAME_COMPRESSOR, camera_chunks, expand_columns, gather
+from .store_episodes import Actor, Episode, EpisodeTracker
 from .store_format import (  # noqa: F401  (re-exported: the store's public names)
+    CAMERA_FORMAT_VERSION,
     COMMIT_FILE,
     DEFAULT_ABANDON_IDLE_S,
     EPISODE_CHUNK_ROWS,
@@ -96,7 +99,11 @@ from .store_format import (  # noqa: F401  (re-exported: the store's public name
     LEARNER_COLUMNS,
     LOCK_FILE,
     TARGET_CHUNK_BYTES,
+    PendingCommit,
     check_chunk,
+    lock_store,
+    make_store_folder,
+    open_frames,
     check_zarr_for_writing,
     CommitEvent,
     SeqGapError,
@@ -106,40 +113,8 @@ from .store_format import (  # noqa: F401  (re-exported: the store's public name
     temp_files,
 )
 from .store_idle import discount_downtime, idle_actors, start_unknown_clocks
-from .zarr_table import (
-    DEFAULT_COMPRESSOR,
-    AppendTable,
-    TableWrite,
-    fsync_files,
-    run_concurrently,
-)
+from .zarr_table import DEFAULT_COMPRESSOR, AppendTable
 
-
-@dataclasses.dataclass
-class PendingCommit:
-    """A commit taken by ``ReplayStore.begin_commit``: ``run`` writes it, in any thread (it
-    touches no memory of the store), then the store's thread calls ``finish_commit`` or, if
-    ``run`` raised, ``abort_commit``."""
-
-    path: Path
-    fsync: bool
-    rows: TableWrite
-    episodes: TableWrite
-    record: dict = dataclasses.field(repr=False)
-    seqs: dict[str, int] = dataclasses.field(repr=False)  # each actor's seq this commit makes committed
-    closed: list[Closed] = dataclasses.field(repr=False)
-    event_episodes: dict[str, np.ndarray] | None = dataclasses.field(repr=False)  # set when the event is collected
-    start: int = 0
-
-    def run(self) -> None:
-        """Data first, then (fsynced, if asked) the record that makes it trusted."""
-        # Resize first, so that a failed resize leaves no write coroutine never awaited.
-        self.rows.reserve()
-        self.episodes.reserve()
-        run_concurrently(self.rows.ops() + self.episodes.ops())
-        if self.fsync:  # the data must be on disk before a record that trusts it can be
-            fsync_files(self.rows.written_files() + self.episodes.written_files(), self.path)
-        write_atomic(self.path / COMMIT_FILE, json.dumps(self.record, separators=(",", ":")), fsync=self.fsync)
 
 class ReplayStore:
     """Append-only Zarr replay store shared by a writer (the learner) and readers.
@@ -168,14 +143,15 @@ class ReplayStore:
         self.last_commit: CommitEvent | None = None
         record = self._read_record()
         self._rows = AppendTable(
-            self._group["data"], row_columns(config.obs_dim, config.action_dim), config.chunk_rows,
+            self._group["data"], row_columns(config.obs_dim, config.action_dim, config.obs_spec), config.chunk_rows,
             record["rows"], writable=mode == "a", mutable=("mc_return",),
         )  # fmt: skip
         self._episodes = AppendTable(
             self._group["episodes"], EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, record["episodes"], writable=mode == "a"
         )
+        self._frames = open_frames(self._group, config, record, mode == "a")  # None for a state store
         self._load_record(record)
-        self._tracker = EpisodeTracker(config, self._rows, self._episodes)
+        self._tracker = EpisodeTracker(config, self._rows, self._episodes, self._frames)
         self._dirty = False
         self._pending: PendingCommit | None = None
         if mode == "a":
@@ -187,7 +163,7 @@ class ReplayStore:
     def create(
         cls,
         path: str | os.PathLike,
-        obs_dim: int,
+        obs_dim: int | ObsSpec,
         action_dim: int,
         *,
         data: DataSettings | None = None,
@@ -195,10 +171,16 @@ class ReplayStore:
         task: str | None = None,
         chunk_rows: int = 0,
         compressor=DEFAULT_COMPRESSOR,
+        frame_compressor=DEFAULT_FRAME_COMPRESSOR,
+        frame_chunk: int = 0,
         overwrite: bool = False,
         fsync: bool = True,
     ) -> "ReplayStore":
         """A new, empty store opened for appending.
+
+        ``obs_dim``: the size of the observation's state vector, or its ``ObsSpec`` (a spec with
+        cameras makes a camera store: frames columns compressed with ``frame_compressor``, chunks of
+        ``frame_chunk`` frames, 0: ~1 MiB; see ``store_frames``).
 
         ``failure_reward`` is the RAW failure reward of a sparse task (``TaskSpec.reward_neg``),
         None for dense tasks; see the module docstring for the reward convention.
@@ -208,46 +190,32 @@ class ReplayStore:
         docstring); it is a setting of this writer, not of the store.
         """
         check_zarr_for_writing()
+        spec = obs_dim if isinstance(obs_dim, ObsSpec) else ObsSpec(int(obs_dim))
+        obs_dim = spec.state_dim
         path = Path(path)
-        if path.exists():
-            if not overwrite:
-                raise StoreError(f"{path} exists; open it with ReplayStore.open(path, 'a') or pass overwrite=True")
-            if (path / LOCK_FILE).exists():
-                os.close(_lock(path))  # refuses to delete a store that a writer has open
-            shutil.rmtree(path)
-        if chunk_rows <= 0:
+        if spec.has_images:  # checks the camera names too
+            chunk_rows, frame_chunk = camera_chunks(spec, chunk_rows, frame_chunk)
+        elif chunk_rows <= 0:
             chunk_rows = 2 ** round(math.log2(TARGET_CHUNK_BYTES / (4 * obs_dim)))
             chunk_rows = min(max(chunk_rows, 1024), 262144)
         config = StoreConfig(obs_dim, action_dim, (data or DataSettings()).normalized(),
-                             None if failure_reward is None else float(failure_reward), task, chunk_rows)  # fmt: skip
-        path.mkdir(parents=True)
-        lock_fd = _lock(path)
-        group = zarr.open_group(str(path), mode="a")  # "w" would wipe the lock file
-        group.attrs["o2o_replay"] = config.to_attrs()
-        AppendTable.create(group.create_group("data"), row_columns(obs_dim, action_dim), chunk_rows, compressor)
-        AppendTable.create(group.create_group("episodes"), EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, compressor)
-        if fsync:  # the metadata files and folders, before the record that makes the store valid
-            fsync_files([p for p in path.rglob("*") if p.is_file()], path)
-            fsync_path(path.parent)
-        # The commit record comes last: a store without one never opens.
-        record = {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []}
-        write_atomic(path / COMMIT_FILE, json.dumps(record, separators=(",", ":")), fsync=fsync)
+                             None if failure_reward is None else float(failure_reward), task, chunk_rows,
+                             spec.cameras, frame_chunk if spec.has_images else 0)  # fmt: skip
+        lock_fd = make_store_folder(path, config, compressor, frame_compressor, overwrite, fsync)
         return _construct(cls, path, config, "a", lock_fd, None, fsync)
 
     @classmethod
     def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
-        """A store with the dimensions and failure reward of an o2o task (makes the env once);
-        ``kwargs`` go to ``create`` (``data``, ``fsync``, ...)."""
+        """A store with the observation spec (state size, cameras), action size and failure reward of
+        an o2o task (makes the env once); ``kwargs`` go to ``create`` (``data``, ``fsync``, ...)."""
         from o2o.envs import get_task, make_env
-        from o2o.envs.obs_spec import refuse_cameras
 
         spec = get_task(task)
         env = make_env(spec)
-        refuse_cameras(env.observation_space, "the replay store")
-        obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        obs_spec, action_dim = ObsSpec.from_space(env.observation_space), env.action_space.shape[0]
         env.close()
         failure = spec.reward_neg if spec.reward == "sparse" else None
-        return cls.create(path, obs_dim, action_dim, failure_reward=failure, task=spec.name, **kwargs)
+        return cls.create(path, obs_spec, action_dim, failure_reward=failure, task=spec.name, **kwargs)
 
     @classmethod
     def open(
@@ -257,9 +225,11 @@ class ReplayStore:
         *,
         abandon_idle_s: float | None = DEFAULT_ABANDON_IDLE_S,
         fsync: bool = True,
+        obs_spec: ObsSpec | None = None,
     ) -> "ReplayStore":
         """Open a store: ``"r"`` to read (any number of processes, also while it is written),
         ``"a"`` to keep appending (one writer; open episodes are rebuilt from the rows).
+        ``obs_spec``: refuse (``StoreError``) a store made for other observations.
 
         ``abandon_idle_s`` (mode ``"a"``): first abandon the open episodes of actors that had
         staged no row for longer than this when the last commit was made (None: keep them all).
@@ -274,10 +244,13 @@ class ReplayStore:
         attrs = zarr.open_group(str(path), mode="r").attrs.get("o2o_replay")
         if not attrs or attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is not an o2o replay store (no o2o_replay attributes)")
-        if attrs["version"] != FORMAT_VERSION:
-            raise StoreError(f"{path} has store format version {attrs['version']}; this code reads {FORMAT_VERSION}")
+        if attrs["version"] not in (FORMAT_VERSION, CAMERA_FORMAT_VERSION):
+            raise StoreError(f"{path} has store format version {attrs['version']}; this code reads "
+                             f"{FORMAT_VERSION} and {CAMERA_FORMAT_VERSION}")  # fmt: skip
         config = StoreConfig.from_attrs(attrs)  # also a store's made by older code (old names, fewer attributes)
-        lock_fd = _lock(path) if mode == "a" else None
+        if obs_spec is not None and obs_spec != config.obs_spec:
+            raise StoreError(f"{path} holds observations {config.obs_spec.to_dict()}, not {obs_spec.to_dict()}")
+        lock_fd = lock_store(path) if mode == "a" else None
         return _construct(cls, path, config, mode, lock_fd, abandon_idle_s, fsync)
 
     def close(self, commit: bool = True) -> None:
@@ -319,6 +292,8 @@ class ReplayStore:
         record = self._read_record()
         self._rows.length = self._rows.end = record["rows"]
         self._episodes.length = self._episodes.end = record["episodes"]
+        if self._frames is not None:
+            self._frames.table.length = self._frames.table.end = record["frames"]
         self._load_record(record)
         return len(self)
 
@@ -331,6 +306,11 @@ class ReplayStore:
     @property
     def num_episodes(self) -> int:
         return self._episodes.length
+
+    @property
+    def obs_spec(self) -> ObsSpec:
+        """The observation's state size and cameras (recorded in the store's metadata)."""
+        return self.config.obs_spec
 
     @property
     def staged_rows(self) -> int:
@@ -368,11 +348,23 @@ class ReplayStore:
         actor = self._actors.get(actor_id)
         return actor.seq + 1 if actor else 0
 
-    def read(self, start: int = 0, stop: int | None = None, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Committed rows [start, stop) as a dict of arrays (``ROW_COLUMNS`` names)."""
+    def read(self, start: int = 0, stop: int | None = None, columns: list[str] | None = None,
+             where: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """Committed rows [start, stop) as a dict of arrays (``row_columns`` names; None: all).
+
+        A camera store's dict (all columns, or any camera key asked for) adds ``frames/<camera>``:
+        the frames these rows use, each once, with ``obs_frame`` / ``next_frame`` relative to them.
+        ``where(rows)``: a mask of the rows to keep (given the columns read), applied before their
+        frames are read."""
         n = len(self)
         stop = n if stop is None else min(stop, n)
-        return self._rows.read(max(0, start), stop, columns)
+        names = list(self._rows.specs) if columns is None else expand_columns(columns, self.obs_spec)
+        frames = self._frames is not None and "obs_frame" in names
+        rows = self._rows.read(max(0, start), stop, [c for c in names if not (frames and c in self._frames.frame_keys)])
+        if where is not None:
+            keep = where(rows)
+            rows = {name: values[keep] for name, values in rows.items()}
+        return gather(rows, self._frames.take) if frames else rows
 
     def episodes(self, columns: list[str] | None = None) -> dict[str, np.ndarray]:
         """The committed episodes table (``EPISODE_COLUMNS``)."""
@@ -395,8 +387,9 @@ class ReplayStore:
         """Stage a validated chunk. False: a duplicate (seq already accepted), skipped.
 
         Raises ``SeqGapError`` if earlier seqs of this actor are missing, and ``ValueError``
-        if the chunk does not fit the store (shapes, int32 columns); then nothing was staged
-        and the same seq can be skipped (``skip``) or appended again, corrected.
+        if the chunk does not fit the store (shapes, int32 columns, its frames vs the store's
+        cameras); then nothing was staged and the same seq can be skipped (``skip``) or appended
+        again, corrected. A camera store keeps each frame once (``store_frames``).
         """
         self._check_writable()
         known = self._actors.get(chunk.actor_id)
@@ -415,6 +408,10 @@ class ReplayStore:
         segment[1:] = np.cumsum(done[:-1])
         seg_starts = np.concatenate([[0], np.flatnonzero(done[:-1]) + 1])
         step = np.arange(n) - seg_starts[segment] + np.where(segment == 0, chunk.step, 0)
+        frames = indices = None
+        if self._frames is not None:  # frames first: the rows point at them
+            frames = self._frames.stage(actor.code, chunk, actor.episode)
+            indices = {"obs_frame": frames.obs_frame, "next_frame": frames.next_frame}
         start = self._rows.stage(
             {
                 "obs": chunk.obs,
@@ -430,10 +427,11 @@ class ReplayStore:
                 "episode_id": chunk.episode_id + segment,
                 "step": step,
                 "eval": chunk.eval,
+                **(indices or {}),
             },
             n,
         )
-        self._tracker.add(actor, chunk, start, step, done, seg_starts)
+        self._tracker.add(actor, chunk, start, step, done, seg_starts, frames)
         actor.seq = chunk.seq
         actor.last_row_time = self.clock()
         self._dirty = True
@@ -508,6 +506,7 @@ class ReplayStore:
             fsync=self.fsync,
             rows=self._rows.snapshot(),
             episodes=self._episodes.snapshot(),
+            frames=self._frames.table.snapshot() if self._frames is not None else None,
             record=self._record(self.commits + 1, now),
             seqs={actor_id: actor.seq for actor_id, actor in self._actors.items()},
             closed=self._tracker.take_closed(),
@@ -522,6 +521,8 @@ class ReplayStore:
         """``pending.run()`` returned: its rows, episodes and seqs are committed."""
         self._rows.flushed(pending.rows)
         self._episodes.flushed(pending.episodes)
+        if pending.frames is not None:
+            self._frames.table.flushed(pending.frames)
         self.commits += 1
         for actor_id, seq in pending.seqs.items():
             self._actors[actor_id].committed_seq = seq
@@ -534,6 +535,8 @@ class ReplayStore:
         """``pending.run()`` raised: everything it held stays staged, for the next commit."""
         self._rows.abandoned(pending.rows)
         self._episodes.abandoned(pending.episodes)
+        if pending.frames is not None:
+            self._frames.table.abandoned(pending.frames)
         self._tracker.put_back(pending.closed)
         self._dirty = True
         self._pending = None
@@ -545,7 +548,7 @@ class ReplayStore:
             actor = self._actors[actor_id]
             episode = actor.episode.to_json() if actor.episode else None
             actors.append({"id": actor_id, "seq": actor.seq, "episode": episode, "last_row_time": actor.last_row_time})
-        return {
+        record = {
             "format": FORMAT,
             "commit": commit,
             "time": now,
@@ -553,6 +556,9 @@ class ReplayStore:
             "episodes": self._episodes.end,
             "actors": actors,
         }
+        if self._frames is not None:  # the frames' count is trusted like the rows'
+            record["frames"] = self._frames.table.end
+        return record
 
     def _resume(self, commit_time: float | None, abandon_idle_s: float | None) -> None:
         """A writer reopening: abandon the episodes of actors gone before the last commit,
@@ -565,7 +571,9 @@ class ReplayStore:
             if abandon_idle_s is not None:
                 self.abandon_idle_episodes(abandon_idle_s, now)
         start_unknown_clocks(self._actors, now)
-        if self._tracker.rebuild(list(self._actors.values()), len(self), self.read):
+        # A camera store's raw rows (global frame indices): the tracker reads the open episodes' frames.
+        read = self.read if self._frames is None else self._rows.read
+        if self._tracker.rebuild(list(self._actors.values()), len(self), read):
             self._dirty = True
         if self._dirty:
             self.commit()
@@ -578,11 +586,3 @@ def _construct(cls, path: Path, config: StoreConfig, mode: str, lock_fd: int | N
         if lock_fd is not None:
             os.close(lock_fd)  # a failed open (e.g. its repair commit) must not keep the store locked
         raise
-
-
-def _lock(path: Path) -> int:
-    # Read-only: an fd open for writing would keep the file system from being remounted read-only.
-    fd = try_lock(path / LOCK_FILE, write=False)
-    if fd is None:
-        raise StoreError(f"{path} is open for writing by another process (one writer at a time)")
-    return fd

@@ -28,6 +28,12 @@ MAX_INT32 = 2**31 - 1  # policy_version and episode step are int32 columns in th
 ARRAY_NAMES = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
 FLOAT_ARRAYS = ("obs", "action", "reward", "next_obs")
 FLAG_ARRAYS = ("terminated", "truncated", "success")
+FRAMES_PREFIX = "frames/"  # a camera's frames: "frames/<camera>" on the wire and in flat row dicts
+
+
+def frame_key(camera: str) -> str:
+    """The name of a camera's frames (a wire array, a flat row dict key)."""
+    return FRAMES_PREFIX + camera
 
 
 def frame_layout(terminated: np.ndarray, truncated: np.ndarray) -> tuple[np.ndarray, int]:

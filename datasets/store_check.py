@@ -13,6 +13,9 @@
   steps 0..length-1 where contiguous; end flags and returns as its rows say;
 * MC returns: finite exactly on the rows of ended contiguous episodes, and equal to the
   ones recomputed from the raw rewards with the store's settings (``mc_return.py``);
+* frames (camera stores): each camera's ``frames/<camera>`` uint8 with the recorded (H, W, C),
+  as long as the record's frame count, every committed chunk decoding; every row's observation
+  and next frame present (inside the committed frames), every committed frame used by a row;
 * leftovers of a commit killed before its record: values past the committed counts (in
   the last chunk, or chunk files past it), MC returns on rows of episodes still open,
   temporary files. They are harmless (nobody trusts them) and reported so that
@@ -47,6 +50,7 @@ from .replay_store import (
     row_columns,
     temp_files,
 )
+from .store_frames import FRAMES_GROUP, frame_columns
 from .zarr_table import ColumnSpec, fsync_files
 
 MAX_LISTED = 20  # problems listed per kind; the rest are counted
@@ -81,10 +85,13 @@ def writer_holds(path: Path) -> bool:
 
 def _tables(store: ReplayStore, record: dict) -> list[tuple[str, dict[str, ColumnSpec], int, int]]:
     cfg = store.config
-    return [
-        ("data", row_columns(cfg.obs_dim, cfg.action_dim), cfg.chunk_rows, record["rows"]),
+    tables = [
+        ("data", row_columns(cfg.obs_dim, cfg.action_dim, cfg.obs_spec), cfg.chunk_rows, record["rows"]),
         ("episodes", EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, record["episodes"]),
     ]
+    if cfg.cameras:  # the frame count is checked like the rows' (a record without one fails to open)
+        tables.append((FRAMES_GROUP, frame_columns(cfg.obs_spec), cfg.frame_chunk, record["frames"]))
+    return tables
 
 
 def _is_fill(values: np.ndarray, spec: ColumnSpec) -> np.ndarray:
@@ -113,16 +120,19 @@ def check_store(path: str | os.PathLike) -> Findings:
     live = writer_holds(path)
     rows, n_episodes, actors = record["rows"], record["episodes"], record["actors"]
     cfg = store.config
+    cameras = f", cameras {cfg.obs_spec.to_dict()['cameras']}: {record['frames']:,} frames" if cfg.cameras else ""
     found.checked.append(
         f"commit {record['commit']}: {rows:,} rows, {n_episodes:,} closed episodes, {len(actors)} actors "
         f"(obs_dim {cfg.obs_dim}, action_dim {cfg.action_dim}, chunk_rows {cfg.chunk_rows}, {cfg.data}, "
-        f"failure_reward {cfg.failure_reward}){'; a writer has it open' if live else ''}"
+        f"failure_reward {cfg.failure_reward}{cameras}){'; a writer has it open' if live else ''}"
     )
     group = zarr.open_group(str(path), mode="r")
     cols = _check_columns(group, store, record, found)
     if cols is None:
         return found  # columns missing or unreadable: the rest would only repeat that
     data, episodes = cols
+    if cfg.cameras:
+        _check_frame_indices(data, record["frames"], found)
     open_episodes = _check_actors(data, actors, rows, found)
     _check_episodes(store, data, episodes, open_episodes, len(actors), found, live)
     if live:
@@ -176,6 +186,24 @@ def _check_columns(group, store: ReplayStore, record: dict, found: Findings):
     if "columns" in found.problems:
         return None
     return out["data"], out["episodes"]
+
+
+def _check_frame_indices(data: dict, n_frames: int, found: Findings) -> None:
+    """Every row's observation and next frame inside the committed frames; every frame used."""
+    used = np.zeros(n_frames, bool)
+    for name in ("obs_frame", "next_frame"):
+        index = data[name]
+        outside = np.flatnonzero((index < 0) | (index >= n_frames))
+        if len(outside):
+            found.problem("frames", f"{len(outside):,} rows have a {name} outside the {n_frames:,} committed frames "
+                          f"(first rows: {outside[:5].tolist()}, values {index[outside[:5]].tolist()})")  # fmt: skip
+        used[index[(index >= 0) & (index < n_frames)]] = True
+    unused = np.flatnonzero(~used)
+    if len(unused):
+        found.problem("frames", f"{len(unused):,} committed frames are no row's observation or next observation "
+                      f"(first: {unused[:5].tolist()})")  # fmt: skip
+    found.checked.append(f"frames: {n_frames:,} per camera; every row's obs_frame and next_frame inside them, "
+                         "every frame used by a row")  # fmt: skip
 
 
 def _check_actors(data: dict, actors: list, rows: int, found: Findings) -> list[dict]:

@@ -27,6 +27,7 @@ import numpy as np
 from .mc_return import trajectory_return_to_go
 from .rows import TransitionChunk
 from .store_format import LEARNER_COLUMNS, StoreConfig
+from .store_frames import INDEX_COLUMNS, FrameColumns, StagedFrames, empty_camera_rows, gather, pool
 from .zarr_table import AppendTable
 
 # An episode closed with an MC return: (its store rows, their MC returns, its LEARNER_COLUMNS parts).
@@ -52,7 +53,8 @@ class Episode:
     reward_sum: float = 0.0
     ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # The episode's rows (``LEARNER_COLUMNS``), one dict per staged segment: the MC return
-    # needs its rewards, and a commit that closes it hands these rows to the learner.
+    # needs its rewards, and a commit that closes it hands these rows to the learner. In a camera
+    # store also their global frame indices and the frames they stored (``StagedFrames.part``).
     parts: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -84,12 +86,15 @@ class EpisodeTracker:
     """Tracks the actors' open episodes over the store's ``rows`` and stages ``episodes`` rows.
 
     ``closed`` lists the episodes closed with an MC return since the last commit took them
-    (``take_closed``): the rows that commit hands the learner."""
+    (``take_closed``): the rows that commit hands the learner. ``frames``: a camera store's frames.
+    An open episode keeps its frames in memory too (one open episode per actor, idle ones abandoned)."""
 
-    def __init__(self, config: StoreConfig, rows: AppendTable, episodes: AppendTable):
+    def __init__(self, config: StoreConfig, rows: AppendTable, episodes: AppendTable,
+                 frames: FrameColumns | None = None):  # fmt: skip
         self.config = config
         self.rows = rows
         self.episodes = episodes
+        self.frames = frames
         self.closed: list[Closed] = []
 
     def take_closed(self) -> list[Closed]:
@@ -101,8 +106,8 @@ class EpisodeTracker:
         self.closed = closed + self.closed
 
     def add(self, actor: Actor, chunk: TransitionChunk, start: int, step: np.ndarray, done: np.ndarray,
-            seg_starts: np.ndarray) -> None:  # fmt: skip
-        """Track the rows [start, start + n) of ``chunk``, one segment per episode it holds."""
+            seg_starts: np.ndarray, frames: StagedFrames | None = None) -> None:  # fmt: skip
+        """Track the rows [start, start + n) of ``chunk`` (its ``frames`` staged), one segment per episode."""
         seg_ends = np.concatenate([seg_starts[1:], [chunk.n]])
         for k, (a, b) in enumerate(zip(seg_starts.tolist(), seg_ends.tolist())):
             last = b - 1
@@ -114,6 +119,7 @@ class EpisodeTracker:
                 "next_obs": np.array(chunk.next_obs[a:b], np.float32),
                 "terminated": np.array(chunk.terminated[a:b], bool),
                 "eval": np.full(b - a, bool(chunk.eval)),
+                **(frames.part(a, b) if frames is not None else {}),
             }
             self._track(
                 actor,
@@ -199,11 +205,17 @@ class EpisodeTracker:
         """``CommitEvent.closed``: the rows of ``closed``, episode after episode, with ``mc_return``."""
         if closed:
             parts = [part for _, _, episode_parts in closed for part in episode_parts]
-            rows = {name: np.concatenate([part[name] for part in parts]) for name in LEARNER_COLUMNS}
+            names = LEARNER_COLUMNS if self.frames is None else (*LEARNER_COLUMNS, *INDEX_COLUMNS)
+            rows = {name: np.concatenate([part[name] for part in parts]) for name in names}
             rows["mc_return"] = np.concatenate([mc for _, mc, _ in closed])
-            return rows
+            if self.frames is None:
+                return rows
+            keys = ("frame_ids", *self.frames.frame_keys)  # the frames each part stored
+            stored = {key: np.concatenate([part[key] for part in parts]) for key in keys}
+            return gather(rows, pool(stored.pop("frame_ids"), stored))
         empty = {name: self.rows.specs[name] for name in (*LEARNER_COLUMNS, "mc_return")}
-        return {name: np.zeros((0, *spec.shape), spec.dtype) for name, spec in empty.items()}
+        rows = {name: np.zeros((0, *spec.shape), spec.dtype) for name, spec in empty.items()}
+        return rows if self.frames is None else {**rows, **empty_camera_rows(self.frames.spec)}
 
     def rebuild(self, actors: list[Actor], committed: int,
                 read: Callable[[int, int, list[str]], dict[str, np.ndarray]]) -> bool:  # fmt: skip
@@ -215,7 +227,8 @@ class EpisodeTracker:
             return False
         changed = False
         first = min(a.episode.start_row for a in open_actors)
-        cols = read(first, committed, ["actor", "episode_id", "mc_return", *LEARNER_COLUMNS])
+        indices = list(INDEX_COLUMNS) if self.frames is not None else []
+        cols = read(first, committed, ["actor", "episode_id", "mc_return", *LEARNER_COLUMNS, *indices])
         for actor in open_actors:
             episode = actor.episode
             mask = (cols["actor"] == actor.code) & (cols["episode_id"] == episode.episode_id)
@@ -223,7 +236,13 @@ class EpisodeTracker:
             rows = np.flatnonzero(mask) + first
             bounds = np.flatnonzero(np.diff(rows) != 1) + 1
             episode.ranges = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, bounds) if len(r)]
-            episode.parts = [{name: cols[name][mask] for name in LEARNER_COLUMNS}]
+            episode.parts = [{name: cols[name][mask] for name in (*LEARNER_COLUMNS, *indices)}]
+            if self.frames is not None:  # its frames back into memory, and where it ends
+                part = episode.parts[0]
+                part["frame_ids"] = np.unique(np.concatenate([part["obs_frame"], part["next_frame"]]))
+                part.update(self.frames.take(part["frame_ids"]))
+                if len(rows):
+                    self.frames.set_tail(actor.code, int(part["next_frame"][-1]))
             rewards = episode.parts[0]["reward"]
             # From the rows themselves (records of older versions lack these).
             episode.length = len(rows)

@@ -1,4 +1,5 @@
-"""The replay store's format: its files, columns, static settings, errors and commit events.
+"""The replay store's format: its files, columns, static settings, errors and commit events;
+making a new store's folder and opening its frames columns.
 
 See ``replay_store.py`` for the commit protocol and the reward convention.
 """
@@ -6,18 +7,41 @@ See ``replay_store.py`` for the commit protocol and the reward convention.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 
+from o2o.envs.obs_spec import CameraSpec, ObsSpec
+
+from .atomic_file import fsync_path, write_atomic
 from .data_settings import OLD_STORE_NAMES, DataSettings
+from .file_lock import try_lock
 from .rows import ARRAY_NAMES, MAX_INT32, TransitionChunk
-from .zarr_table import ZARR_ATOMIC_WRITES, ColumnSpec, zarr_writes_atomically
+from .store_frames import FRAMES_GROUP, FrameColumns, frame_columns, frame_problems, index_columns
+from .zarr_table import (
+    ZARR_ATOMIC_WRITES,
+    AppendTable,
+    ColumnSpec,
+    TableWrite,
+    fsync_files,
+    run_concurrently,
+    zarr_writes_atomically,
+)
+
+if TYPE_CHECKING:
+    from .store_episodes import Closed
 
 FORMAT = "o2o-replay"
 FORMAT_VERSION = 1
+# Stores with cameras (frames columns, store_frames.py): code that reads version 1 only must refuse them,
+# not read their rows without images.
+CAMERA_FORMAT_VERSION = 2
 COMMIT_FILE = "commit.json"
 LOCK_FILE = "writer.lock"
 EPISODE_CHUNK_ROWS = 4096
@@ -29,7 +53,8 @@ MAX_INT64 = 2**63 - 1
 LEARNER_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "eval")
 
 
-def row_columns(obs_dim: int, action_dim: int) -> dict[str, ColumnSpec]:
+def row_columns(obs_dim: int, action_dim: int, spec: ObsSpec | None = None) -> dict[str, ColumnSpec]:
+    """The row columns; a store with cameras (``spec``) adds ``obs_frame`` / ``next_frame`` at the end."""
     return {
         "obs": ColumnSpec("float32", (obs_dim,)),
         "action": ColumnSpec("float32", (action_dim,)),
@@ -44,6 +69,7 @@ def row_columns(obs_dim: int, action_dim: int) -> dict[str, ColumnSpec]:
         "episode_id": ColumnSpec("int64", (), -1),
         "step": ColumnSpec("int32", (), -1),  # step of the row within its episode
         "eval": ColumnSpec("bool", (), False),
+        **index_columns(spec or ObsSpec(obs_dim)),
     }
 
 
@@ -90,7 +116,16 @@ class StoreConfig:
     """RAW failure reward of a sparse task (its ``reward_neg``), or None for dense tasks."""
     task: str | None = None
     chunk_rows: int = 0
-    """Rows per Zarr chunk; 0 picks ~2 MiB obs chunks."""
+    """Rows per Zarr chunk; 0 picks ~2 MiB obs chunks (a camera store: ``CAMERA_CHUNK_ROWS``)."""
+    cameras: tuple[CameraSpec, ...] = ()
+    """The observation's cameras (``ObsSpec.cameras``): one frames column each; () for a state store."""
+    frame_chunk: int = 0
+    """Frames per Zarr chunk of the frames columns (camera stores)."""
+
+    @property
+    def obs_spec(self) -> ObsSpec:
+        """What an observation of this store is made of (``obs_dim`` is its state vector's size)."""
+        return ObsSpec(self.obs_dim, self.cameras)
 
     @property
     def scaled_failure_reward(self) -> float | None:
@@ -100,18 +135,37 @@ class StoreConfig:
         return float(self.data.scale(np.array([self.failure_reward]))[0])
 
     def to_attrs(self) -> dict:
-        """The metadata saved in the root group: the data settings flat, under their names."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "data"}
-        return {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self.data.normalized()), **fields}
+        """The metadata saved in the root group: the data settings flat, under their names; a camera
+        store adds its ``obs_spec`` (``ObsSpec.to_dict``) and ``frame_chunk`` (a state store's are as before)."""
+        names = [f.name for f in dataclasses.fields(self) if f.name not in ("data", *CAMERA_FIELDS)]
+        fields = {name: getattr(self, name) for name in names}
+        attrs = {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self.data.normalized()), **fields}
+        if self.cameras:
+            attrs.update(version=CAMERA_FORMAT_VERSION, obs_spec=self.obs_spec.to_dict(), frame_chunk=self.frame_chunk)
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "StoreConfig":
         """Read ``to_attrs``'s metadata, also a store's made by older code: the data settings under
-        their old names (gamma, infinite_horizon) or without ``infinite_horizon`` (then False)."""
+        their old names (gamma, infinite_horizon) or without ``infinite_horizon`` (then False).
+        Raises ``StoreError`` if a camera store's spec is missing or does not match its state size."""
         known = {**LATER_ATTRS, **{OLD_STORE_NAMES.get(k, k): v for k, v in attrs.items()}}
-        fields = {f.name: known[f.name] for f in dataclasses.fields(cls) if f.name != "data"}
-        return cls(data=DataSettings.of(known), **fields)
+        fields = {f.name: known[f.name] for f in dataclasses.fields(cls) if f.name not in ("data", *CAMERA_FIELDS)}
+        cameras, frame_chunk = (), 0
+        if attrs.get("version") == CAMERA_FORMAT_VERSION:
+            try:
+                spec = ObsSpec.from_dict(attrs["obs_spec"])
+                frame_chunk = int(attrs["frame_chunk"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise StoreError(f"a camera store's metadata lacks a valid obs_spec / frame_chunk ({err!r})") from None
+            if spec.state_dim != fields["obs_dim"] or not spec.cameras or frame_chunk < 1:
+                raise StoreError(f"the store's obs_spec {spec.to_dict()} (frame_chunk {frame_chunk}) does not "
+                                 f"match its obs_dim {fields['obs_dim']}")  # fmt: skip
+            cameras = spec.cameras
+        return cls(data=DataSettings.of(known), cameras=cameras, frame_chunk=frame_chunk, **fields)
 
+
+CAMERA_FIELDS = ("cameras", "frame_chunk")  # saved as "obs_spec" and "frame_chunk", in camera stores only
 
 # Attributes added after FORMAT_VERSION was fixed: a store made before lacks them and reads these.
 LATER_ATTRS = {"mc_infinite_horizon": DataSettings.mc_infinite_horizon}
@@ -130,8 +184,93 @@ class CommitEvent:
     """Episodes closed in this commit (``EPISODE_COLUMNS``)."""
     closed: dict[str, np.ndarray]
     """The rows of the episodes this commit closed with an MC return, episode after episode in
-    the order they closed: ``LEARNER_COLUMNS`` (raw rewards) and ``mc_return``. Everything the
-    learner needs to train on them, without looking back."""
+    the order they closed: ``LEARNER_COLUMNS`` (raw rewards) and ``mc_return``, and in a camera
+    store ``obs_frame`` / ``next_frame`` relative to the ``frames/<camera>`` arrays of the same dict
+    (store_frames.py). Everything the learner needs to train on them, without looking back."""
+
+
+@dataclasses.dataclass
+class PendingCommit:
+    """A commit taken by ``ReplayStore.begin_commit``: ``run`` writes it, in any thread (it
+    touches no memory of the store), then the store's thread calls ``finish_commit`` or, if
+    ``run`` raised, ``abort_commit``."""
+
+    path: Path
+    fsync: bool
+    rows: TableWrite
+    episodes: TableWrite
+    frames: TableWrite | None  # the frames columns of a camera store
+    record: dict = dataclasses.field(repr=False)
+    seqs: dict[str, int] = dataclasses.field(repr=False)  # each actor's seq this commit makes committed
+    closed: list[Closed] = dataclasses.field(repr=False)
+    event_episodes: dict[str, np.ndarray] | None = dataclasses.field(repr=False)  # set when the event is collected
+    start: int = 0
+
+    def run(self) -> None:
+        """Data first, then (fsynced, if asked) the record that makes it trusted."""
+        # Resize first, so that a failed resize leaves no write coroutine never awaited.
+        tables = [t for t in (self.rows, self.episodes, self.frames) if t is not None]
+        for table in tables:
+            table.reserve()
+        run_concurrently([op for table in tables for op in table.ops()])
+        if self.fsync:  # the data must be on disk before a record that trusts it can be
+            fsync_files([file for table in tables for file in table.written_files()], self.path)
+        write_atomic(self.path / COMMIT_FILE, json.dumps(self.record, separators=(",", ":")), fsync=self.fsync)
+
+
+def make_store_folder(path: Path, config: StoreConfig, compressor, frame_compressor, overwrite: bool,
+                      fsync: bool) -> int:  # fmt: skip
+    """Make an empty store's folder (``overwrite``: replacing one no writer has open); returns the
+    writer lock's fd. The commit record comes last: a store without one never opens."""
+    if path.exists():
+        if not overwrite:
+            raise StoreError(f"{path} exists; open it with ReplayStore.open(path, 'a') or pass overwrite=True")
+        if (path / LOCK_FILE).exists():
+            os.close(lock_store(path))  # refuses to delete a store that a writer has open
+        shutil.rmtree(path)
+    spec = config.obs_spec
+    path.mkdir(parents=True)
+    lock_fd = lock_store(path)
+    group = zarr.open_group(str(path), mode="a")  # "w" would wipe the lock file
+    group.attrs["o2o_replay"] = config.to_attrs()
+    rows = row_columns(config.obs_dim, config.action_dim, spec)
+    AppendTable.create(group.create_group("data"), rows, config.chunk_rows, compressor)
+    AppendTable.create(group.create_group("episodes"), EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, compressor)
+    if spec.has_images:
+        AppendTable.create(group.create_group(FRAMES_GROUP), frame_columns(spec), config.frame_chunk, frame_compressor)
+    if fsync:  # the metadata files and folders, before the record that makes the store valid
+        fsync_files([p for p in path.rglob("*") if p.is_file()], path)
+        fsync_path(path.parent)
+    record = {"format": FORMAT, "commit": 0, "rows": 0, "episodes": 0, "actors": []}
+    if spec.has_images:
+        record["frames"] = 0
+    write_atomic(path / COMMIT_FILE, json.dumps(record, separators=(",", ":")), fsync=fsync)
+    return lock_fd
+
+
+def open_frames(group: zarr.Group, config: StoreConfig, record: dict, writable: bool) -> FrameColumns | None:
+    """The frames columns of a camera store, checked against its recorded spec (None: a state store)."""
+    spec = config.obs_spec
+    if not spec.has_images:
+        return None
+    specs = frame_columns(spec)
+    found = {name: (group[FRAMES_GROUP][name].dtype, group[FRAMES_GROUP][name].shape[1:])
+             for name in specs if FRAMES_GROUP in group and name in group[FRAMES_GROUP]}  # fmt: skip
+    want = {name: (np.dtype(s.dtype), s.shape) for name, s in specs.items()}
+    if found != want or "frames" not in record:
+        raise StoreError(f"{group.store.root}: the metadata declares cameras {spec.to_dict()['cameras']} (uint8), but "
+                         f"its frames columns are {found} and the commit record "
+                         f"{'counts' if 'frames' in record else 'lacks'} frames")  # fmt: skip
+    table = AppendTable(group[FRAMES_GROUP], specs, config.frame_chunk, record["frames"], writable=writable)
+    return FrameColumns(table, spec)
+
+
+def lock_store(path: Path) -> int:
+    # Read-only: an fd open for writing would keep the file system from being remounted read-only.
+    fd = try_lock(path / LOCK_FILE, write=False)
+    if fd is None:
+        raise StoreError(f"{path} is open for writing by another process (one writer at a time)")
+    return fd
 
 
 def temp_files(path: Path) -> list[Path]:
@@ -142,7 +281,8 @@ def temp_files(path: Path) -> list[Path]:
 
 
 def check_chunk(chunk: TransitionChunk, config: StoreConfig) -> None:
-    """ValueError unless every value of the chunk fits its column (int32 ones included)."""
+    """ValueError unless every value of the chunk fits its column (int32 ones included) and its
+    frames fit the store's cameras."""
     n = chunk.n
     obs_dim, action_dim = config.obs_dim, config.action_dim
     shapes = {name: np.shape(getattr(chunk, name)) for name in ARRAY_NAMES}
@@ -166,6 +306,8 @@ def check_chunk(chunk: TransitionChunk, config: StoreConfig) -> None:
         wrong.append(f"step={chunk.step!r} with {n} rows: the steps must lie in [0, {MAX_INT32}] (an int32 column)")
     if not _int_in(chunk.episode_id, 0, MAX_INT64 - n):
         wrong.append(f"episode_id={chunk.episode_id!r} is outside [0, 2**63 - 1 - n] (an int64 column)")
+    if not wrong:  # the frame count needs rows of one length
+        wrong += frame_problems(chunk, config.obs_spec)
     if wrong:
         raise ValueError(
             f"actor {chunk.actor_id!r}: chunk seq {chunk.seq} refused, nothing was staged: {'; '.join(wrong)}. "

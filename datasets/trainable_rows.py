@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from .replay_store import ReplayStore
+from .store_frames import READ_FRAME_BYTES, expand_columns
 
 READ_CHUNK_ROWS = 262_144
 # The columns the rule looks at.
@@ -25,7 +26,9 @@ class TrainableRows:
       ``include_eval``.
 
     The rows are read lazily (``read``, ``count``, ``chunks``), so a caller can count first and
-    read whole rows only where it needs them."""
+    read whole rows only where it needs them, or only the newest ``limit`` (``chunks``). A camera
+    store's rows carry their frames (``obs_frame`` / ``next_frame`` relative to the ``frames/<camera>``
+    of the same dict, store_frames.py)."""
 
     store: ReplayStore
     stop: int
@@ -44,21 +47,38 @@ class TrainableRows:
         keep = np.isfinite(rows["mc_return"]) & (self.include_eval | ~rows["eval"])
         return keep & np.isin(episode_keys(rows["actor"], rows["episode_id"]), self.episode_keys)
 
-    def read(self, start: int, stop: int, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The trainable rows among [start, stop) (within the prefix): ``columns`` of them (None: all)."""
+    def read(self, start: int, stop: int, columns: list[str] | None = None, skip: int = 0) -> dict[str, np.ndarray]:
+        """The trainable rows among [start, stop) (within the prefix), but the first ``skip`` of them:
+        ``columns`` of them (None: all; any camera key brings them all)."""
         wanted = None if columns is None else list(dict.fromkeys([*columns, *RULE_COLUMNS]))
-        rows = self.store.read(start, min(stop, self.stop), wanted)
-        keep = self.mask(rows)
-        return {k: rows[k][keep] for k in (columns or rows)}
+
+        def keep(rows: dict[str, np.ndarray]) -> np.ndarray:  # frames are read for the kept rows only
+            mask = self.mask(rows)
+            return mask & (np.cumsum(mask) > skip)
+
+        rows = self.store.read(start, min(stop, self.stop), wanted, where=keep)
+        return {k: rows[k] for k in (expand_columns(columns, self.store.obs_spec) if columns else rows)}
 
     def count(self, start: int, stop: int) -> int:
         """How many trainable rows lie in [start, stop), reading only the rule's columns."""
         return int(self.mask(self.store.read(start, min(stop, self.stop), list(RULE_COLUMNS))).sum())
 
-    def chunks(self, columns: list[str] | None = None, chunk: int = READ_CHUNK_ROWS, first: int = 0):
-        """``read`` of each chunk of ``chunk`` rows from row ``first`` to ``stop``, in order."""
-        for start in range(first, self.stop, chunk):
-            yield self.read(start, start + chunk, columns)
+    def chunks(self, columns: list[str] | None = None, chunk: int = 0, first: int = 0, limit: int = 0):
+        """``read`` of each chunk of ``chunk`` rows (0: ``read_chunk_rows``) from row ``first`` to ``stop``,
+        in order. ``limit`` > 0: only the newest ``limit`` trainable rows (a learner whose buffer holds
+        ``limit`` rows reads no more than that, however large the store): the rule's columns are counted
+        backwards first, then rows read from the chunk where those begin."""
+        chunk = chunk or read_chunk_rows(self.store)
+        starts = list(range(first, self.stop, chunk))
+        skip = 0
+        if limit > 0:
+            k, found = len(starts), 0
+            while k > 0 and found < limit:
+                k -= 1
+                found += self.count(starts[k], starts[k] + chunk)
+            starts, skip = starts[k:], max(0, found - limit)
+        for i, start in enumerate(starts):
+            yield self.read(start, start + chunk, columns, skip=skip if i == 0 else 0)
 
 
 def trainable_rows(store: ReplayStore, until_row: int = 0, until_version: int = 0,
@@ -76,6 +96,12 @@ def trainable_rows(store: ReplayStore, until_row: int = 0, until_version: int = 
     usable = episodes["ended"] & (episodes["end_row"] < stop) & (include_eval | ~episodes["eval"])
     keys = np.sort(episode_keys(episodes["actor"][usable], episodes["episode_id"][usable]))
     return TrainableRows(store, stop, keys, include_eval)
+
+
+def read_chunk_rows(store: ReplayStore) -> int:
+    """Rows read at a time: ``READ_CHUNK_ROWS``, fewer in a camera store (~``READ_FRAME_BYTES`` of frames)."""
+    image_bytes = store.obs_spec.image_bytes
+    return READ_CHUNK_ROWS if not image_bytes else max(1024, min(READ_CHUNK_ROWS, READ_FRAME_BYTES // image_bytes))
 
 
 def episode_keys(actor: np.ndarray, episode_id: np.ndarray) -> np.ndarray:

@@ -269,14 +269,20 @@ class AppendTable:
             raise KeyError(f"unknown columns {sorted(unknown)}; known: {list(self.specs)}")
         if stop <= start:
             return {name: self._alloc(name, 0) for name in names}
-        out = {}
-        for name in names:
-            arr = self.arrays[name]
-            if arr.shape[0] < stop:
-                # Another process grew the array since we opened it: re-read its metadata.
-                arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r")
-            out[name] = arr[start:stop]
-        return out
+        return {name: self._array(name, stop)[start:stop] for name in names}
+
+    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows at sorted indices ``rows`` of one column from disk (each chunk read once)."""
+        if len(rows) == 0:
+            return self._alloc(name, 0)
+        return self._array(name, int(rows[-1]) + 1).oindex[np.asarray(rows, np.int64)]
+
+    def _array(self, name: str, stop: int) -> zarr.Array:
+        arr = self.arrays[name]
+        if arr.shape[0] < stop:
+            # Another process grew the array since we opened it: re-read its metadata.
+            arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r")
+        return arr
 
 
 class TableWrite:

@@ -141,15 +141,3 @@ def camera_parts(space: gym.Space) -> list[str]:
         return []
     return sorted(k for k, s in space.spaces.items()
                   if isinstance(s, gym.spaces.Box) and s.dtype == np.uint8 and len(s.shape) == 3)  # fmt: skip
-
-
-def refuse_cameras(space: gym.Space, who: str) -> None:
-    """Camera observations end where the camera path ends today: a clear error, not a flattened image.
-    The pixel tasks, their datasets and loading them work; the wire, the store, the learner and the
-    actors take state vectors only until the rest of the camera work lands (README, "Cameras")."""
-    cameras = camera_parts(space)
-    if cameras:
-        raise ObservationError(
-            f"{who} takes state observations only so far; this env has camera images {cameras}. Camera tasks "
-            "(pointmaze-*-pixels) can be built and loaded (o2o-dataset build), not yet trained or acted on: "
-            "use the state task (e.g. pointmaze-umaze) meanwhile")  # fmt: skip

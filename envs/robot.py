@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
-from .obs_spec import refuse_cameras
+from .obs_spec import ObsSpec, camera_parts
 from .observation import FlattenDictObservation
 from .tasks import get_task, make_env
 
@@ -61,15 +61,19 @@ def load_env_class(path: str) -> type[gym.Env]:
 
 
 def check_actor_env(env: gym.Env) -> gym.Env:
-    """``env`` with a flat observation (a Dict one is flattened), if its spaces fit an actor; else ValueError."""
-    refuse_cameras(env.observation_space, "an o2o actor")  # never flatten an image into floats
-    if isinstance(env.observation_space, gym.spaces.Dict):
-        env = FlattenDictObservation(env)
-    obs_space, act_space = env.observation_space, env.action_space
+    """``env`` if its spaces fit an actor, else ValueError: a Dict with camera images stays a Dict (the actor
+    splits it by ``ObsSpec``; an image is never flattened into floats), another Dict is flattened."""
+    if camera_parts(env.observation_space):
+        ObsSpec.from_space(env.observation_space)  # a state vector and uint8 images, or an ObservationError
+    else:
+        if isinstance(env.observation_space, gym.spaces.Dict):
+            env = FlattenDictObservation(env)
+        obs_space = env.observation_space
+        if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
+            raise ValueError(f"the env's observation space is {obs_space}: o2o actors need a 1-D Box (or a Dict of them)")
+    act_space = env.action_space
     if not (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1):
         raise ValueError(f"the env's action space is {act_space}: o2o actors need a 1-D Box")
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
-        raise ValueError(f"the env's observation space is {obs_space}: o2o actors need a 1-D Box (or a Dict of them)")
     if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
         raise ValueError(f"the env's action space {act_space} is unbounded: actions could not be clipped")
     return env

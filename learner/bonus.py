@@ -5,6 +5,10 @@ weights sit in the agent's ``state_dict()`` as ``<name>.*``. It adds a reward to
 the TD target only (the policy loss and the Cal-QL bound never see it), may train itself after
 the agent's losses, and may set itself up when fine-tuning starts.
 
+On a camera task a bonus sees observations through ``agent.bonus_input(state, images)``: the
+features of one fixed, randomly initialised encoder per agent (RE3, Seo et al. 2021), then the
+state. On a state task ``bonus_input`` returns the state as given.
+
 A new bonus is one file and one config field: a ``Bonus`` subclass, and a bool field of
 ``CalQLConfig`` that switches it on, named as the bonus and pointing at the class
 (``field(default=False, metadata={"bonus": "o2o.learner.<file>:<Class>"})``). Its other
@@ -28,14 +32,15 @@ class Bonus(nn.Module):
 
     @classmethod
     def from_config(cls, obs_dim: int, action_dim: int, cfg, net, device) -> "Bonus":
-        """The bonus for an agent with these shapes and ``algo`` (``cfg``) / ``net`` settings."""
+        """The bonus for an agent with these shapes and ``algo`` (``cfg``) / ``net`` settings; ``obs_dim`` is
+        the width of what ``agent.bonus_input`` gives (the state dim on a state task)."""
         raise NotImplementedError
 
     def reward(self, agent, batch) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
         """Its reward per row of ``batch`` (already weighted by its coefficient; 0.0: none) and its metrics."""
         raise NotImplementedError
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
+    def train_step(self, agent, batch) -> dict[str, torch.Tensor]:
         """Its own update, after the agent's losses (which saw the pre-update bonus); returns metrics."""
         return {}
 

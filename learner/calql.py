@@ -18,6 +18,19 @@ see them; the bound stays the extrinsic MC return):
   SERA: r <- r + sera_coef * r_int(s) over the batch or its online rows (learner/sera.py).
   OOO's Q bound (retraining; the exploring agent on some domains): Q' clipped to
       [min r, max r] / (1 - gamma) of the data (``set_td_target_bounds``), widened online.
+
+Cameras (an ``ObsSpec`` with images; learner/pixel_encoder.py): the networks read features, not the
+raw observation. ``encoder`` (DrQ's conv encoder per camera, the normalised state after it) is the
+critic's: the critic loss trains it (its parameters sit in the critic's optimiser group). The policy
+reads the same features detached, so its loss never moves the encoder (DrQ-v2, facebookresearch/drqv2
+drqv2.py ``update``: ``obs = self.encoder(obs)`` ... ``self.update_actor(obs.detach(), step)``). The
+target critic reads its own ``target_encoder``, Polyak-averaged with the target critic at the same
+``tau`` (SERL, rail-berkeley/serl agents/continuous/sac.py ``SACAgent.update``: one
+``target_update(soft_target_update_rate)`` over all critic parameters, encoder included, 0.005 by
+default; our ``tau`` default is the same 5e-3). Every update shifts the obs and next_obs images
+with their own random draws (DrQ's ``random_shift``; SERL's drq.py ``obs_rng`` / ``next_obs_rng``).
+The CQL term's 3n sampled actions reuse each state's features: the encoder runs once per state
+(``CriticEnsemble.forward_per_state``). A state-only agent has no encoder and runs as before.
 """
 
 from __future__ import annotations
@@ -28,10 +41,13 @@ import math
 import torch
 from torch import nn
 
+from o2o.envs.obs_spec import ObsSpec
+
 from .bonus import Bonus, bonus_names, build_bonuses
 from .buffer import Batch
 from .config import CalQLConfig, NetworkConfig
 from .networks import CriticEnsemble, ObservationNormalizer, TanhGaussianPolicy, sample_tanh_gaussian
+from .pixel_encoder import ObsEncoder, random_shift
 
 
 def calibrate_policy_q(q_policy: torch.Tensor, mc_return: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,19 +82,35 @@ def cql_logsumexp_term(
 
 
 class CalQLAgent(nn.Module):
-    """Policy, critics, target critics, temperatures and their optimiser."""
+    """Policy, critics, target critics, temperatures and their optimiser (and, with cameras, the encoders).
 
-    def __init__(self, obs_dim: int, action_dim: int, cfg: CalQLConfig, net: NetworkConfig, device="cpu"):
+    ``obs``: the state dimension of a state-only task, or the task's ``ObsSpec`` (cameras and state)."""
+
+    def __init__(self, obs: int | ObsSpec, action_dim: int, cfg: CalQLConfig, net: NetworkConfig, device="cpu"):
         super().__init__()
+        self.obs_spec = obs if isinstance(obs, ObsSpec) else ObsSpec(int(obs))
         self.cfg, self.net_cfg = cfg, net
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.normalizer = ObservationNormalizer(obs_dim)
+        self.obs_dim, self.action_dim = self.obs_spec.state_dim, action_dim
+        self.normalizer = ObservationNormalizer(self.obs_dim)  # the state part only; images are scaled in the encoder
+        # None on a state task: no modules, so its state_dict keys and update are as without cameras.
+        self.encoder = self.target_encoder = self.bonus_encoder = None
+        features = self.obs_dim
+        if self.obs_spec.has_images:
+            self.encoder = ObsEncoder(self.obs_spec)
+            self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            features = self.encoder.out_dim
         self.policy = TanhGaussianPolicy(
-            obs_dim, action_dim, net.policy_hidden, net.orthogonal_init, net.log_std_multiplier, net.log_std_offset
+            features, action_dim, net.policy_hidden, net.orthogonal_init, net.log_std_multiplier, net.log_std_offset
         )
-        self.critic = CriticEnsemble(obs_dim, action_dim, net.critic_hidden, net.num_critics, net.orthogonal_init,
+        self.critic = CriticEnsemble(features, action_dim, net.critic_hidden, net.num_critics, net.orthogonal_init,
                                      net.critic_feature_norm)  # fmt: skip
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        if self.obs_spec.has_images and any(getattr(cfg, name) for name in bonus_names(cfg)):
+            # RE3 (Seo et al. 2021, "State Entropy Maximization with Random Encoders for Efficient
+            # Exploration", arXiv 2102.09430): a randomly initialised encoder, fixed for all of training,
+            # gives the bonuses a feature space that does not drift as the critic's encoder learns. Shared by
+            # the bonuses (``bonus_input``); in the state_dict, so a checkpoint keeps the same features.
+            self.bonus_encoder = ObsEncoder(self.obs_spec).requires_grad_(False)
         # OOO's Q-target clip, [lo, hi] (set from the data by ``set_td_target_bounds``); finite, so
         # the divergence checks that scan every tensor stay meaningful.
         self.register_buffer("td_target_bounds", torch.tensor([-1e30, 1e30]))
@@ -90,20 +122,30 @@ class CalQLAgent(nn.Module):
         self.to(device)
         # Exploration bonuses, each under its own name (``agent.rnd``: state_dict keys ``rnd.*``);
         # each keeps its own optimiser, if any (learner/bonus.py).
-        self.bonuses: tuple[Bonus, ...] = tuple(build_bonuses(obs_dim, action_dim, cfg, net, device))
+        bonus_dim = self.obs_dim if self.bonus_encoder is None else self.bonus_encoder.out_dim
+        self.bonuses: tuple[Bonus, ...] = tuple(build_bonuses(bonus_dim, action_dim, cfg, net, device))
         for bonus in self.bonuses:
             self.add_module(bonus.name, bonus)
+        # The encoder learns with the critic, at its learning rate (DrQ: one critic optimiser, encoder included).
+        critic_params = list(self.critic.parameters())
+        if self.encoder is not None:
+            critic_params += list(self.encoder.parameters())
         self.optimizer = torch.optim.Adam(
             [
                 {"params": list(self.policy.parameters()), "lr": cfg.policy_lr},
-                {"params": list(self.critic.parameters()), "lr": cfg.critic_lr},
+                {"params": critic_params, "lr": cfg.critic_lr},
                 {"params": [self.log_alpha], "lr": cfg.alpha_lr},
                 {"params": [self.log_alpha_prime], "lr": cfg.alpha_prime_lr},
             ],
             **_fast_adam_kwargs(torch.device(device)),
         )
         # Cache-sized chunks help the eager CPU path only (compiled code and GPUs prefer one call).
-        self.chunk_rows = 2048 if torch.device(device).type == "cpu" and not cfg.compile else 0
+        eager_cpu = torch.device(device).type == "cpu" and not cfg.compile
+        self.chunk_rows = 2048 if eager_cpu else 0
+        # Images per encoder call: 64 at 84x84 (a 14 MB first conv output) encodes 256 images 1.5-2x faster,
+        # forward and backward, on 2 CPU cores than one call does (the ReLU reads each conv's output from cache).
+        largest = max((c.height * c.width for c in self.obs_spec.cameras), default=1)
+        self.chunk_images = max(8, 64 * 84 * 84 // largest) if eager_cpu else 0
         self._step_fn = self._update
         if cfg.compile:
             self._step_fn = torch.compile(self._update, mode=cfg.compile_mode)
@@ -124,11 +166,12 @@ class CalQLAgent(nn.Module):
 
     def load_networks(self, other: "CalQLAgent") -> None:
         """Continue from ``other`` (a retrained agent of the same shapes): its policy, critics,
-        targets, temperatures, observation statistics and their optimiser state. This agent's
+        targets, encoders, temperatures, observation statistics and their optimiser state. This agent's
         settings, learning rates and exploration bonuses stay."""
         with torch.no_grad():
-            for name in ("policy", "critic", "target_critic", "normalizer"):
-                getattr(self, name).load_state_dict(getattr(other, name).state_dict())
+            for name in ("policy", "critic", "target_critic", "normalizer", "encoder", "target_encoder"):
+                if getattr(self, name) is not None:
+                    getattr(self, name).load_state_dict(getattr(other, name).state_dict())
             self.log_alpha.copy_(other.log_alpha)
             self.log_alpha_prime.copy_(other.log_alpha_prime)
         self.optimizer.load_state_dict(other.optimizer.state_dict())
@@ -137,6 +180,31 @@ class CalQLAgent(nn.Module):
     def set_td_target_bounds(self, low: float, high: float) -> None:
         """Bounds of ``q_target_clip`` (OOO: [min r, max r] / (1 - gamma) over all training data)."""
         self.td_target_bounds.copy_(torch.tensor([low, high]))
+
+    def encode(self, state: torch.Tensor, images: dict[str, torch.Tensor], encoder: nn.Module | None = None,
+               ) -> torch.Tensor:  # fmt: skip
+        """What the policy and the critics read: the normalised state; on a camera task ``encoder``'s
+        (default: the critic's) features of the uint8 images, then the normalised state."""
+        state = self.normalizer(state)
+        if self.encoder is None:
+            return state
+        return self._run_encoder(self.encoder if encoder is None else encoder, state, images)
+
+    def bonus_input(self, state: torch.Tensor, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the exploration bonuses see of observations: ``state`` itself on a state task; on a camera
+        task the fixed random encoder's features of the images, then ``state`` (RE3; see ``__init__``)."""
+        if self.bonus_encoder is None:
+            return state
+        with torch.no_grad():
+            return self._run_encoder(self.bonus_encoder, state, images)
+
+    def _run_encoder(self, encoder: nn.Module, state: torch.Tensor, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        step = self.chunk_images
+        if not step or len(state) <= step:
+            return encoder(state, images)
+        names = list(images)
+        chunks = zip(state.split(step), *(images[name].split(step) for name in names))
+        return torch.cat([encoder(rows, dict(zip(names, frames))) for rows, *frames in chunks])
 
     def intrinsic_reward(self, batch: Batch) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
         """The bonuses added to the reward inside the TD target (0.0 when none is on)."""
@@ -147,32 +215,57 @@ class CalQLAgent(nn.Module):
             metrics.update(bonus_metrics)
         return total, metrics
 
-    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sum of all losses (each reaching only its own parameters) and the metrics."""
-        cfg, n = self.cfg, self.cfg.cql_n_actions
-        obs, next_obs = self.normalizer(batch.obs), self.normalizer(batch.next_obs)
-        B = obs.shape[0]
+    def features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the networks read at s (with gradients into the encoder: the critic loss trains it), at s'
+        for the policy, and at s' for the target critic (both without gradients).
 
-        # Policy and temperature.
-        new_action, log_pi = self.policy(obs)
+        A state task: the normalised obs and next_obs (the last two the same tensor)."""
+        if self.encoder is None:
+            next_obs = self.normalizer(batch.next_obs)
+            return self.normalizer(batch.obs), next_obs, next_obs
+        # DrQ: obs and next_obs images shifted by their own random draws, anew every update.
+        images = {name: random_shift(frames) for name, frames in batch.images.items()}
+        next_images = {name: random_shift(frames) for name, frames in batch.next_images.items()}
+        obs = self.encode(batch.obs, images)
+        with torch.no_grad():
+            next_obs = self.encode(batch.next_obs, next_images)
+            target_next_obs = self.encode(batch.next_obs, next_images, self.target_encoder)
+        return obs, next_obs, target_next_obs
+
+    def policy_losses(self, features: torch.Tensor) -> tuple:
+        """Policy loss, temperature loss, temperature and log pi at states with these ``features``.
+
+        The policy reads them detached: its loss never reaches the encoder (DrQ-v2's ``obs.detach()``)."""
+        cfg, features = self.cfg, features.detach()
+        new_action, log_pi = self.policy(features)
         if cfg.auto_entropy:
             alpha = self.log_alpha.exp() * cfg.alpha_multiplier
         else:
-            alpha = torch.full((), cfg.alpha_multiplier, device=obs.device)
+            alpha = torch.full((), cfg.alpha_multiplier, device=features.device)
         alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean() if cfg.auto_entropy else 0.0
-        q_new = self.critic(obs, new_action, detach_params=True).min(dim=0).values
+        q_new = self.critic(features, new_action, detach_params=True).min(dim=0).values
         policy_loss = (alpha.detach() * log_pi - q_new).mean()
+        return policy_loss, alpha_loss, alpha, log_pi
+
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum of all losses (each reaching only its own parameters) and the metrics."""
+        cfg, n = self.cfg, self.cfg.cql_n_actions
+        obs, next_obs, target_next_obs = self.features(batch)
+        B = obs.shape[0]
+
+        policy_loss, alpha_loss, alpha, log_pi = self.policy_losses(obs)
 
         # Actions the critic loss needs, without gradients: n at s and n at s' (CQL), and
         # n at s' for the target backup; the policy MLP runs once per state.
         with torch.no_grad():
             n_target = n if cfg.cql_max_target_backup else 1
-            mean, log_std = self.policy.mean_and_log_std(torch.cat([obs, next_obs]))
+            mean, log_std = self.policy.mean_and_log_std(torch.cat([obs.detach(), next_obs]))
             pi_cur, log_pi_cur = sample_tanh_gaussian(mean[:B], log_std[:B], n)
             pi_next, log_pi_next = sample_tanh_gaussian(mean[B:], log_std[B:], n)
             pi_target, log_pi_target = sample_tanh_gaussian(mean[B:], log_std[B:], n_target)
 
-            target_q = self.target_critic.forward_per_state(next_obs, pi_target.view(B, n_target, -1)).min(dim=0).values
+            target_actions = pi_target.view(B, n_target, -1)
+            target_q = self.target_critic.forward_per_state(target_next_obs, target_actions).min(dim=0).values
             log_pi_target = log_pi_target.view(B, n_target)
             if cfg.cql_max_target_backup:
                 best = target_q.argmax(dim=-1, keepdim=True)
@@ -235,16 +328,19 @@ class CalQLAgent(nn.Module):
     def _update(self, batch: Batch) -> dict[str, torch.Tensor]:
         total, metrics = self.losses(batch)  # the TD target's bonuses are the pre-update ones
         for bonus in self.bonuses:
-            metrics.update(bonus.train_step(batch))
+            metrics.update(bonus.train_step(self, batch))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip is not None:
-            metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.grad_clip)
+            critic_params = self.optimizer.param_groups[1]["params"]  # the critic's, and its encoder's
+            metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(critic_params, self.cfg.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
-            torch._foreach_lerp_(
-                list(self.target_critic.parameters()), list(self.critic.parameters()), self.cfg.tau
-            )
+            targets, sources = list(self.target_critic.parameters()), list(self.critic.parameters())
+            if self.encoder is not None:  # the target encoder moves with the target critic, at the same tau
+                targets += list(self.target_encoder.parameters())
+                sources += list(self.encoder.parameters())
+            torch._foreach_lerp_(targets, sources, self.cfg.tau)
         return metrics
 
     def training_state(self) -> dict:
@@ -268,6 +364,14 @@ class CalQLAgent(nn.Module):
                 del weights[k]
             if dropped:
                 notes.append(f"the checkpoint's {name.upper()} is not used (algo.{name}=false)")
+        # The fixed random encoder of the bonuses (camera tasks): the checkpoint's, the features its RND was
+        # trained on; this agent's fresh one if it had none; dropped if no bonus is on any more.
+        saved = [k for k in weights if k.startswith("bonus_encoder.")]
+        if self.bonus_encoder is None:
+            for k in saved:
+                del weights[k]
+        elif not saved:
+            weights.update({f"bonus_encoder.{k}": v for k, v in self.bonus_encoder.state_dict().items()})
         for bonus in self.bonuses:
             notes += bonus.prepare_load(self, weights, state)
         self.load_state_dict(weights)

@@ -1,4 +1,4 @@
-"""Checkpoints that resume exactly: networks, optimiser, temperatures, RNG, counters, config.
+"""Checkpoints that resume exactly: networks (encoders included), optimiser, temperatures, RNG, counters, config.
 
 Written atomically (temp file + rename), read with ``torch.load(weights_only=True)``:
 a checkpoint holds tensors, numbers, strings and lists only, never pickled objects.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from o2o.datasets.atomic_file import replacing
+from o2o.envs.obs_spec import ObsSpec
 
 from .calql import CalQLAgent
 from .config import CalQLConfig, NetworkConfig, OnlineConfig
@@ -41,6 +42,13 @@ class AgentSpec:
     action_high: list[float]
     algo: dict
     net: dict
+    cameras: dict = dataclasses.field(default_factory=dict)
+    """{camera: [H, W, C]} of a camera task (``obs_dim`` is then its state's); {} for a state task and in
+    checkpoints written before cameras."""
+
+    @property
+    def obs_spec(self) -> ObsSpec:
+        return ObsSpec.from_dict({"state_dim": self.obs_dim, "cameras": self.cameras})
 
     def __post_init__(self):
         # An older checkpoint's stale `algo` keys are dropped (CalQLConfig(**algo) would refuse them), so it
@@ -55,7 +63,7 @@ class AgentSpec:
 
     def build_agent(self, device="cpu") -> CalQLAgent:
         algo = CalQLConfig(**{**self.algo, "compile": False})
-        return CalQLAgent(self.obs_dim, self.action_dim, algo, NetworkConfig(**self.net), device)
+        return CalQLAgent(self.obs_spec, self.action_dim, algo, NetworkConfig(**self.net), device)
 
 
 def _rng_state() -> dict:

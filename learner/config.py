@@ -228,8 +228,10 @@ class OnlineConfig(PretrainConfig):
     updates / utd; release at half. 0 = never hold (actors run free, the learner lags)."""
     publish_every: int = 1000
     """Publish a new ONNX policy to the actors every N updates."""
-    buffer_capacity: int = 1_000_000
-    """Online rows kept in the sampling buffer (FIFO past this)."""
+    buffer_capacity: int = 0
+    """Online transitions kept in the sampling buffer (FIFO past this); 0 = 1,000,000 for a state task,
+    100,000 for a camera task (DrQ's replay size: 100k 84x84x3 frames are 2 GiB). The memory it takes is
+    logged at start, and a buffer larger than the machine's free memory is refused before training."""
     train_on_eval: bool = False
     """Also train on actors' deterministic evaluation episodes."""
     stats_every_s: float = 5.0

@@ -19,8 +19,11 @@ def evaluate(agent: CalQLAgent, task: TaskSpec, episodes: int, seed: int, low: n
         obs, _ = env.reset(seed=seed + i)
         total, steps, done, info = 0.0, 0, False, {}
         while not done:
-            obs_t = torch.as_tensor(obs, device=agent.device).unsqueeze(0)
-            action = agent.policy.deterministic(agent.normalizer(obs_t))[0].cpu().numpy()
+            # A camera task's Dict observation: the state, and each camera's uint8 image (never augmented here).
+            state, images = agent.obs_spec.split(obs)
+            state_t = torch.as_tensor(state, device=agent.device).unsqueeze(0)
+            images_t = {name: torch.as_tensor(im, device=agent.device).unsqueeze(0) for name, im in images.items()}
+            action = agent.policy.deterministic(agent.encode(state_t, images_t))[0].cpu().numpy()
             action = low + (action + 1.0) * 0.5 * (high - low)
             obs, reward, terminated, truncated, info = env.step(action)
             total, steps, done = total + reward, steps + 1, terminated or truncated

@@ -2,11 +2,15 @@
 
 The graph
 ---------
-Inputs (float32, dynamic batch axis ``batch``):
+Inputs (dynamic batch axis ``batch``), ``policy_format.input_names(cameras)`` in order:
 
-- ``obs``   ``[batch, obs_dim]``: raw environment observations. The observation
-  normaliser ``(obs - mean) / std`` is baked in.
-- ``noise`` ``[batch, action_dim]``: exploration noise in the policy's
+- ``obs``   float32 ``[batch, obs_dim]``: raw environment observations (a camera
+  task's state vector). The observation normaliser ``(obs - mean) / std`` is baked in.
+- ``<camera>`` uint8 ``[batch, H, W, C]``, one per camera of a camera task, in the
+  spec's (alphabetical) order: the raw image. Its scaling (``/ 255 - 0.5``) and the
+  agent's encoder (learner/pixel_encoder.py) are in the graph; the encoder's
+  features, then the normalised state, feed the policy.
+- ``noise`` float32 ``[batch, action_dim]``: exploration noise in the policy's
   pre-tanh space, drawn by the actor.
 
 Output (float32):
@@ -38,15 +42,17 @@ and checks them against its task before acting:
 ``action_high``            JSON list of floats (length ``action_dim``)
 ``policy_version``         decimal integer, the learner's policy version (0 = pretrained)
 ``training_step``          decimal integer, gradient steps behind these weights
-``input_names``            JSON list: ``["obs", "noise"]``
+``input_names``            JSON list: ``["obs", "noise"]`` (``["obs", <cameras>..., "noise"]``)
 ``output_names``           JSON list: ``["action"]``
 ``noise``                  ``"standard_normal"``: noise ~ N(0, I), times a temperature
+``cameras``                JSON ``{name: [H, W, C]}``; ``"{}"`` for a state task
 =========================  ==============================================================
 
 Exporter: the torch.export-based ("dynamo") exporter, torch's default and
 supported path: it gives an 18-node graph (Sub, Div, 3 x Gemm/Relu, Split,
 Clip, Exp, Tanh, affine rescale; the log-prob is pruned) with a named dynamic
-batch axis. On a 2-core CPU it takes 1-2 s per export (the first one in a
+batch axis (a camera task's adds Transpose, Cast, the scaling, 4 x Conv/Relu, Gemm, LayerNormalization,
+Tanh and Concat per camera). On a 2-core CPU it takes 1-2 s per export (the first one in a
 process ~10 s, importing its machinery). ``exporter="torchscript"`` (the
 deprecated TorchScript exporter plus the onnxscript optimiser: an equivalent
 19-node graph, Slice x 2 in place of Split) takes ~0.2 s, for callers that
@@ -75,11 +81,13 @@ import torch
 from torch import nn
 
 from o2o.datasets.atomic_file import replacing
-from o2o.datasets.policy_format import FORMAT_VERSION, INPUT_NAMES, NOISE, OUTPUT_NAMES, POLICY_FILENAME
+from o2o.datasets.policy_format import FORMAT_VERSION, NOISE, OUTPUT_NAMES, POLICY_FILENAME, input_names
+from o2o.envs.obs_spec import ObsSpec
 
 from .calql import CalQLAgent
 from .checkpoint import AgentSpec, action_bounds, load_checkpoint, resolve_checkpoint
 from .networks import ObservationNormalizer, TanhGaussianPolicy
+from .pixel_encoder import ObsEncoder
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-5
@@ -99,7 +107,9 @@ def _raw_module(module: nn.Module) -> nn.Module:
 
 
 class ExportablePolicy(nn.Module):
-    """obs, noise -> action in env units: normaliser + tanh-Gaussian policy + rescale to [low, high]."""
+    """obs, [camera images], noise -> action in env units: normaliser (+ encoder) + tanh-Gaussian policy +
+    rescale to [low, high]. ``encoder`` (camera tasks): the agent's ``ObsEncoder``, which takes the raw uint8
+    images, scales them and puts the normalised state after its features, all inside the graph."""
 
     def __init__(
         self,
@@ -107,17 +117,25 @@ class ExportablePolicy(nn.Module):
         policy: TanhGaussianPolicy,
         action_low,
         action_high,
+        encoder: ObsEncoder | None = None,
     ):
         super().__init__()
         self.normalizer = _raw_module(normalizer)
         self.policy = _raw_module(policy)
+        self.encoder = None if encoder is None else _raw_module(encoder)
+        self.cameras: tuple[str, ...] = () if encoder is None else tuple(self.encoder.pixels.names)
         low = torch.as_tensor(np.asarray(action_low, np.float32))
         high = torch.as_tensor(np.asarray(action_high, np.float32))
         self.register_buffer("action_low", low)
         self.register_buffer("action_range", high - low)
 
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        squashed, _ = self.policy.action_from_noise(self.normalizer(obs), noise)
+    def forward(self, obs: torch.Tensor, *images_and_noise: torch.Tensor) -> torch.Tensor:
+        """``input_names(cameras)`` in order: obs, one uint8 [B, H, W, C] tensor per camera, noise."""
+        *images, noise = images_and_noise
+        features = self.normalizer(obs)
+        if self.encoder is not None:
+            features = self.encoder(features, dict(zip(self.cameras, images, strict=True)))
+        squashed, _ = self.policy.action_from_noise(features, noise)
         return self.action_low + (squashed + 1.0) * 0.5 * self.action_range
 
     @classmethod
@@ -126,7 +144,8 @@ class ExportablePolicy(nn.Module):
         low, high = action_bounds(spec)
         normalizer = copy.deepcopy(_raw_module(agent.normalizer))
         policy = copy.deepcopy(_raw_module(agent.policy))
-        module = cls(normalizer, policy, low, high)
+        encoder = None if agent.encoder is None else copy.deepcopy(_raw_module(agent.encoder))
+        module = cls(normalizer, policy, low, high, encoder)
         return module.to("cpu").eval().requires_grad_(False)
 
 
@@ -150,9 +169,10 @@ def policy_metadata(spec: AgentSpec, version: int, step: int) -> dict[str, str]:
         "action_high": json.dumps([float(x) for x in high]),
         "policy_version": str(int(version)),
         "training_step": str(int(step)),
-        "input_names": json.dumps(list(INPUT_NAMES)),
+        "input_names": json.dumps(list(input_names(spec.obs_spec.camera_names))),
         "output_names": json.dumps(list(OUTPUT_NAMES)),
         "noise": NOISE,
+        "cameras": json.dumps(spec.obs_spec.to_dict()["cameras"]),
     }
 
 
@@ -163,6 +183,9 @@ def _check_spec(agent: CalQLAgent, spec: AgentSpec) -> None:
             f"agent is ({agent.obs_dim} obs, {agent.action_dim} action) dims but the spec of task "
             f"{spec.task!r} says ({spec.obs_dim}, {spec.action_dim}): export with the agent's own spec"
         )
+    if agent.obs_spec != spec.obs_spec:
+        raise ValueError(f"agent's cameras {agent.obs_spec.to_dict()['cameras']} differ from the spec of task "
+                         f"{spec.task!r}, {spec.cameras}: export with the agent's own spec")  # fmt: skip
     if low.shape != (spec.action_dim,) or high.shape != (spec.action_dim,):
         raise ValueError(f"action bounds must have {spec.action_dim} entries, got low {low.shape} high {high.shape}")
     if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(low < high)):
@@ -185,21 +208,35 @@ def _quiet_exporter():
             log.setLevel(level)
 
 
-def _to_onnx(module: ExportablePolicy, obs_dim: int, action_dim: int, exporter: Exporter):
+def _example_inputs(spec: ObsSpec, action_dim: int, n: int, generator: torch.Generator | None = None) -> list:
+    """Inputs in ``input_names`` order: standard-normal state and noise and random uint8 images, or
+    zeros without ``generator``."""
+    if generator is None:
+        return [torch.zeros(n, spec.state_dim), *(torch.zeros(n, *c.shape, dtype=torch.uint8) for c in spec.cameras),
+                torch.zeros(n, action_dim)]  # fmt: skip
+    state = torch.randn(n, spec.state_dim, generator=generator)
+    images = [torch.randint(0, 256, (n, *c.shape), generator=generator, dtype=torch.uint8) for c in spec.cameras]
+    return [state, *images, torch.randn(n, action_dim, generator=generator)]
+
+
+def _to_onnx(module: ExportablePolicy, spec: ObsSpec, action_dim: int, exporter: Exporter):
     import onnx
 
-    example = (torch.zeros(2, obs_dim), torch.zeros(2, action_dim))
+    names = list(input_names(spec.camera_names))
+    example = tuple(_example_inputs(spec, action_dim, 2))
     with _quiet_exporter(), torch.no_grad():
         if exporter == "dynamo":
             batch = torch.export.Dim("batch")
+            # forward(obs, *images_and_noise): torch.export takes the varargs' shapes as one tuple.
+            dynamic = {"obs": {0: batch}, "images_and_noise": tuple({0: batch} for _ in names[1:])}
             program = torch.onnx.export(
                 module,
                 example,
                 None,
                 dynamo=True,
-                input_names=list(INPUT_NAMES),
+                input_names=names,
                 output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"obs": {0: batch}, "noise": {0: batch}},
+                dynamic_shapes=dynamic,
                 opset_version=OPSET,
                 external_data=False,
                 optimize=True,
@@ -215,9 +252,9 @@ def _to_onnx(module: ExportablePolicy, obs_dim: int, action_dim: int, exporter: 
                 example,
                 buffer,
                 dynamo=False,
-                input_names=list(INPUT_NAMES),
+                input_names=names,
                 output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)},
+                dynamic_axes={name: {0: "batch"} for name in (*names, *OUTPUT_NAMES)},
                 opset_version=OPSET,
             )
             # Folds the Shape/Gather/Slice arithmetic the TorchScript exporter emits for chunk().
@@ -227,8 +264,9 @@ def _to_onnx(module: ExportablePolicy, obs_dim: int, action_dim: int, exporter: 
     return model
 
 
-def _parity_error(path: Path, module: ExportablePolicy, obs_dim: int, action_dim: int) -> float:
-    """Max |onnxruntime - torch| on a seeded batch (half zero noise, half N(0, I)), at batch sizes 1 and 64."""
+def _parity_error(path: Path, module: ExportablePolicy, spec: ObsSpec, action_dim: int) -> float:
+    """Max |onnxruntime - torch| on a seeded batch (half zero noise, half N(0, I); random uint8 images), at
+    batch sizes 1 and 64."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -238,23 +276,22 @@ def _parity_error(path: Path, module: ExportablePolicy, obs_dim: int, action_dim
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise OnnxExportError(f"onnxruntime cannot load the exported policy: {exc}") from exc
+    expected_names = list(input_names(spec.camera_names))
     names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if names != (list(INPUT_NAMES), list(OUTPUT_NAMES)):
-        raise OnnxExportError(f"exported graph has inputs/outputs {names}, expected {INPUT_NAMES}/{OUTPUT_NAMES}")
+    if names != (expected_names, list(OUTPUT_NAMES)):
+        raise OnnxExportError(f"exported graph has inputs/outputs {names}, expected {expected_names} / {OUTPUT_NAMES}")
 
-    generator = torch.Generator().manual_seed(0)
     n = 64
+    inputs = _example_inputs(spec, action_dim, n, torch.Generator().manual_seed(0))
     # Observations around the normaliser's statistics, so the check covers the data's range.
-    unit = torch.randn(n, obs_dim, generator=generator)
-    obs = module.normalizer.mean + module.normalizer.std * unit
-    noise = torch.randn(n, action_dim, generator=generator)
-    noise[: n // 2] = 0.0
+    inputs[0] = module.normalizer.mean + module.normalizer.std * inputs[0]
+    inputs[-1][: n // 2] = 0.0
     worst = 0.0
     for rows in (slice(0, 1), slice(0, n)):
-        o, z = obs[rows].contiguous(), noise[rows].contiguous()
+        batch = [x[rows].contiguous() for x in inputs]
         with torch.no_grad():
-            expected = module(o, z).numpy()
-        (got,) = session.run(None, {"obs": o.numpy(), "noise": z.numpy()})
+            expected = module(*batch).numpy()
+        (got,) = session.run(None, {name: x.numpy() for name, x in zip(expected_names, batch, strict=True)})
         if got.shape != expected.shape or got.dtype != np.float32:
             raise OnnxExportError(f"onnxruntime gave {got.dtype}{got.shape}, torch float32{expected.shape}")
         if not (np.all(np.isfinite(expected)) and np.all(np.isfinite(got))):
@@ -280,7 +317,7 @@ def export_policy_verified(
     _check_spec(agent, spec)
     path = Path(path)
     module = ExportablePolicy.from_agent(agent, spec)
-    model = _to_onnx(module, spec.obs_dim, spec.action_dim, exporter)
+    model = _to_onnx(module, spec.obs_spec, spec.action_dim, exporter)
     onnx.helper.set_model_props(model, policy_metadata(spec, version, step))
     onnx.checker.check_model(model)
 
@@ -289,7 +326,7 @@ def export_policy_verified(
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path, fsync=True) as tmp:
         tmp.write_bytes(model.SerializeToString())
-        error = _parity_error(tmp, module, spec.obs_dim, spec.action_dim)
+        error = _parity_error(tmp, module, spec.obs_spec, spec.action_dim)
     log.info("exported %s (version %d, step %d); max |onnxruntime - torch| = %.3g", path, version, step, error)
     return path, error
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import ReplayStore, StoreError
+from o2o.envs.obs_spec import ObsSpec
 
 from .checkpoint import AgentSpec
 from .divergence import check_weights
@@ -30,12 +31,15 @@ log = logging.getLogger("o2o.learner")
 PUBLISHED_FILE = "published.json"
 
 
-def open_store(path: Path, task_name: str, algo, fsync: bool, abandon_idle_s: float | None) -> ReplayStore:
-    """The replay store at ``path`` (created if missing), whose MC returns follow the agent's data settings."""
+def open_store(path: Path, task_name: str, algo, fsync: bool, abandon_idle_s: float | None,
+               obs_spec: ObsSpec | None = None) -> ReplayStore:  # fmt: skip
+    """The replay store at ``path`` (created for the task if missing: its state size and cameras), whose
+    MC returns follow the agent's data settings; ``obs_spec`` (the agent's observations): an existing
+    store made for other observations (other cameras, say) is refused (``StoreError``)."""
     wanted = DataSettings.of(algo)
     if not path.exists():
         return ReplayStore.create_for_task(path, task_name, data=wanted, fsync=fsync)
-    store = ReplayStore.open(path, "a", abandon_idle_s=abandon_idle_s, fsync=fsync)
+    store = ReplayStore.open(path, "a", abandon_idle_s=abandon_idle_s, fsync=fsync, obs_spec=obs_spec)
     wrong = store.config.data.differences(wanted)
     if wrong:
         store.close(commit=False)

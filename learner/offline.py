@@ -51,6 +51,7 @@ def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
         log.info("resumed from %s at step %d", cfg.resume, start)
     low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
     buffer = TransitionBuffer.from_transitions(data, low, high, device)
+    log.info("offline buffer: %s", buffer.memory.line())
     return train(cfg, run_dir, agent, spec, task, lambda: buffer.sample(cfg.batch_size), start)
 
 

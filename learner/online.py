@@ -156,10 +156,15 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     offline = None if scratch else TransitionBuffer.from_transitions(offline_data, low, high, device)
     # OOO's exploring agent on maze2d, Kitchen, hammer: Q' clipped to bounds that widen with online rewards.
     q_bound = QBound(agent, algo.discount, None if scratch else offline_data.reward) if algo.q_target_clip else None
-    online_buffer = TransitionBuffer(spec.obs_dim, spec.action_dim, cfg.buffer_capacity, device, online=True)
+    capacity = cfg.buffer_capacity or (100_000 if spec.obs_spec.has_images else 1_000_000)
+    online_buffer = TransitionBuffer(spec.obs_spec, spec.action_dim, capacity, device, online=True)
+    for name, buffer in (("offline", offline), ("online", online_buffer)):
+        if buffer is not None:
+            log.info("%s buffer: %s", name, buffer.memory.line())
     online = OnlineData(online_buffer, low, high, algo, cfg.train_on_eval,
                         on_rewards=q_bound.widen if q_bound else None)  # fmt: skip
-    store = open_store(Path(cfg.store) if cfg.store else run_dir / "replay", task.name, algo, cfg.ingest.fsync, cfg.ingest.abandon_idle_s)
+    store = open_store(Path(cfg.store) if cfg.store else run_dir / "replay", task.name, algo, cfg.ingest.fsync,
+                       cfg.ingest.abandon_idle_s, obs_spec=spec.obs_spec)
     if len(store):
         log.info("reloaded %d trainable rows from the store", online.load_store(store))
     extra = payload.get("extra", {})
@@ -289,7 +294,7 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
     try:
         hydra_cfg = HydraConfig.get()
         result = run_online(cfg, Path(hydra_cfg.runtime.output_dir), explicit_keys(hydra_cfg.overrides.task))
-    except (DatasetError, StoreError, DivergedError, KeyError, ValueError, FileNotFoundError, OSError,
+    except (DatasetError, StoreError, DivergedError, KeyError, ValueError, FileNotFoundError, OSError, MemoryError,
             RuntimeError) as err:  # fmt: skip
         print(f"o2o-learner: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         sys.exit(2)

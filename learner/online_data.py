@@ -18,9 +18,10 @@ import numpy as np
 
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import LEARNER_COLUMNS, CommitEvent, ReplayStore
-from o2o.datasets.trainable_rows import trainable_rows
+from o2o.datasets.trainable_rows import READ_CHUNK_ROWS, read_chunk_rows, trainable_rows
 
 from .buffer import Batch, TransitionBuffer, concat_batches, normalize_actions, offline_batch_rows
+from .frame_ring import frames_of
 
 
 class _Commit(NamedTuple):
@@ -85,10 +86,16 @@ class OnlineData:
         return added
 
     def _add_trainable(self, rows: dict[str, np.ndarray]) -> int:
-        """Rows in store units (``ReplayStore.read`` / ``CommitEvent.closed`` columns) into the buffer."""
+        """Rows in store units (``ReplayStore.read`` / ``CommitEvent.closed`` columns) into the buffer;
+        a camera task's rows come with ``frames/<camera>``, ``obs_frame`` and ``next_frame`` (the flat
+        row dicts' contract): the kept rows' indices still point into those frames."""
         keep = self._trainable(rows)
         if not keep.any():
             return 0
+        images = {}
+        if self.buffer.cameras:
+            images = {"frames": frames_of(rows), "obs_frame": rows["obs_frame"][keep],
+                      "next_frame": rows["next_frame"][keep]}  # fmt: skip
         self.add_rows(
             obs=rows["obs"][keep],
             action=rows["action"][keep],
@@ -96,12 +103,16 @@ class OnlineData:
             next_obs=rows["next_obs"][keep],
             terminated=rows["terminated"][keep],
             mc_return=rows["mc_return"][keep],
+            **images,
         )
         return int(keep.sum())
 
-    def add_rows(self, obs, action, raw_reward, next_obs, terminated, mc_return) -> None:
-        """Trainable rows in store units (env actions, raw rewards) into the device buffer."""
+    def add_rows(self, obs, action, raw_reward, next_obs, terminated, mc_return, frames=None, obs_frame=None,
+                 next_frame=None) -> None:  # fmt: skip
+        """Trainable rows in store units (env actions, raw rewards) into the device buffer; with cameras,
+        the frames they use ({camera: uint8 (F, H, W, C)}) and their ``obs_frame`` / ``next_frame`` in them."""
         reward = self.data.scale(raw_reward)  # as offline rows and the store
+        images = {} if frames is None else {"frames": frames, "obs_frame": obs_frame, "next_frame": next_frame}
         self.buffer.add(
             obs=obs,
             action=normalize_actions(action, self.low, self.high),
@@ -109,32 +120,32 @@ class OnlineData:
             next_obs=next_obs,
             terminated=np.asarray(terminated, np.float32),
             mc_return=mc_return,
+            **images,
         )
         self.trainable_rows += len(reward)
         if self.on_rewards is not None and len(reward):
             self.on_rewards(reward)
 
-    def load_store(self, store: ReplayStore, chunk: int = 262_144) -> int:
+    def load_store(self, store: ReplayStore, chunk: int = READ_CHUNK_ROWS) -> int:
         """After a restart: the store's trainable rows (the source of truth; ``trainable_rows``, the
         retrain's rule: rows of ended episodes, with an MC return, eval rows only with
-        ``train_on_eval``), streamed ``chunk`` rows at a time; returns how many there are.
+        ``train_on_eval``); returns how many there are.
 
-        Only the last ``buffer.capacity`` of them fit the buffer, so a first pass reads just the
-        rule's columns to count them, and the second reads whole rows only from the chunk where
-        those last ones begin. Rows of episodes still open come later, in the ``closed`` rows of
-        the commit that ends them.
+        Only the last ``buffer.capacity`` of them fit the buffer: they are counted from the rule's
+        columns (``chunk`` rows at a time), and whole rows are read only for those last ones
+        (``TrainableRows.chunks(limit=...)``), a camera store's with their frames in reads of a few
+        hundred MiB (``read_chunk_rows``), so the read path holds no more than the buffer keeps and
+        one read. Rows of episodes still open come later, in the ``closed`` rows of the commit that
+        ends them.
         """
         rows = trainable_rows(store, include_eval=self.train_on_eval)
-        starts = range(0, rows.stop, chunk)
-        counts = [rows.count(a, a + chunk) for a in starts]
-        first, kept = len(counts), 0
-        while first > 0 and kept < self.buffer.capacity:
-            first -= 1
-            kept += counts[first]
-        skipped = sum(counts[:first])  # trainable, but pushed out of the buffer by later rows anyway
-        for part in rows.chunks([*LEARNER_COLUMNS, "mc_return"], chunk, first=first * chunk):
-            self._add_trainable(part)
-        self.trainable_rows += skipped
+        total = sum(rows.count(start, start + chunk) for start in range(0, rows.stop, chunk))
+        read = min(chunk, read_chunk_rows(store)) if self.buffer.cameras else chunk
+        columns = [*LEARNER_COLUMNS, "mc_return", *self.buffer.camera_columns]
+        added = 0
+        for part in rows.chunks(columns, read, limit=self.buffer.capacity):
+            added += self._add_trainable(part)
+        self.trainable_rows += total - added  # trainable, but older than the buffer holds
         self.committed_rows = rows.stop
         self.trainable_committed = self.trainable_rows
         return self.trainable_rows

@@ -38,7 +38,7 @@ def _hydra_main(dict_cfg: DictConfig) -> None:
         # resume= continues that run in its own folder (a run folder or its checkpoint file), as online.
         run_dir = resolve_checkpoint(cfg.resume).parent if cfg.resume else run_dir
         pretrain(cfg, run_dir)
-    except (DatasetError, DivergedError, KeyError, ValueError, FileNotFoundError) as err:
+    except (DatasetError, DivergedError, KeyError, ValueError, FileNotFoundError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"o2o-pretrain: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from o2o.datasets.minari_io import CAMERA_FIELDS, DatasetError, Transitions
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import ReplayStore, StoreError
-from o2o.datasets.trainable_rows import READ_CHUNK_ROWS, trainable_rows
+from o2o.datasets.store_frames import concat_rows
+from o2o.datasets.trainable_rows import trainable_rows
 from o2o.envs import TaskSpec, get_task
 
 from .buffer import Batch, TransitionBuffer, concat_batches
@@ -49,6 +50,7 @@ from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, resolve_che
 from .config import PretrainConfig
 from .divergence import DivergedError
 from .fine_tuning import explicit_keys
+from .frame_ring import frames_of
 from .offline import train
 from .q_bound import QBound
 from .setup import init_torch, load_offline_data, make_agent, resolve_device
@@ -102,10 +104,11 @@ def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int
     """The trainable rows of the store's committed prefix (``trainable_rows``: rows of episodes that
     ENDED within the prefix, with an MC return, not evaluation rows unless ``train_on_eval``).
 
-    Rewards come out scaled with the store's settings, actions in env units (as a dataset's)."""
+    Rewards come out scaled with the store's settings, actions in env units (as a dataset's); a camera
+    store's rows come with their frames (``Transitions.frames``, each frame once)."""
     rows = trainable_rows(store, until_row, until_version, include_eval=train_on_eval)
-    parts = list(rows.chunks(chunk=READ_CHUNK_ROWS))
-    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
+    parts = list(rows.chunks())  # chunk 0: reads sized by their frames (read_chunk_rows), not 262k rows
+    columns = concat_rows(parts) if parts else None
     if columns is None or len(columns["reward"]) == 0:
         empty = np.zeros(0, np.float32)
         dims = (store.config.obs_dim, store.config.action_dim)
@@ -120,12 +123,17 @@ def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int
         terminated=columns["terminated"].astype(np.float32),
         episode_end=columns["terminated"] | columns["truncated"],
         mc_return=columns["mc_return"],
+        frames=frames_of(columns),
+        obs_frame=columns.get("obs_frame"),
+        next_frame=columns.get("next_frame"),
     )
     versions = columns["policy_version"]
     return StoreSelection(data, rows.stop, rows.episodes, [int(versions.min()), int(versions.max())])
 
 
 def concat_transitions(parts: list[Transitions]) -> Transitions:
+    """The parts' rows as one, without their frames: what the agent's observation statistics and the Q
+    bounds read (the buffers take each part with its frames)."""
     rows = [f.name for f in dataclasses.fields(Transitions) if f.name not in CAMERA_FIELDS]
     return Transitions(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in rows})
 
@@ -240,8 +248,13 @@ def prepare_retrain(cfg: RetrainConfig, run_dir: Path, explicit: set[str] = froz
     online_buffer = TransitionBuffer.from_transitions(online, low, high, device) if len(online) else None
     if online_buffer is not None:
         online_buffer.online = True  # its batch rows are the online ones (Batch.online_rows)
+    for name, buffer in (("offline", offline_buffer), ("online", online_buffer)):
+        if buffer is not None:
+            log.info("%s buffer: %s", name, buffer.memory.line())
     n_offline, n_online = batch_split(offline_rows, len(online), cfg.batch_size, cfg.offline_share)
-    best = high_reward_rows(online.reward) if cfg.high_reward_extra > 0 else np.zeros(0, np.int64)
+    best = np.zeros(0, np.int64)
+    if cfg.high_reward_extra > 0 and online_buffer is not None:  # the buffer's rows (a camera buffer may reorder them)
+        best = high_reward_rows(online_buffer.columns["reward"].cpu().numpy())
     sample = _sampler(offline_buffer, online_buffer, n_offline, n_online, best, cfg.high_reward_extra)
 
     upsampled = None

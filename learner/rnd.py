@@ -28,6 +28,10 @@ RND block at the top of ``ConservativeSAC._train_step`` in ``conservative_sac.py
   (OOO's IQL variant, ``OOO_for_iql/learner.py: update_rnd``, instead steps the predictor
   first and takes the bonus from the stepped predictor.)
 
+Cameras: RND's input is ``agent.bonus_input(next_obs, next_images)``: the features of the agent's
+fixed random encoder (RE3, Seo et al. 2021; learner/calql.py), then the state, normalised as above.
+The predictor never sees the critic's encoder, whose features move as it learns.
+
 Where we differ from the release:
 - OOO updates the observation statistics from ``batch["observations"]`` while it normalises
   ``batch["next_observations"]``; ``update(next_obs, obs)`` does the same when ``obs`` is
@@ -167,10 +171,12 @@ class RND(Bonus):
         return cls(obs_dim, net.rnd_hidden, net.rnd_features, cfg.rnd_lr, cfg.rnd_train_fraction, device, cfg.rnd_coef)
 
     def reward(self, agent, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.coef * self.bonus(batch.next_obs), {}  # its metrics: ``train_step``
+        # its metrics: ``train_step``
+        return self.coef * self.bonus(agent.bonus_input(batch.next_obs, batch.next_images)), {}
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
-        return self.update(batch.next_obs)
+    def train_step(self, agent, batch) -> dict[str, torch.Tensor]:
+        # Camera tasks: the fixed random encoder runs again here (no grad); it is not the learnt encoder.
+        return self.update(agent.bonus_input(batch.next_obs, batch.next_images))
 
     def optimizer_state(self) -> dict:
         return {"rnd_optimizer": self.optimizer.state_dict()}

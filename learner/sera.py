@@ -31,6 +31,11 @@ adding a living reward; off reproduces VCSE's raw bonus. ``sera_condition=q_data
 the earlier reading of SERA's abstract (Q(s, a) at the transition's own action): the SERA
 paper's body was not available to check which one it uses.
 
+Cameras (ours): the value comes from frozen copies of the critic's encoder, critic and policy (the
+features they were trained on); the kNN runs over the features of the agent's fixed random encoder,
+then the normalised state (``agent.bonus_input``; RE3, Seo et al. 2021: a random encoder fixed for
+training gives a stable space for kNN entropy estimates, where the learnt encoder's would drift).
+
 ASSUMED, because the SERA paper's text was not available to us: the kNN runs over the batch
 (as VCSE), not over a whole buffer; no squashing or clipping of r_int.
 """
@@ -76,7 +81,8 @@ class SeraBonus(Bonus):
     passed in (no living bonus on terminating tasks). The copies are made by ``freeze``
     (at construction when ``critic`` and ``policy`` are given; ``requires_grad`` False, part of
     ``state_dict()``), so fine-tuning the originals does not move the bonus. ``obs`` must be
-    what the critic takes (``agent.normalizer(batch.obs)``).
+    what the critic takes (``agent.normalizer(batch.obs)``, or the frozen ``encoder``'s features on a
+    camera task), ``states`` what the kNN runs over (default ``obs``).
 
     As the agent's bonus (``algo.sera``): frozen when fine-tuning starts (``start_fine_tuning``),
     from the critic as pretrained, never from a random one; until then it adds nothing. Its
@@ -87,34 +93,37 @@ class SeraBonus(Bonus):
     name = "sera"
 
     def __init__(self, critic=None, policy=None, k: int = 10, condition: str = "value", center: bool = True,
-                 coef: float = 1.0, rows: str = "batch"):  # fmt: skip
+                 coef: float = 1.0, rows: str = "batch", encoder=None):  # fmt: skip
         super().__init__()
         if condition not in ("value", "q_data"):
             raise ValueError(f"algo.sera_condition={condition!r}: use value (VCSE's V(s)) or q_data (Q(s, a_data))")
         self.k, self.condition, self.center, self.coef, self.rows = k, condition, center, coef, rows
-        self.critic = self.policy = None
+        self.critic = self.policy = self.encoder = None
         if critic is not None:
-            self.freeze(critic, policy)
+            self.freeze(critic, policy, encoder)
 
     @property
     def frozen(self) -> bool:
         return self.critic is not None
 
-    def freeze(self, critic, policy) -> None:
-        """SERA's value from now on: frozen copies of ``critic`` and ``policy`` as they are now."""
+    def freeze(self, critic, policy, encoder=None) -> None:
+        """SERA's value from now on: frozen copies of ``critic`` and ``policy`` (and the critic's ``encoder``
+        on a camera task) as they are now."""
         self.critic = copy.deepcopy(critic).requires_grad_(False)
         self.policy = copy.deepcopy(policy).requires_grad_(False)
+        self.encoder = None if encoder is None else copy.deepcopy(encoder).requires_grad_(False)
 
     def unfreeze(self) -> None:
-        self.critic = self.policy = None
+        self.critic = self.policy = self.encoder = None
 
     @torch.no_grad()
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        states = obs if states is None else states
         if self.condition == "value":
             action = self.policy.deterministic(obs)
         v = self.critic(obs, action).min(dim=0).values
         v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + STANDARDIZE_EPS)
-        bonus = vcse_bonus(obs / obs.shape[-1], v, self.k)
+        bonus = vcse_bonus(states / states.shape[-1], v, self.k)
         return bonus - bonus.mean() if self.center else bonus
 
     # The agent's bonus interface (learner/bonus.py).
@@ -130,7 +139,12 @@ class SeraBonus(Bonus):
         n = len(batch.reward) if self.rows == "batch" else batch.online_rows
         if n < 2:
             return 0.0, {}
-        sera = self(agent.normalizer(batch.obs[-n:]), batch.action[-n:])
+        obs = agent.normalizer(batch.obs[-n:])
+        if self.encoder is None:
+            sera = self(obs, batch.action[-n:])
+        else:  # the value from the frozen encoder's features, the kNN over the fixed random encoder's
+            images = {name: frames[-n:] for name, frames in batch.images.items()}
+            sera = self(self.encoder(obs, images), batch.action[-n:], agent.bonus_input(obs, images))
         offline_zero = torch.zeros(len(batch.reward) - n, device=sera.device)
         metrics = {"sera_bonus": sera[-batch.online_rows:].mean() if batch.online_rows else sera.new_zeros(())}
         return self.coef * torch.cat([offline_zero, sera]), metrics
@@ -139,7 +153,7 @@ class SeraBonus(Bonus):
         check_sera_batch(batch_size, 0.0 if from_scratch else offline_ratio, self.k, self.rows)
         if self.frozen:  # a resumed run: the checkpoint's frozen copies
             return None
-        self.freeze(agent.critic, agent.policy)
+        self.freeze(agent.critic, agent.policy, agent.encoder)
         source = "random (from scratch)" if from_scratch else "pretrained"
         return f"SERA: values from frozen copies of the {source} critic and policy"
 
@@ -147,7 +161,7 @@ class SeraBonus(Bonus):
         """The checkpoint's frozen copies if it has them (a placeholder is overwritten by the load), else none."""
         saved = any(k.startswith(f"{self.name}.") for k in weights)
         if saved and not self.frozen:
-            self.freeze(agent.critic, agent.policy)
+            self.freeze(agent.critic, agent.policy, agent.encoder)
         elif not saved and self.frozen:
             self.unfreeze()
         return []

@@ -11,7 +11,7 @@ from o2o.datasets.builders import ensure_dataset, parse_dataset_id
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions
 from o2o.envs import TaskSpec, make_env
-from o2o.envs.obs_spec import refuse_cameras
+from o2o.envs.obs_spec import ObsSpec
 
 from .calql import CalQLAgent
 from .checkpoint import AgentSpec
@@ -33,20 +33,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def refuse_camera_task(task: TaskSpec) -> None:
-    env = make_env(task)
-    try:
-        refuse_cameras(env.observation_space, "the learner")
-    finally:
-        env.close()
-
-
 def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | None = None) -> Transitions:
-    """The configured dataset as transitions; o2o's own ids are built on first use.
+    """The configured dataset as transitions (a camera task's with its frames); o2o's own ids are built on first use.
 
     ``algo`` (default ``cfg.algo``) gives the data settings: fine-tuning passes the checkpoint's."""
     algo = algo or cfg.algo
-    refuse_camera_task(task)  # before building or loading a dataset of images
     built = parse_dataset_id(cfg.dataset)
     if built and built[0] != task.name:
         raise DatasetError(f"dataset {cfg.dataset} was built for task {built[0]}, not {task.name}")
@@ -57,16 +48,22 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
 
 
 def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, device) -> tuple[CalQLAgent, AgentSpec]:
-    """A fresh agent for ``task``; ``data`` (None: an online run from scratch) sets the observation
-    statistics with ``net.normalize_observations``."""
+    """A fresh agent for ``task`` (with its cameras' encoders when its env declares images); ``data`` (None:
+    an online run from scratch) sets the state's statistics with ``net.normalize_observations``."""
     env = make_env(task)
-    refuse_cameras(env.observation_space, "the learner")
+    obs_spec = ObsSpec.from_space(env.observation_space)  # a camera task: its state and images
     low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    obs_dim, action_dim = obs_spec.state_dim, env.action_space.shape[0]
     env.close()
     if data is not None and (data.obs_dim, data.action_dim) != (obs_dim, action_dim):
         raise DatasetError(f"the data has obs {data.obs_dim} / action {data.action_dim} dims, task {task.name}'s env "
                            f"{obs_dim} / {action_dim}")  # fmt: skip
+    cameras = obs_spec.to_dict()["cameras"]
+    if data is not None:
+        frames = {name: list(f.shape[1:]) for name, f in data.frames.items()}
+        if frames != cameras:
+            raise DatasetError(f"the data's camera frames are {frames or 'none'}, task {task.name}'s env has "
+                               f"{cameras or 'no camera'}")  # fmt: skip
     spec = AgentSpec(
         task=task.name,
         obs_dim=obs_dim,
@@ -75,8 +72,9 @@ def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, de
         action_high=high.tolist(),
         algo=dataclasses.asdict(cfg.algo),
         net=dataclasses.asdict(cfg.net),
+        cameras=cameras,
     )
-    agent = CalQLAgent(obs_dim, action_dim, cfg.algo, cfg.net, device)
+    agent = CalQLAgent(obs_spec, action_dim, cfg.algo, cfg.net, device)
     if cfg.net.normalize_observations and data is not None:
         agent.normalizer.set_statistics(data.obs.mean(0), data.obs.std(0))
     return agent, spec

@@ -142,18 +142,13 @@ def test_a_dataset_whose_images_differ_from_the_task_is_refused(minari_root):
         load_transitions("user/small-camera-v0", get_task(PIXELS))
 
 
-def test_where_cameras_do_not_reach_yet_they_are_refused_not_flattened(tmp_path):
-    from o2o.datasets.replay_store import ReplayStore
-    from o2o.learner.config import PretrainConfig
-    from o2o.learner.setup import load_offline_data, make_agent
-
-    task = get_task(PIXELS)
-    for attempt in (lambda: make_actor_env(PIXELS), lambda: ReplayStore.create_for_task(tmp_path / "r", PIXELS),
-                    lambda: load_offline_data(PretrainConfig(task=PIXELS, dataset=f"o2o/{PIXELS}/mixed-v0"), task),
-                    lambda: make_agent(PretrainConfig(task=PIXELS), task, None, "cpu")):  # fmt: skip
-        with pytest.raises(ObservationError, match=r"state observations only.*\['top'\]"):
-            attempt()
-    assert not (tmp_path / "r").exists()
+def test_an_actor_env_with_cameras_stays_a_dict_and_its_images_stay_uint8():
+    """The actor splits a camera observation by its spec; flattening would turn images into floats."""
+    env = make_actor_env(PIXELS)
+    assert isinstance(env.observation_space, gym.spaces.Dict)
+    obs, _ = env.reset(seed=0)
+    assert obs["top"].dtype == np.uint8 and obs["state"].dtype == np.float32
+    env.close()
 
 
 def test_episode_boundaries_come_from_the_frames_when_the_state_repeats(minari_root):

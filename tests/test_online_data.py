@@ -189,9 +189,9 @@ def test_load_store_streams_only_the_rows_that_fit_the_buffer(tmp_path):
     reads = []
 
     class Recording(ReplayStore):
-        def read(self, start=0, stop=None, columns=None):
+        def read(self, start=0, stop=None, columns=None, **kwargs):
             reads.append((start, columns))
-            return super().read(start, stop, columns)
+            return super().read(start, stop, columns, **kwargs)
 
     store.close()
     reopened = Recording.open(tmp_path / "replay", "r")

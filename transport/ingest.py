@@ -10,7 +10,7 @@ DEALER that connects to it), in a background thread:
   them). The hello binds the actor_id to that connection (``sessions.py``).
 * ``chunk`` -> accepted only from a welcomed connection (else ``reject`` with
   ``not_welcomed``, seq -1: the actor says hello and resends), decoded and
-  validated against the ``ChunkSpec``, appended to the
+  validated against the ``ChunkSpec`` (camera frames too), appended to the
   store, group-committed in a commit thread while the server keeps receiving
   (``group_commit.py``), then one cumulative ``ack`` per actor with newly
   committed chunks, sent only once that commit is durable. Duplicates (seq already accepted) are
@@ -124,7 +124,7 @@ class IngestServer:
         check_commit_interval(config.commit_interval_s)
         self.config = config
         self.store = store
-        self.spec = spec or ChunkSpec(store.config.obs_dim, store.config.action_dim)
+        self.spec = spec or ChunkSpec.for_obs(store.config.obs_spec, store.config.action_dim)  # cameras too
         self.task = task or store.config.task
         self.on_commit = on_commit
         self.run_id = run_id

@@ -42,6 +42,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -110,12 +111,17 @@ class Link:
         cfg: LinkConfig | None = None,
         changed: threading.Condition | None = None,
         keys: ActorKeys | None = None,
+        cameras: Mapping[str, Sequence[int]] | None = None,
     ):
+        """``cameras``: {name: [H, W, C]} of the env's images (``ObsSpec.to_dict()["cameras"]``; None or {}
+        for a state task), sent in each hello: the learner refuses an actor whose cameras differ from its
+        task's. ``obs_dim`` is then the state vector's size."""
         self.endpoint = endpoint
         self.actor_id = actor_id
         self.task = task
         self.obs_dim = obs_dim
         self.action_dim = action_dim
+        self.cameras = {name: [int(v) for v in shape] for name, shape in (cameras or {}).items()}
         self.spool = spool
         self.cfg = cfg or LinkConfig()
         self.policies = policies
@@ -532,6 +538,7 @@ class Link:
             policy_version=self._received_version,
             policy_run=self._received_run,
             instance=self.instance,
+            cameras=self.cameras,
         )
         self._last_hello = time.monotonic()
         try:

@@ -114,7 +114,7 @@ class Sessions:
 
 def check_hello(hello: Hello, owner: str | None, task: str | None, spec: ChunkSpec) -> None:
     """WireError unless the actor's CURVE key belongs to it (``owner``: the actor_id of the key, with
-    keys) and it runs the learner's task with its dimensions."""
+    keys) and it runs the learner's task with its dimensions and cameras (each camera's H x W x C)."""
     if owner is not None and hello.actor_id != owner:
         raise WireError(KEY_REFUSED, f"this key belongs to actor {clip(owner, MAX_ID_CHARS)!r}, not "
                         f"{clip(hello.actor_id, MAX_ID_CHARS)!r}: each actor has its own key", hello.actor_id)  # fmt: skip
@@ -124,5 +124,15 @@ def check_hello(hello: Hello, owner: str | None, task: str | None, spec: ChunkSp
     if (hello.obs_dim, hello.action_dim) != (spec.obs_dim, spec.action_dim):
         wrong.append(f"obs_dim={hello.obs_dim}, action_dim={hello.action_dim} "
                      f"(learner: {spec.obs_dim}, {spec.action_dim})")  # fmt: skip
+    learner_cameras = spec.camera_shapes
+    for name in sorted(hello.cameras.keys() | learner_cameras.keys()):
+        actor_shape, learner_shape = hello.cameras.get(name), learner_cameras.get(name)
+        if actor_shape != learner_shape:
+            wrong.append(f"camera {clip(name, MAX_ID_CHARS)!r} {_image_shape(actor_shape)} "
+                         f"(learner: {_image_shape(learner_shape)})")  # fmt: skip
     if wrong:
         raise WireError(BAD_SPEC, "actor does not match the learner: " + "; ".join(wrong), hello.actor_id)
+
+
+def _image_shape(shape: list[int] | None) -> str:
+    return "x".join(map(str, shape)) if shape is not None else "absent"

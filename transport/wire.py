@@ -16,6 +16,10 @@ Messages (-> is the direction):
             next_obs (n, obs_dim) <f4, terminated (n,) |u1, truncated (n,) |u1,
             success (n,) |u1. A chunk may span episodes: the rows after a
             terminated/truncated row belong to episode ``episode_id + 1``, from step 0.
+            A task with cameras adds one frame per camera, in the order of their names:
+            ``frames/<camera>`` (F, H, W, C) |u1, its images in the segment layout of
+            ``datasets/rows.py`` (F = ``frame_layout(terminated, truncated)``'s count; obs
+            and next_obs then hold the state vector, obs_dim its size, maybe 0).
 ``ack``     learner -> actor. ``actor_id``, ``seq``: cumulative, every chunk of this
             actor with a seq <= ``seq`` is committed to the replay store (or was
             rejected); drop them from the spool. ``policy_version``: the newest published.
@@ -35,7 +39,8 @@ Messages (-> is the direction):
             the learner lacks are declared lost), ``policy_version`` (held, -1 = none),
             ``policy_run`` (optional: the learner run id of the held policy, "" = none or
             a file), ``instance`` (optional: a random id of this actor process; a second
-            live connection with the same ``actor_id`` and another instance is refused).
+            live connection with the same ``actor_id`` and another instance is refused),
+            ``cameras`` (optional, absent = none: ``{name: [H, W, C]}`` of the actor's images).
 ``welcome`` learner -> actor, answer to ``hello``. ``actor_id``, ``seq`` (the actor's
             highest committed seq, -1 = none: continue after it, resend what is
             spooled above it), ``policy_version`` (newest published, -1 = none),
@@ -67,13 +72,17 @@ import msgpack
 import numpy as np
 
 # The row schema (names, order, TransitionChunk) is datasets/rows.py: one for wire, store and buffer.
-from o2o.datasets.rows import ARRAY_NAMES, FLAG_ARRAYS, FLOAT_ARRAYS, MAX_INT32, TransitionChunk
+from o2o.datasets.rows import (
+    ARRAY_NAMES, FLAG_ARRAYS, FLOAT_ARRAYS, MAX_INT32, TransitionChunk, frame_key, frame_layout,
+)  # fmt: skip
+
+# The size limits and ChunkSpec (what a receiver accepts of a task) are transport/limits.py.
+from .limits import (  # noqa: F401 (re-exported: wire.ChunkSpec, wire.MAX_POLICY_BYTES, ...)
+    MAX_ACTOR_ID_LEN, MAX_CAMERAS, MAX_CHUNK_FRAME_BYTES, MAX_HEADER_BYTES, MAX_IMAGE_SIDE, MAX_POLICY_BYTES,
+    MAX_ROWS, MAX_RUN_ID_LEN, ChunkSpec,
+)  # fmt: skip
 
 WIRE_VERSION = 1
-MAX_HEADER_BYTES = 64 * 1024
-MAX_ACTOR_ID_LEN = 128
-MAX_POLICY_BYTES = 512 * 1024 * 1024
-MAX_RUN_ID_LEN = 64
 
 # Stable rejection reason codes.
 BAD_HEADER = "bad_header"  # frame 0 is not a msgpack map, or a key is missing or mistyped
@@ -135,38 +144,6 @@ class WireError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkSpec:
-    """What a receiver accepts: the task's dimensions and size limits."""
-
-    obs_dim: int
-    action_dim: int
-    max_rows: int = 16384
-
-    def __post_init__(self) -> None:
-        for name in ("obs_dim", "action_dim", "max_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ChunkSpec.{name} must be a positive int, got {value!r}")
-
-    def array_specs(self, n: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, shape) of the frames of an n-row chunk, in frame order."""
-        return [
-            ("obs", "<f4", (n, self.obs_dim)),
-            ("action", "<f4", (n, self.action_dim)),
-            ("reward", "<f4", (n,)),
-            ("next_obs", "<f4", (n, self.obs_dim)),
-            ("terminated", "|u1", (n,)),
-            ("truncated", "|u1", (n,)),
-            ("success", "|u1", (n,)),
-        ]
-
-    @property
-    def max_frame_bytes(self) -> int:
-        """Largest frame a valid chunk holds (for ZeroMQ's MAXMSGSIZE guard)."""
-        return max(MAX_HEADER_BYTES, self.max_rows * max(self.obs_dim, self.action_dim) * 4)
-
-
-@dataclasses.dataclass(frozen=True)
 class Ack:
     actor_id: str
     seq: int
@@ -201,6 +178,8 @@ class Hello:
     """Learner run id of the held policy ("" = none, or a policy file)."""
     instance: str = ""
     """Random id of this actor process (a reconnect of the same process keeps it)."""
+    cameras: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """{camera: [H, W, C]} of the actor's observation ({} = state only)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +324,15 @@ def encode_chunk(chunk: TransitionChunk) -> list[bytes | memoryview]:
             raise ValueError(f"chunk array {name} has {len(arr)} rows, reward has {n}")
         arrays.append(arr)
         descr.append([name, dtype, list(arr.shape)])
+    if chunk.frames:
+        _, n_frames = frame_layout(chunk.terminated, chunk.truncated)
+        for camera in sorted(chunk.frames):
+            arr = np.asarray(chunk.frames[camera])
+            if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != n_frames:
+                raise ValueError(f"camera {camera!r} frames: {arr.dtype} {arr.shape}, expected uint8 ({n_frames}, H, "
+                                 f"W, C) for {n} rows in the segment layout (datasets/rows.py frame_layout)")  # fmt: skip
+            arrays.append(np.ascontiguousarray(arr))
+            descr.append([frame_key(camera), "|u1", list(arr.shape)])
     header = _pack(
         {
             "type": "chunk",
@@ -386,24 +374,18 @@ def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq
         raise WireError(TOO_LARGE, f"chunk of {n} rows exceeds the limit of {spec.max_rows} rows")
     if step + n - 1 > MAX_INT32:
         raise WireError(BAD_HEADER, f"episode steps {step}..{step + n - 1} exceed the int32 step column ({MAX_INT32})")
-    _frame_count(frames, 1 + len(ARRAY_NAMES), "chunk")
+    n_arrays = len(ARRAY_NAMES) + len(spec.cameras)
+    if len(frames) != 1 + n_arrays:
+        cameras = f"one per camera of {list(spec.camera_shapes)}" if spec.cameras else "no camera frames"
+        raise WireError(BAD_FRAMES, f"a chunk of this task has {1 + n_arrays} frames (header, {len(ARRAY_NAMES)} "
+                        f"arrays, {cameras}), got {len(frames)}")  # fmt: skip
     descr = header.get("arrays")
-    if not isinstance(descr, list) or len(descr) != len(ARRAY_NAMES):
-        raise WireError(BAD_HEADER, f"header field 'arrays' must list {len(ARRAY_NAMES)} [name, dtype, shape] entries")
+    if not isinstance(descr, list) or len(descr) != n_arrays:
+        raise WireError(BAD_HEADER, f"header field 'arrays' must list {n_arrays} [name, dtype, shape] entries")
     arrays: dict[str, np.ndarray] = {}
+    why = f"obs_dim={spec.obs_dim}, action_dim={spec.action_dim}, n={n}"
     for frame, entry, (name, dtype, shape) in zip(frames[1:], descr, spec.array_specs(n)):
-        if not (isinstance(entry, list) and len(entry) == 3 and entry[0] == name):
-            raise WireError(BAD_HEADER, f"arrays entry {entry!r} should describe {name!r} as [name, dtype, shape]")
-        if entry[1] != dtype:
-            raise WireError(BAD_DTYPE, f"{name} has dtype {entry[1]!r}, expected {dtype!r}")
-        if not isinstance(entry[2], list) or tuple(entry[2]) != shape:
-            raise WireError(BAD_SHAPE, f"{name} has shape {entry[2]!r}, expected {list(shape)} (obs_dim="
-                            f"{spec.obs_dim}, action_dim={spec.action_dim}, n={n})")
-        buf = _buffer(frame)
-        expected = math.prod(shape) * np.dtype(dtype).itemsize
-        if len(buf) != expected:
-            raise WireError(BAD_LENGTH, f"{name} frame has {len(buf)} bytes, {dtype} x {list(shape)} needs {expected}")
-        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arrays[name] = _view(frame, entry, name, dtype, shape, why)
     for name in FLOAT_ARRAYS:
         finite = np.isfinite(arrays[name])
         if not finite.all():
@@ -412,6 +394,15 @@ def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq
     for name in FLAG_ARRAYS:
         if (arrays[name] > 1).any():
             raise WireError(BAD_VALUE, f"{name} flags must be 0 or 1")
+    images = {}
+    if spec.cameras:  # after the flags: they say how many frames the chunk holds
+        _, n_frames = frame_layout(arrays["terminated"], arrays["truncated"])
+        segments = n_frames - n
+        frame_arrays = zip(frames[1 + len(ARRAY_NAMES):], descr[len(ARRAY_NAMES):], spec.frame_specs(n_frames))
+        for camera, (frame, entry, (name, dtype, shape)) in zip(spec.cameras, frame_arrays):
+            why = (f"camera {camera.name!r} is {'x'.join(map(str, camera.shape))} in the task's spec; {n} rows in "
+                   f"{segments} segments carry {n_frames} frames")  # fmt: skip
+            images[camera.name] = _view(frame, entry, name, dtype, shape, why)
     return TransitionChunk(
         actor_id=actor_id,
         seq=seq,
@@ -419,8 +410,24 @@ def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq
         episode_id=episode_id,
         step=step,
         eval=is_eval,
+        frames=images,
         **arrays,
     )
+
+
+def _view(frame: Frame, entry: Any, name: str, dtype: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+    """The array a frame holds, checked against its header entry and the expected (dtype, shape); no copy."""
+    if not (isinstance(entry, list) and len(entry) == 3 and entry[0] == name):
+        raise WireError(BAD_HEADER, f"arrays entry {entry!r} should describe {name!r} as [name, dtype, shape]")
+    if entry[1] != dtype:
+        raise WireError(BAD_DTYPE, f"{name} has dtype {entry[1]!r}, expected {dtype!r}")
+    if not isinstance(entry[2], list) or tuple(entry[2]) != shape:
+        raise WireError(BAD_SHAPE, f"{name} has shape {entry[2]!r}, expected {list(shape)} ({why})")
+    buf = _buffer(frame)
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(buf) != expected:
+        raise WireError(BAD_LENGTH, f"{name} frame has {len(buf)} bytes, {dtype} x {list(shape)} needs {expected}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------- control messages
@@ -463,7 +470,25 @@ def decode_resend(frames: Sequence[Frame], header: dict | None = None) -> Resend
 
 
 def encode_hello(msg: Hello) -> list[bytes]:
-    return [_pack({"type": "hello", **dataclasses.asdict(msg)})]
+    fields = dataclasses.asdict(msg)
+    if not fields["cameras"]:
+        del fields["cameras"]  # a state actor's hello stays as it was
+    return [_pack({"type": "hello", **fields})]
+
+
+def _cameras(header: dict) -> dict[str, list[int]]:
+    """A hello's optional ``cameras``: {name: [H, W, C]} ({} when absent: older or state-only actors)."""
+    value = header.get("cameras", {})
+    if not isinstance(value, dict) or len(value) > MAX_CAMERAS:
+        raise WireError(BAD_HEADER, f"header field 'cameras' must be a map of at most {MAX_CAMERAS} cameras")
+    cameras = {}
+    for name, shape in value.items():
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_ACTOR_ID_LEN and isinstance(shape, list)
+                and len(shape) == 3 and all(type(v) is int and 0 < v <= MAX_IMAGE_SIDE for v in shape)):  # fmt: skip
+            raise WireError(BAD_HEADER, f"header field 'cameras' maps a name to [H, W, C] (ints in [1, "
+                            f"{MAX_IMAGE_SIDE}]), got {name!r}: {shape!r}")  # fmt: skip
+        cameras[name] = list(shape)
+    return cameras
 
 
 def decode_hello(frames: Sequence[Frame], header: dict | None = None) -> Hello:
@@ -472,12 +497,13 @@ def decode_hello(frames: Sequence[Frame], header: dict | None = None) -> Hello:
     return Hello(
         actor_id=_str(header, "actor_id"),
         task=_str(header, "task"),
-        obs_dim=_int(header, "obs_dim", lo=1),
+        obs_dim=_int(header, "obs_dim"),  # 0: a camera task without a state vector
         action_dim=_int(header, "action_dim", lo=1),
         next_seq=_int(header, "next_seq"),
         policy_version=_int(header, "policy_version", lo=-1, hi=MAX_INT32),
         policy_run=_opt_str(header, "policy_run"),
         instance=_opt_str(header, "instance"),
+        cameras=_cameras(header),
     )
 
 
