@@ -101,7 +101,7 @@ TASKS: dict[str, TaskSpec] = {
                 score="success",
                 camera="maze_top",
                 datasets=_datasets(f"pointmaze-{maze}-pixels", "expert", "medium", "mixed"),
-                description=f"pointmaze-{maze} seen from above: an 84x84 RGB image (walls, ball, goal) plus the "
+                description=f"pointmaze-{maze} seen from above: a 48x48 RGB image (walls, ball, goal) plus the "
                 "ball's velocity; no OpenGL needed.",
             )
             for maze, env_maze in (("umaze", "UMaze"), ("medium", "Medium"))

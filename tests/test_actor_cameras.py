@@ -26,7 +26,7 @@ from o2o.envs import make_actor_env, make_env
 from o2o.envs.obs_spec import ObservationError
 
 PIXELS = "pointmaze-umaze-pixels"
-TOP = (84, 84, 3)
+TOP = (48, 48, 3)
 
 
 # ---------------------------------------------------------------- helpers
@@ -103,7 +103,7 @@ class Recorder(gym.Wrapper):
 
 
 class FlippedSecondCamera(gym.ObservationWrapper):
-    """The maze with a second 84x84x3 camera, "under": the top view upside down."""
+    """The maze with a second 48x48x3 camera, "under": the top view upside down."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -115,7 +115,7 @@ class FlippedSecondCamera(gym.ObservationWrapper):
 
 
 class ShrinkingCamera(gym.ObservationWrapper):
-    """Declares 84x84 images but returns a 64x64 one from step ``bad_from`` of an episode on (a camera
+    """Declares 48x48 images but returns a 32x32 one from step ``bad_from`` of an episode on (a camera
     driver that changed resolution)."""
 
     def __init__(self, env: gym.Env, bad_from: int):
@@ -128,11 +128,11 @@ class ShrinkingCamera(gym.ObservationWrapper):
 
     def observation(self, obs: dict) -> dict:
         self.t += 1
-        return {**obs, "top": obs["top"][:64, :64].copy()} if self.t >= self.bad_from else obs
+        return {**obs, "top": obs["top"][:32, :32].copy()} if self.t >= self.bad_from else obs
 
 
 class BadMaze(ShrinkingCamera):
-    """A user's env (``env=test_actor_cameras:BadMaze``) whose camera turns 64x64 at its 4th step."""
+    """A user's env (``env=test_actor_cameras:BadMaze``) whose camera turns 32x32 at its 4th step."""
 
     def __init__(self):
         super().__init__(make_env(PIXELS), bad_from=4)
@@ -195,8 +195,8 @@ def test_chunks_carry_the_rendered_frames_in_the_segment_layout_and_the_policy_s
         # the policy acted on row i's image: its action is the image's mean pixel, by hand
         np.testing.assert_allclose(chunk.action, np.repeat([[hand_action([f])] for f in frames[:-1]], 2, axis=1),
                                    atol=1e-5)  # fmt: skip
-    # the ball moves: the frames differ, so the comparisons above tell one frame from another
-    assert len({frames.tobytes() for c in chunks for frames in c.frames["top"]}) > 8
+    # the ball moves (a few pixels at 48x48 in 7 steps): the frames differ, so the comparisons above tell them apart
+    assert len({frames.tobytes() for c in chunks for frames in c.frames["top"]}) >= 4
     # a chunk sent mid-episode ends with the current observation's image; the next chunk starts with it
     np.testing.assert_array_equal(chunks[0].frames["top"][-1], chunks[1].frames["top"][0])
     # a new episode starts with its reset's image, not the previous episode's last one
@@ -248,7 +248,7 @@ def test_random_warm_up_actions_record_the_frames_too():
 
 def test_a_policy_for_other_cameras_is_refused_naming_the_camera_and_both_shapes():
     env_cameras = PolicyExpectation(PIXELS, 2, 2, {"top": TOP})
-    with pytest.raises(PolicyMismatch, match=r"camera 'top' is \[64, 64, 3\] \(actor env: \[84, 84, 3\]\)"):
+    with pytest.raises(PolicyMismatch, match=r"camera 'top' is \[64, 64, 3\] \(actor env: \[48, 48, 3\]\)"):
         OnnxPolicy(pixel_policy({"top": (64, 64, 3)}), env_cameras)
     with pytest.raises(PolicyMismatch, match=r"cameras \['front'\] \(actor env: \['top'\]\)"):
         OnnxPolicy(pixel_policy({"front": TOP}), env_cameras)
@@ -263,7 +263,7 @@ def test_a_wrong_size_image_from_the_env_stops_the_actor_before_anything_of_it_i
     env = pixels_env(steps=50, wrap=lambda e: ShrinkingCamera(e, bad_from=4))
     actor, sink = camera_actor(env, top_policy(), chunk_rows=20)
     message = (r"the env's observation 4 of the episode \(0 = the reset's\) does not match its declared space: "
-               r"camera 'top': got uint8 \(64, 64, 3\), expected uint8 \(84, 84, 3\)")  # fmt: skip
+               r"camera 'top': got uint8 \(32, 32, 3\), expected uint8 \(48, 48, 3\)")  # fmt: skip
     with pytest.raises(ObservationError, match=message):
         actor.run(max_steps=10)
     # the 3 whole transitions before it were sent, ending with the last good image; the bad frame is in none
@@ -275,7 +275,7 @@ def test_a_wrong_size_image_from_the_env_stops_the_actor_before_anything_of_it_i
 def test_a_wrong_size_image_at_reset_stops_the_actor_too():
     env = pixels_env(steps=50, wrap=lambda e: ShrinkingCamera(e, bad_from=0))
     actor, sink = camera_actor(env, top_policy(), chunk_rows=20)
-    with pytest.raises(ObservationError, match=r"camera 'top': got uint8 \(64, 64, 3\)"):
+    with pytest.raises(ObservationError, match=r"camera 'top': got uint8 \(32, 32, 3\)"):
         actor.run(max_steps=10)
     assert sink.n_chunks == 0 and actor.stats.steps == 0
 
@@ -299,12 +299,12 @@ def test_o2o_actor_acts_on_the_pixels_task_and_refuses_a_policy_for_other_camera
     assert stats["steps"] == 30 and stats["rows"] == 30 and stats["policy_version"] == 0
     refused = run_actor_cli(tmp_path, pixel_policy({"top": (64, 64, 3)}), "max_steps=30")
     assert refused.returncode == 2
-    assert "camera 'top' is [64, 64, 3] (actor env: [84, 84, 3])" in refused.stderr
+    assert "camera 'top' is [64, 64, 3] (actor env: [48, 48, 3])" in refused.stderr
     # chunks the learner would refuse (frames over the wire's limit, transport/limits.py): refused at start
-    too_big = run_actor_cli(tmp_path, pixel_policy({"top": TOP}), "chunk_rows=2000")
+    too_big = run_actor_cli(tmp_path, pixel_policy({"top": TOP}), "chunk_rows=5000")
     assert too_big.returncode == 2
-    assert ("chunk_rows=2000: the learner takes chunks of at most 1585 rows with these cameras (21168 image bytes "
-            "per observation): set chunk_rows<=1585") in too_big.stderr  # 64 MiB // (2 frames per row * 21168 bytes)
+    assert ("chunk_rows=5000: the learner takes chunks of at most 4854 rows with these cameras (6912 image bytes "
+            "per observation): set chunk_rows<=4854") in too_big.stderr  # 64 MiB // (2 frames per row * 6912 bytes)
 
 
 @needs_camera_actor_env
@@ -313,6 +313,6 @@ def test_o2o_actor_stops_on_a_wrong_size_image_with_exit_2_and_one_line(tmp_path
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("o2o-actor: error:")]
     assert errors == ["o2o-actor: error: the env's observation 4 of the episode (0 = the reset's) does not match its "
-                      "declared space: camera 'top': got uint8 (64, 64, 3), expected uint8 (84, 84, 3) (resize the "
+                      "declared space: camera 'top': got uint8 (32, 32, 3), expected uint8 (48, 48, 3) (resize the "
                       "frame to the declared size; keep it uint8)"]  # fmt: skip
     assert json.loads((tmp_path / "stats.json").read_text())["actor"]["rows"] == 3  # the good transitions only

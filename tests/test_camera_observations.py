@@ -86,7 +86,7 @@ def test_the_top_camera_draws_walls_floor_goal_and_ball_where_they_are():
     obs, _ = env.reset(seed=3)
     raw = camera.last_raw_obs
     image = obs["top"]
-    assert image.dtype == np.uint8 and image.shape == (84, 84, 3)
+    assert image.dtype == np.uint8 and image.shape == (48, 48, 3)
     np.testing.assert_array_equal(obs["state"], raw["observation"][2:4].astype(np.float32))  # velocity only
     assert tuple(image[pixel_of(camera, raw["achieved_goal"])]) == BALL
     maze = camera.unwrapped.maze
@@ -113,7 +113,7 @@ def test_a_pixel_dataset_round_trips_through_minari_and_the_loader(minari_root):
     steps = [len(ep.actions) for ep in episodes]
     assert len(data) == sum(steps) and data.obs.shape == (sum(steps), 2)
     frames = data.frames["top"]
-    assert frames.dtype == np.uint8 and frames.shape == (sum(steps) + len(steps), 84, 84, 3)  # T + 1 frames each
+    assert frames.dtype == np.uint8 and frames.shape == (sum(steps) + len(steps), 48, 48, 3)  # T + 1 frames each
     row = 0
     for ep, n in zip(episodes, steps):
         np.testing.assert_array_equal(frames[data.obs_frame[row : row + n]], ep.observations["top"][:-1])
@@ -128,7 +128,7 @@ def test_a_pixel_dataset_round_trips_through_minari_and_the_loader(minari_root):
 
 
 def test_a_dataset_whose_images_differ_from_the_task_is_refused(minari_root):
-    env = MazeTopCamera(make_env("pointmaze-umaze", flatten=False), size=64)  # a 64x64 camera, the task says 84
+    env = MazeTopCamera(make_env("pointmaze-umaze", flatten=False), size=64)  # a 64x64 camera, the task says 48
     obs, _ = env.reset(seed=0)
     episode = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
     for _ in range(3):
@@ -138,7 +138,7 @@ def test_a_dataset_whose_images_differ_from_the_task_is_refused(minari_root):
                               (obs, action, reward, terminated, truncated)):  # fmt: skip
             episode[key].append(value)
     write_dataset("user/small-camera-v0", env, [episode], algorithm_name="test", description="64x64 frames")
-    with pytest.raises(DatasetError, match=r"camera 'top' frames are uint8 \(64, 64, 3\).*\(84, 84, 3\)"):
+    with pytest.raises(DatasetError, match=r"camera 'top' frames are uint8 \(64, 64, 3\).*\(48, 48, 3\)"):
         load_transitions("user/small-camera-v0", get_task(PIXELS))
 
 

@@ -359,11 +359,11 @@ def test_an_image_store_exports_to_minari_and_loads_back(tmp_path):
     task = get_task("pointmaze-umaze-pixels")
     store = ReplayStore.create_for_task(tmp_path / "replay", task.name, fsync=False)
     spec = store.obs_spec
-    assert spec == ObsSpec(2, (CameraSpec("top", 84, 84, 3),))
+    assert spec == ObsSpec(2, (CameraSpec("top", 48, 48, 3),))
 
     def grey(chunk):  # JPEG keeps a flat grey frame: its level encodes the id (ids differ by 1: x 5)
         ids = decode(chunk.frames["front"])[0]
-        frames = np.broadcast_to(((ids * 5) % 250)[:, None, None, None], (len(ids), 84, 84, 3)).astype(np.uint8)
+        frames = np.broadcast_to(((ids * 5) % 250)[:, None, None, None], (len(ids), 48, 48, 3)).astype(np.uint8)
         return TransitionChunk(**{**chunk.__dict__, "action": np.zeros((chunk.n, 2), np.float32), "frames": {"top": frames}})
 
     for seq in range(4):
@@ -373,7 +373,7 @@ def test_an_image_store_exports_to_minari_and_loads_back(tmp_path):
     data = load_transitions("o2o/test/image-replay-v0", task, DataSettings())
     assert len(data) == 14 and set(data.frames) == {"top"}  # a's two ended episodes; the open one is not exported
     np.testing.assert_array_equal(data.obs[:, 0], frame_id("a", np.arange(14) // 7, np.arange(14) % 7))
-    assert data.frames["top"].shape == (16, 84, 84, 3) and data.frames["top"].dtype == np.uint8
+    assert data.frames["top"].shape == (16, 48, 48, 3) and data.frames["top"].dtype == np.uint8
     for index, state in ((data.obs_frame, data.obs), (data.next_frame, data.next_obs)):
         want = (state[:, 0].astype(np.int64) * 5) % 250
         got = data.frames["top"][index].astype(np.int64)

@@ -29,6 +29,8 @@ CONFIGS = Path(o2o.configs.__file__).parent
 PAPER = {
     "pointmaze-umaze": ("maze2d", 10.0, True, None, 32, 1_000_000),
     "pointmaze-medium": ("maze2d", 10.0, True, None, 32, 1_000_000),
+    "pointmaze-umaze-pixels": ("maze2d", 10.0, True, None, 32, 1_000_000),  # the mazes seen by a camera
+    "pointmaze-medium-pixels": ("maze2d", 10.0, True, None, 32, 1_000_000),
     "pusher": ("kitchen", 10.0, True, 0.25, 0, 500_000),
     "adroit-door-binary": ("adroit", 0.5, False, 0.5, 0, 20_000),
     "fetch-push": ("adroit", 0.5, False, 0.5, 0, 20_000),

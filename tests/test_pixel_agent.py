@@ -281,14 +281,14 @@ def test_make_agent_trains_on_a_pixel_dataset_and_evaluates_in_its_env(tmp_path)
     cfg = PretrainConfig(task=PIXELS, dataset=f"o2o/{PIXELS}/mixed-v0", build_episodes=2, progress=False, net=NET)
     with minari_datasets_at(tmp_path / "minari"):
         data = load_offline_data(cfg, task)
-    with pytest.raises(DatasetError, match=r"camera frames are none.*\{'top': \[84, 84, 3\]\}"):
+    with pytest.raises(DatasetError, match=r"camera frames are none.*\{'top': \[48, 48, 3\]\}"):
         make_agent(cfg, task, dataclasses.replace(data, frames={}), "cpu")  # images the task has, the data lacks
     agent, spec = make_agent(cfg, task, data, "cpu")
-    assert spec.cameras == {"top": [84, 84, 3]} and spec.obs_dim == data.obs_dim == 2
+    assert spec.cameras == {"top": [48, 48, 3]} and spec.obs_dim == data.obs_dim == 2
     assert agent.encoder is not None and agent.obs_spec.camera_names == ("top",)
     low, high = action_bounds(spec)
     batch = TransitionBuffer.from_transitions(data, low, high, "cpu").sample(16)
-    assert batch.images["top"].dtype == torch.uint8 and batch.images["top"].shape == (16, 84, 84, 3)
+    assert batch.images["top"].dtype == torch.uint8 and batch.images["top"].shape == (16, 48, 48, 3)
     encoder = params(agent.encoder)
     metrics = agent.update(batch)
     assert all(torch.isfinite(v).all() for v in metrics.values())
