@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -262,8 +263,16 @@ def write_report(root: Path, out_dir: Path) -> Path:
     lines += paper_signs(cells, tasks)
     lines += coverage(cells, tasks)
     path = out_dir / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n")
+    kept = kept_sections(path.read_text()) if path.exists() else ""
+    path.write_text("\n".join(lines) + "\n" + kept)
     return path
+
+
+def kept_sections(text: str) -> str:
+    """The blocks other experiments write into RESULTS.md (``<!-- name:start -->`` .. ``<!-- name:end -->``,
+    e.g. experiments/pixels_vs_state.py's): the matrix's report keeps them, after its own."""
+    blocks = re.finditer(r"<!-- (\w+):start -->.*?<!-- \1:end -->", text, re.S)
+    return "".join("\n" + block.group(0) + "\n" for block in blocks)
 
 
 def answers(cells: list[Cell], tasks: list[str]) -> list[str]:

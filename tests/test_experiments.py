@@ -157,3 +157,17 @@ def test_a_recommended_run_hands_over_only_retrains_that_passed_validation(tmp_p
     cell.meta["config"] = {"method": {"retrain_mode": "recommend"}}
     assert cell.retrain_accepted == [True, True, False]
     assert cell.deployed == 60  # the last accepted retrain, not the last one
+
+
+def test_the_matrix_report_keeps_the_sections_other_experiments_wrote(tmp_path):
+    """experiments/pixels_vs_state.py writes its table between markers in RESULTS.md; regenerating the
+    matrix's report must not delete it (nor keep stale matrix text)."""
+    root = tmp_path / "root"
+    write_cell(root, "pointmaze-medium", "calql", 0, [(0, 40), (2000, 60)], [1])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    block = "<!-- pixels:start -->\n## Offline Cal-QL from pixels vs from state\n| 3000 | 90.0 | 60.0 |\n<!-- pixels:end -->"
+    (docs / "RESULTS.md").write_text("# stale matrix text\n\n" + block + "\n")
+    text = write_report(root, docs).read_text()
+    assert block in text and "stale matrix text" not in text
+    assert write_report(root, docs).read_text() == text  # kept once, not appended again on every run
