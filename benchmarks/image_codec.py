@@ -68,8 +68,9 @@ def maze_episodes(n_frames: int, seed: int = 0) -> list[dict]:
     """Episodes of random actions on the pixel maze until ``n_frames`` frames: states, actions,
     rewards, end flags and the T + 1 frames of each."""
     from o2o.envs import make_env
+    from o2o.envs.maze_camera import MazeTopCamera
 
-    env = make_env(TASK)
+    env = MazeTopCamera(make_env("pointmaze-umaze", flatten=False), size=84)  # the targets' 84x84 (the task: 48)
     env.action_space.seed(seed)
     episodes, total = [], 0
     while total < n_frames:
@@ -177,8 +178,9 @@ def measure(frames: int, repeat: int, counts: list[int]) -> dict:
     """Run every setting; returns what ``render`` needs (also saved to ``RESULTS``)."""
     load_before = os.getloadavg()[0]
     from o2o.envs import make_env
+    from o2o.envs.maze_camera import MazeTopCamera
 
-    env = make_env(TASK)
+    env = MazeTopCamera(make_env("pointmaze-umaze", flatten=False), size=84)  # the targets' 84x84 (the task: 48)
     spec = ObsSpec.from_space(env.observation_space)
     env.close()
     maze = [maze_episodes(frames, seed=1000 * i) for i in range(max(counts))]  # each actor its own
