@@ -15,7 +15,7 @@ the buffer's own bytes. The other side is ``learner/online_data.py`` of ``--old`
 show, loaded as a temporary module): its ``HostMirror`` kept a copy of every committed row.
 The store folder is deleted afterwards.
 
-Image mode (``--images``): the same with ``pointmaze-umaze-pixels`` rows (one 84x84x3 camera, the
+Image mode (``--images``): the same with ``pointmaze-umaze-pixels`` rows (one 48x48x3 camera, the
 frames rendered by the task's own camera from random-action episodes) into an image
 ``TransitionBuffer`` (uint8 frames on the host) of ``--capacity`` transitions, with marks at 1x to 10x
 the capacity; then a restarted learner (a fresh process) reloads the store at 1x and at 10x
@@ -319,7 +319,7 @@ def image_report(results: list[dict], command: str, logs: list[str], load: tuple
     lines = [
         f"## Learner memory with image rows: 1x to {ingest[-1]['rows'] // capacity}x a {capacity:,}-transition buffer",
         "",
-        f"`{command}` on {machine_line()}, CPU buffer (torch, no accelerator), `{IMAGE_TASK}` rows (one 84x84x3",
+        f"`{command}` on {machine_line()}, CPU buffer (torch, no accelerator), `{IMAGE_TASK}` rows (one 48x48x3",
         f"camera, frames from the task's camera): {ACTORS} actors' {IMAGE_CHUNK_ROWS}-row chunks, {IMAGE_EPISODE_LEN}-step",
         f"truncated episodes, appended to a real `ReplayStore` on /tmp (fsync off) and committed every {IMAGE_COMMIT_ROWS:,}",
         "rows; each commit event through `OnlineData.on_commit` + `drain` into the image `TransitionBuffer`",
