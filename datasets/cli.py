@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from o2o.envs import TASKS, get_task
+from o2o.envs.mujoco_camera import GLUnavailable
 
 from .builders import BUILDER_MODULES, QUALITIES, build_dataset, dataset_id, recorded_build
 from .data_settings import DataSettings
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (DatasetError, KeyError, ValueError) as err:
+    except (DatasetError, GLUnavailable, KeyError, ValueError) as err:
         print(f"o2o-dataset: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     return 0

@@ -51,7 +51,8 @@ class TaskSpec:
     description: str = ""
     camera: str | None = None
     """Camera observations: "maze_top" (envs/maze_camera.py, numpy-drawn) gives the Dict
-    {"state": float32, "top": uint8 image} (envs/obs_spec.py); None: a flat state vector."""
+    {"state": float32, "top": uint8 image} (envs/obs_spec.py); "fetch_front" (envs/mujoco_camera.py,
+    MuJoCo offscreen rendering) {"state": gripper state, "front": uint8 image}; None: a flat state vector."""
 
     def normalized_score(self, mean_return: float, success_rate: float) -> float:
         if self.score == "success":
@@ -127,6 +128,19 @@ TASKS: dict[str, TaskSpec] = {
             score="success",
             datasets=_datasets("fetch-push", "expert", "medium", "mixed"),
             description="Fetch arm pushes a block to a goal, sparse -1/0 reward.",
+        ),
+        TaskSpec(
+            name="fetch-push-pixels",
+            env_id="FetchPush-v4",
+            reward="sparse",
+            reward_pos=0.0,
+            reward_neg=-1.0,
+            success_key="is_success",
+            score="success",
+            camera="fetch_front",
+            datasets=_datasets("fetch-push-pixels", "expert", "medium", "mixed"),
+            description="fetch-push seen by a MuJoCo camera: an 84x84 RGB image (table, puck, goal) plus the "
+            "gripper's state; needs offscreen OpenGL (EGL or OSMesa).",
         ),
         TaskSpec(
             name="fetch-pick",
@@ -240,6 +254,10 @@ def make_env(task: str | TaskSpec, flatten: bool = True, **make_kwargs) -> gym.E
         from .maze_camera import MazeTopCamera
 
         env = MazeTopCamera(env)
+    elif spec.camera == "fetch_front":
+        from .mujoco_camera import FetchCamera
+
+        env = FetchCamera(env)
     if not flatten or spec.camera is not None:  # a camera task's Dict is already {"state": float32, images}
         return env
     if isinstance(env.observation_space, gym.spaces.Dict):

@@ -151,7 +151,7 @@ class PretrainConfig:
     there that was built with other parameters than build_episodes / build_seed."""
     build_episodes: int | None = None
     """Episodes of an o2o dataset (None = the task's default, as `o2o-dataset build`: 300 for the
-    mazes and pusher, 500 for fetch)."""
+    mazes and pusher, 500 for fetch, 100 for fetch-push-pixels)."""
     build_seed: int = 0
     """Seed of an o2o dataset's scripted controller and resets (`o2o-dataset build --seed`)."""
     rebuild_dataset: bool = False

@@ -34,6 +34,7 @@ PAPER = {
     "pusher": ("kitchen", 10.0, True, 0.25, 0, 500_000),
     "adroit-door-binary": ("adroit", 0.5, False, 0.5, 0, 20_000),
     "fetch-push": ("adroit", 0.5, False, 0.5, 0, 20_000),
+    "fetch-push-pixels": ("adroit", 0.5, False, 0.5, 0, 20_000),  # fetch-push seen by a camera
     "fetch-pick": ("adroit", 0.5, False, 0.5, 0, 20_000),
 }
 

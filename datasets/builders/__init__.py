@@ -34,10 +34,12 @@ BUILDER_MODULES = {
     "pusher": "pusher",
     "fetch-push": "fetch",
     "fetch-pick": "fetch",
+    "fetch-push-pixels": "fetch",
 }
 QUALITIES = ("expert", "medium", "mixed")
 DEFAULT_EPISODES = {"pointmaze-umaze": 300, "pointmaze-medium": 300, "pointmaze-umaze-pixels": 300,
-                    "pointmaze-medium-pixels": 300, "pusher": 300, "fetch-push": 500, "fetch-pick": 500}
+                    "pointmaze-medium-pixels": 300, "pusher": 300, "fetch-push": 500, "fetch-pick": 500,
+                    "fetch-push-pixels": 100}  # rendering: ~6-26 ms a step, a few minutes for the three qualities
 
 BUILDER_VERSION = 1
 """Bump when a builder records other episodes for the same parameters: older datasets are then refused."""

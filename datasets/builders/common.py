@@ -76,3 +76,10 @@ def record_plan(
         ]
     finally:
         env.close()
+
+
+def from_state(controller: Controller) -> Controller:
+    """A state task's controller driving its camera task: it reads the simulator's own observation, which
+    the camera wrappers keep (``last_raw_obs``: envs/maze_camera.py, envs/mujoco_camera.py); the dataset
+    records the pixels. With the same seeds a pixel dataset holds the same trajectories as the state one."""
+    return lambda obs, env, rng: controller(env.last_raw_obs, env, rng)

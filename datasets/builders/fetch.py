@@ -16,10 +16,12 @@ import gymnasium as gym
 import numpy as np
 
 
-from .common import Controller, check_choice, record_plan
+from .common import Controller, check_choice, from_state, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("fetch-push", "fetch-pick")
+PIXEL_TASKS = {"fetch-push-pixels": "fetch-push"}
+"""Camera tasks (envs/mujoco_camera.py) -> the state task whose controller and episode plan drive them."""
 
 Obs = dict[str, np.ndarray]
 
@@ -155,7 +157,13 @@ def episode_plan(task: str, quality: str, n_episodes: int, seed: int) -> list[tu
 
 
 def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
-    """``n_episodes`` scripted episodes of ``task`` at ``quality``, in ``write_dataset``'s format."""
-    check_choice("fetch", task, quality, TASKS, QUALITIES)
-    plan = episode_plan(task, quality, n_episodes, seed)
+    """``n_episodes`` scripted episodes of ``task`` at ``quality``, in ``write_dataset``'s format.
+
+    A camera task runs its state task's plan and controllers on the state behind the pixels (``from_state``):
+    with the same seed its dataset holds the state dataset's trajectories, seen by the camera."""
+    check_choice("fetch", task, quality, (*TASKS, *PIXEL_TASKS), QUALITIES)
+    state_task = PIXEL_TASKS.get(task, task)
+    plan = episode_plan(state_task, quality, n_episodes, seed)
+    if task in PIXEL_TASKS:
+        return record_plan(task, quality, plan, lambda kind: from_state(episode_controller(state_task, kind)), progress)
     return record_plan(task, quality, plan, lambda kind: episode_controller(task, kind), progress)

@@ -27,7 +27,7 @@ import numpy as np
 
 from o2o.envs import get_task
 
-from .common import Controller, check_choice, record_plan
+from .common import Controller, check_choice, from_state, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("pointmaze-umaze", "pointmaze-medium", "pointmaze-umaze-pixels", "pointmaze-medium-pixels")
@@ -205,10 +205,3 @@ def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, prog
     if get_task(task).camera is not None:  # the same controllers, driven by the state behind the pixels
         controller_for = lambda kind: from_state(episode_controller(kind))  # noqa: E731
     return record_plan(task, quality, plan, controller_for, progress)
-
-
-def from_state(controller: Controller) -> Controller:
-    """A state controller driving a camera task: it reads PointMaze's own observation, which the camera
-    wrapper keeps (``MazeTopCamera.last_raw_obs``); the dataset records the pixels. With the same seeds a
-    pixel dataset holds the same trajectories as the state one."""
-    return lambda obs, env, rng: controller(env.last_raw_obs, env, rng)
