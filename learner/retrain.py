@@ -133,9 +133,11 @@ def select_store_rows(store: ReplayStore, until_row: int = 0, until_version: int
 
 def concat_transitions(parts: list[Transitions]) -> Transitions:
     """The parts' rows as one, without their frames: what the agent's observation statistics and the Q
-    bounds read (the buffers take each part with its frames)."""
+    bounds read (the buffers take each part with its frames). ``frames`` holds each camera as an empty
+    (0, H, W, C) array: its shape is what ``make_agent`` checks against the task's cameras."""
     rows = [f.name for f in dataclasses.fields(Transitions) if f.name not in CAMERA_FIELDS]
-    return Transitions(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in rows})
+    shapes = {name: frames[:0] for name, frames in parts[0].frames.items()}
+    return Transitions(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in rows}, frames=shapes)
 
 
 def batch_split(offline_rows: int, online_rows: int, batch_size: int, offline_share: float | None) -> tuple[int, int]:

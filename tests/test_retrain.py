@@ -295,3 +295,27 @@ def test_cli_errors_are_clear(tmp_path):
                 proc.wait()
     assert no_store.returncode == 2 and "needs store=PATH" in no_store_err
     assert bad_store.returncode == 2 and "not an o2o replay store" in bad_store_err
+
+
+def test_a_retrain_on_a_camera_task_builds_its_pixel_agent_from_the_joined_rows():
+    """The retrain joins offline and online rows for the observation statistics and Q bounds without
+    their frames (the buffers hold those); the agent built from the joined rows must still be the camera
+    task's (found by an o2o-retrain on a pixel launch's store: "the data's camera frames are none")."""
+    from o2o.datasets.minari_io import Transitions
+    from o2o.envs import get_task
+    from o2o.learner.config import PretrainConfig
+    from o2o.learner.retrain import concat_transitions
+    from o2o.learner.setup import make_agent
+
+    def part(n: int, frames: int) -> Transitions:
+        z = np.zeros
+        return Transitions(obs=z((n, 2), np.float32), action=z((n, 2), np.float32), reward=np.arange(n, dtype=np.float32),
+                           next_obs=z((n, 2), np.float32), terminated=z(n, np.float32), episode_end=z(n, bool),
+                           mc_return=z(n, np.float32), frames={"top": z((frames, 48, 48, 3), np.uint8)},
+                           obs_frame=np.arange(n), next_frame=np.arange(n) + 1)  # fmt: skip
+
+    joined = concat_transitions([part(3, 4), part(2, 3)])
+    assert joined.reward.tolist() == [0, 1, 2, 0, 1] and joined.frames["top"].shape == (0, 48, 48, 3)
+    task = get_task("pointmaze-umaze-pixels")
+    agent, spec = make_agent(PretrainConfig(task=task.name), task, joined, "cpu")
+    assert spec.cameras == {"top": [48, 48, 3]} and agent.encoder is not None
