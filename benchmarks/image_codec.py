@@ -274,7 +274,7 @@ def render(done: dict, write: bool) -> None:
         f"""
 ## Image codec of the replay store (`python -m benchmarks.image_codec`)
 
-84x84x3 frames, {done['frames']:,} per actor and run (random-action episodes of `{TASK}`, up to 300 steps; each
+84x84x3 frames, {done['frames']:,} per actor and run (random-action episodes of `{TASK}` drawn at 84x84, up to 300 steps; each
 actor its own), in two kinds: **maze**, the task's own top view (flat colours), and **texture**, a
 camera-like image made by the benchmark (smooth colour gradients and a coarse texture drifting each
 step, Gaussian sensor noise sigma 3 on every pixel). A real camera `ReplayStore` (64 frames per Zarr

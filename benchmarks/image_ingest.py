@@ -19,13 +19,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import zmq
 
 from benchmarks.image_codec import chunks_of, maze_episodes, textured
+from benchmarks.ingest import run_senders
 from benchmarks.report import machine_line, write_section
 from o2o.datasets.replay_store import ReplayStore
 from o2o.envs.obs_spec import CameraSpec, ObsSpec
@@ -74,16 +74,7 @@ def measure(actors: int, frames: int, window: int, path: Path) -> dict:
     server = IngestServer(store, "tcp://127.0.0.1:*", max_rows_per_s=None).start()
     ready, go, out = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
     procs = [SPAWN.Process(target=sender, args=(server.endpoint, k, frames, window, ready, go, out)) for k in range(actors)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=600)
-    t0 = time.perf_counter()
-    go.set()
-    results = [out.get(timeout=900) for _ in procs]
-    elapsed = time.perf_counter() - t0
-    for p in procs:
-        p.join()
+    results, elapsed = run_senders(procs, ready, go, out)
     server.stop()
     store.close()
     store = ReplayStore.open(path, "r")

@@ -162,6 +162,22 @@ def measure_store_alone(args, path: Path, compressor=DEFAULT_COMPRESSOR) -> tupl
     return args.chunks * args.rows / elapsed, disk / 1e6
 
 
+def run_senders(procs: list, ready, go, out, ready_s: float = 600, done_s: float = 900) -> tuple[list, float]:
+    """Start the sender processes, wait until each is ready, release them together, and time until
+    each has put its result: (results, seconds)."""
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=ready_s)
+    start = time.perf_counter()
+    go.set()
+    results = [out.get(timeout=done_s) for _ in procs]
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    return results, elapsed
+
+
 def measure_ingest(args, path: Path) -> dict:
     # O2O_BENCH_FSYNC=0: no fsync, to compare with trees from before fsync existed (benchmarks.versus_commit).
     store = ReplayStore.create(path, args.obs_dim, args.act_dim, task=TASK,
@@ -180,16 +196,7 @@ def measure_ingest(args, path: Path) -> dict:
         )
         for k, actor_id in enumerate(actor_ids)
     ]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=120)
-    start = time.perf_counter()
-    go.set()
-    results = [out.get(timeout=600) for _ in procs]
-    elapsed = time.perf_counter() - start
-    for p in procs:
-        p.join()
+    results, elapsed = run_senders(procs, ready, go, out)
     stats = server.stats()
     server.stop()
     store.close()

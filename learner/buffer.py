@@ -129,7 +129,9 @@ class TransitionBuffer:
         frame_bytes = FrameRing.nbytes(cameras, frame_capacity, capacity) if cameras else 0
         where = frames_device(self.device, frame_bytes, frames_on) if cameras else self.device
         row_bytes = capacity * 4 * sum(math.prod(shapes.get(name, ())) for name in FIELDS)
-        check_fits_memory(BufferMemory(capacity, frame_capacity, row_bytes, frame_bytes, str(self.device), str(where)))
+        # What it takes, all allocated here (``memory.line()`` to log at start); refused past the free memory.
+        self.memory = BufferMemory(capacity, frame_capacity, row_bytes, frame_bytes, str(self.device), str(where))
+        check_fits_memory(self.memory)
         self.columns = {
             name: torch.zeros((capacity, *shapes.get(name, ())), dtype=torch.float32, device=self.device)
             for name in FIELDS
@@ -177,19 +179,6 @@ class TransitionBuffer:
     def camera_columns(self) -> tuple[str, ...]:
         """The flat row dict keys (store reads, commit events) that carry this buffer's frames."""
         return camera_columns(self.cameras) if self.cameras else ()
-
-    @property
-    def memory(self) -> BufferMemory:
-        """The memory the buffer takes (all allocated at construction); ``memory.line()`` to log at start."""
-        ring = self.ring
-        return BufferMemory(
-            transitions=self.capacity,
-            frames=ring.capacity if ring else 0,
-            row_bytes=sum(column.nbytes for column in self.columns.values()),
-            frame_bytes=FrameRing.nbytes(ring.cameras, ring.capacity, self.capacity) if ring else 0,
-            device=str(self.device),
-            frames_device=str(ring.device if ring else self.device),
-        )
 
     def add(self, frames: Mapping[str, np.ndarray] | None = None, obs_frame: np.ndarray | None = None,
             next_frame: np.ndarray | None = None, **rows: np.ndarray) -> None:  # fmt: skip
