@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from o2o.robot.config import ArmConfig, RobotSettings
 from o2o.transport.config import LinkConfig, SpoolConfig
 from o2o.transport.security import require_keys_off_loopback
 
@@ -46,7 +47,13 @@ class ActorConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the env (the task's gym.make or the env class)."""
     max_episode_steps: int = 0
-    """Time limit added around the env (0 = the env's own)."""
+    """Time limit added around the env (0 = the env's own; a robot's episode time limit)."""
+    robot: RobotSettings = field(default_factory=RobotSettings)
+    """A real arm instead of the task's env (``robot.type=so101_follower robot.port=/dev/ttyACM0 robot.id=arm1
+    robot.cameras={...}``: robot/config.py); o2o's own settings around it are ``arm.*``."""
+    arm: ArmConfig = field(default_factory=ArmConfig)
+    """With a robot: action bounds and rate limit, reward (operator keys or a classifier), resets, takeover,
+    and when to hold the arm (robot/config.py)."""
     learner: str | None = "tcp://127.0.0.1:5555"
     """The learner's ingest endpoint; null = dry run without a learner (needs policy.path
     or policy.act_before_policy; transitions are counted and discarded)."""
@@ -113,6 +120,10 @@ def validate(cfg: ActorConfig) -> None:
         raise ValueError("control_hz, policy.noise_scale and link.id_in_use_timeout_s must be >= 0")
     if not cfg.actor_id or "/" in cfg.actor_id or len(cfg.actor_id) > 128:
         raise ValueError(f"actor_id={cfg.actor_id!r}: give a non-empty name of <= 128 chars without '/'")
+    if cfg.robot.type:
+        if cfg.env is not None:
+            raise ValueError(f"env={cfg.env} and robot.type={cfg.robot.type}: give one of them")
+        cfg.arm.validate()
     if cfg.learner is None and cfg.policy.path is None and not cfg.policy.act_before_policy:
         raise ValueError("learner=null (dry run) needs policy.path=FILE.onnx or policy.act_before_policy=true")
     if cfg.learner is not None:

@@ -34,6 +34,7 @@ import numpy as np
 
 from o2o.envs import hold_env
 from o2o.envs.obs_spec import STATE_KEY, CameraSpec, ObservationError, ObsSpec
+from o2o.robot.seams import EStopped, RobotDisconnected
 from o2o.transport.seams import PolicySource, SinkStatus, TransitionSink
 from o2o.transport.wire import TransitionChunk
 
@@ -60,6 +61,11 @@ class LoopStats:
     clipped_steps: int = 0  # steps whose policy action lay outside the action space
     overruns: int = 0  # steps longer than 1 / control_hz
     pauses: int = 0  # times the env was paused for a full spool
+    interventions: int = 0  # steps whose executed action was the operator's (a robot's takeover)
+    successes_total: int = 0  # training episodes that ended in success
+    abandoned_episodes: int = 0  # episodes cut by an e-stop or a robot fault (the store closes them as abandoned)
+    estops: int = 0
+    watchdog_holds: int = 0  # times a robot was held because the learner was silent or far ahead
     holds: int = 0  # times the learner held this actor between episodes (flow control)
     held_s: float = 0.0
     chunks: int = 0
@@ -88,6 +94,8 @@ class ChunkRows:
         self.next_obs = np.zeros((rows, obs_dim), np.float32)
         self.reward = np.zeros(rows, np.float32)
         self.terminated, self.truncated, self.success = (np.zeros(rows, np.uint8) for _ in range(3))
+        self.intervention = np.zeros(rows, np.uint8)  # 1: the operator's action was executed (HIL-SERL)
+        self._interventions = 0  # rows flagged in this chunk: the wire carries the column only if any
         self.frames = {camera.name: np.zeros((rows + 1, *camera.shape), np.uint8) for camera in cameras}
         self._frames = tuple(self.frames.items())
         self.capacity = rows
@@ -103,12 +111,15 @@ class ChunkRows:
         n = self.n
         return {name: frames[n] for name, frames in self._frames}
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated, success, next_images=None) -> bool:
-        """Record one transition (``next_images``: its next observation's images, if cameras); True when the
-        chunk is full."""
+    def add(self, obs, action, reward, next_obs, terminated, truncated, success, next_images=None,
+            intervention: bool = False) -> bool:  # fmt: skip
+        """Record one transition (``next_images``: its next observation's images, if cameras; ``intervention``:
+        the action was the operator's); True when the chunk is full."""
         i = self.n
         self.obs[i], self.action[i], self.reward[i], self.next_obs[i] = obs, action, reward, next_obs
         self.terminated[i], self.truncated[i], self.success[i] = terminated, truncated, success
+        self.intervention[i] = intervention
+        self._interventions += intervention
         for name, frames in self._frames:
             frames[i + 1] = next_images[name]  # the one copy of each image
         self.n = i + 1
@@ -119,6 +130,9 @@ class ChunkRows:
         n, self.n = self.n, 0
         names = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
         taken = {name: getattr(self, name)[:n].copy() for name in names}
+        if self._interventions:
+            taken["intervention"] = self.intervention[:n].copy()
+            self._interventions = 0
         if self._frames:
             taken["frames"] = {name: frames[: n + 1].copy() for name, frames in self._frames}
             for _, frames in self._frames:
@@ -151,6 +165,10 @@ class Actor:
         self.stop_requested = False
         self.paused = False  # waiting for spool room (mid-episode)
         self.holding = False  # held by the learner (between episodes)
+        self.watchdog = None  # a robot's robot.safety.LinkWatchdog: hold the arm when the learner is gone or far ahead
+        self.guarded: str | None = None  # why the watchdog holds the arm now
+        self.finished = False
+        self._rate = (time.monotonic(), 0)  # (time, steps) of the last status(): its steps/s
         self._train_since_eval = self._eval_left = 0
 
     @property
@@ -161,6 +179,9 @@ class Actor:
         """Ask ``run`` to return after the current step, or at once from a wait (safe from a signal
         handler: the condition's lock is reentrant)."""
         self.stop_requested = True
+        interrupt = getattr(self.env.unwrapped, "request_stop", None)  # a robot waiting for its operator
+        if callable(interrupt):
+            interrupt()
         with self.sink.changed:
             self.sink.changed.notify_all()
 
@@ -171,6 +192,7 @@ class Actor:
         end_episodes = self.stats.episodes + max_episodes if max_episodes else None
         self._tick = self._last_log = time.perf_counter()
         self._log_steps = self.stats.steps
+        self.finished = False
         while True:
             try:
                 reason = self._before_step(end_steps, end_episodes)  # a reset's observation may be NonFinite
@@ -180,14 +202,30 @@ class Actor:
             except NonFinite as err:
                 reason = str(err)
                 break
+            except EStopped as err:  # the arm holds; the next episode starts once the operator releases it
+                self._abandon_episode(f"e-stop: {err}")
+                self.stats.estops += 1
+                continue
+            except RobotDisconnected as err:
+                self._abandon_episode(f"the robot stopped answering: {err}")
+                reason = f"robot disconnected mid-episode ({err}): check its cable and power, then restart the actor"
+                break
             except ObservationError:
                 self._flush()  # the rows before it are whole transitions; the bad observation is in none of them
                 raise
             if time.perf_counter() - self._last_log >= self.cfg.log_every_s:
                 self._log_progress()
         self._flush()
+        self.finished = True
         return reason
 
+    def _abandon_episode(self, why: str) -> None:
+        """Send the episode's whole transitions and start a new episode next: the store closes this one as
+        abandoned (no MC return) when the next one's rows arrive."""
+        log.warning("episode %s cut at step %d: %s", self.episode_id, self.ep_step, why)
+        self._flush()
+        self.obs = None
+        self.stats.abandoned_episodes += 1
     def _before_step(self, end_steps: int | None, end_episodes: int | None) -> str | None:
         """Whatever must happen between two steps; None when the next step may go, else why to stop."""
         if self.stop_requested:
@@ -197,6 +235,8 @@ class Actor:
         status = self.sink.status()
         if status.stop is not None:
             return status.stop
+        if self.watchdog is not None and self._link_reason() is not None and (why := self._guard()) is not None:
+            return why
         # Room is checked as a chunk starts: once begun, a chunk is always taken (never dropped).
         if self.rows.n == 0 and not status.room and (why := self._out_of_room()) is not None:
             return why
@@ -225,6 +265,11 @@ class Actor:
         if self._may_clip and not np.array_equal(clipped, action):
             self.stats.clipped_steps += 1
         next_obs, reward, terminated, truncated, info = self.env.step(clipped)
+        # A robot may execute another action than asked (its safety filter, the operator's takeover): the row
+        # holds what the arm did (robot/robot_env.py).
+        executed = info.get("action", clipped)
+        intervention = bool(info.get("intervention", False))
+        self.stats.interventions += intervention
         next_images = None
         if self.cameras:
             next_obs, next_images = self._split(next_obs, self.ep_step + 1)
@@ -234,8 +279,8 @@ class Actor:
         self.stats.steps += 1
         self.ep_return += reward
         self.ep_step += 1
-        full = self.rows.add(self.obs, clipped, reward, next_obs, terminated, truncated, info.get("success", False),
-                             next_images)  # fmt: skip
+        full = self.rows.add(self.obs, executed, reward, next_obs, terminated, truncated, info.get("success", False),
+                             next_images, intervention)  # fmt: skip
         if terminated or truncated:
             self._end_episode(evaluating, bool(info.get("success", False)))
         else:
@@ -299,6 +344,7 @@ class Actor:
             return
         self.stats.returns.append(self.ep_return)
         self.stats.successes.append(success)
+        self.stats.successes_total += success
         self._train_since_eval += 1
         if self.cfg.eval_every and self._train_since_eval >= self.cfg.eval_every and self.policy is not None:
             self._train_since_eval, self._eval_left = 0, self.cfg.eval_episodes
@@ -351,6 +397,31 @@ class Actor:
         self.stats.held_s += time.perf_counter() - start
         return why
 
+    def _link_reason(self) -> str | None:
+        """Why a robot must hold now (the learner silent too long, the policy too far behind), else None."""
+        link = self.sink.summary()
+        newest = link.get("learner_policy_version", -1)
+        lag = newest - self.version if self.policy is not None and newest >= 0 else None
+        return self.watchdog.reason(link.get("learner_silent_s"), lag)
+
+    def _guard(self) -> str | None:
+        """Hold the arm (mid-episode too) until the watchdog's reason clears; None, or why to stop instead."""
+        self.guarded = self._link_reason()
+        log.warning("holding the arm: %s", self.guarded)
+        self.stats.watchdog_holds += 1
+        hold_env(self.env)
+        start = time.perf_counter()
+
+        def cleared(_status) -> bool:
+            self.guarded = self._link_reason()  # what o2o-status shows while it holds
+            return self.guarded is None
+
+        why = self._wait(cleared)
+        self.guarded = None
+        if why is None:
+            log.warning("the learner is back: acting again after a %.1f s hold", time.perf_counter() - start)
+        return why
+
     def _out_of_room(self) -> str | None:
         """The spool is full: stop (``spool.on_full=stop``) or pause mid-episode until the learner acks."""
         depth = self.sink.summary().get("spool_depth")
@@ -392,6 +463,33 @@ class Actor:
                  "spool %s | clipped %d overruns %d%s", s.steps, rate, s.episodes, s.eval_episodes, ret, succ,
                  len(s.returns), self.version, link.get("spool_depth"), s.clipped_steps, s.overruns,
                  " | learner LOST" if link.get("learner_lost") else "")  # fmt: skip
+
+    def status(self) -> dict:
+        """What this actor is doing, for the learner's fleet view (``o2o-status``); called from the link's thread."""
+        env = self.env.unwrapped
+        waiting = getattr(env, "waiting_for", None)
+        if self.finished:
+            state = "stopped"
+        elif getattr(env, "estopped", False):
+            state = "e_stopped"
+        elif waiting:
+            state = "waiting_for_reset"
+        elif self.paused:
+            state = "paused"
+        elif self.holding or self.guarded:
+            state, waiting = "held", self.guarded
+        elif self.policy is None and not self.cfg.policy.act_before_policy:
+            state = "waiting_for_policy"
+        else:
+            state = "acting"
+        now, steps = time.monotonic(), self.stats.steps
+        last_time, last_steps = self._rate
+        self._rate = (now, steps)
+        return {"state": state, "waiting_for": waiting, "steps": steps,
+                "steps_per_s": (steps - last_steps) / (now - last_time) if now > last_time else 0.0,
+                "episodes": self.stats.episodes, "successes": self.stats.successes_total,
+                "interventions": self.stats.interventions, "policy_version": self.version,
+                "spool_depth": int(self.sink.summary().get("spool_depth") or 0)}  # fmt: skip
 
     def summary(self) -> dict:
         s = self.stats

@@ -31,6 +31,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from o2o.envs import make_actor_env
 from o2o.envs.obs_spec import ObsSpec
+from o2o.robot.assemble import make_arm_env
+from o2o.robot.safety import LinkWatchdog
 from o2o.transport.limits import ChunkSpec
 from o2o.transport.link import Link
 from o2o.transport.seams import PolicySource, TransitionSink
@@ -53,8 +55,11 @@ EXIT_STOPPED = 3
 def assemble(cfg: ActorConfig) -> tuple[gym.Env, TransitionSink, PolicySource, Link | None]:
     """The env, the sink and the policy source for ``cfg`` (a started ``Link``, or a dry run's)."""
     validate(cfg)
-    # A task's MuJoCo env or a user's robot: the same loop drives either (envs/robot.py checks it).
-    env = make_actor_env(cfg.task, cfg.env, dict(cfg.env_kwargs), cfg.max_episode_steps)
+    # A task's MuJoCo env, a user's env class or a real arm: the same loop drives each (envs/robot.py checks it).
+    if cfg.robot.type:
+        env = make_arm_env(cfg.task, cfg.robot, cfg.arm, cfg.max_episode_steps)
+    else:
+        env = make_actor_env(cfg.task, cfg.env, dict(cfg.env_kwargs), cfg.max_episode_steps)
     try:  # a refused configuration never leaves a robot's connection open
         spec = ObsSpec.from_space(env.observation_space)  # the state vector and the cameras, if any
         obs_dim, action_dim = spec.state_dim, env.action_space.shape[0]
@@ -137,6 +142,10 @@ def run_actor(cfg: ActorConfig) -> int:
     try:
         if link is None or wait_for_learner(link, cfg, stop):
             actor = Actor(env, sink, policies, cfg)
+            if cfg.robot.type:  # hold the arm while the learner is gone or its policy far behind
+                actor.watchdog = LinkWatchdog(cfg.arm.learner_silent_s, cfg.arm.max_policy_lag)
+            if link is not None:
+                link.status_source = actor.status  # the learner's fleet view (o2o-status)
             if stop.is_set():
                 actor.request_stop()
             reason = actor.run(cfg.max_steps, cfg.max_episodes)

@@ -12,6 +12,11 @@ the task's Dict ``{"state": ..., "<camera>": uint8 (H, W, C)}``, written by Mina
 own writer as o2o's dataset builders write theirs (``minari_io.write_dataset``:
 Minari's default JPEG encoding of image spaces, so the frames come back within JPEG
 error, not bit-exact).
+
+Each episode's infos carry, per step, ``success`` and ``intervention`` (HIL-SERL: True where the
+operator's teleop action was executed; a store made before interventions were recorded gives False),
+T + 1 entries each (the reset's entry False). ``minari_io.load_transitions`` does not read
+``intervention``: a dataset made from an export trains on those rows like on any other.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ if TYPE_CHECKING:
 
     from .replay_store import ReplayStore
 
-ROW_FIELDS = ["obs", "action", "reward", "next_obs", "terminated", "truncated", "success", "actor", "episode_id"]
+ROW_FIELDS = ["obs", "action", "reward", "next_obs", "terminated", "truncated", "success", "intervention", "actor",
+              "episode_id"]  # fmt: skip
 
 
 def store_episodes(store: "ReplayStore", include_eval: bool = False) -> list[dict]:
@@ -60,8 +66,9 @@ def store_episodes(store: "ReplayStore", include_eval: bool = False) -> list[dic
                 "rewards": rows["reward"][idx],
                 "terminations": rows["terminated"][idx],
                 "truncations": rows["truncated"][idx],
-                # Minari infos hold T+1 entries (reset + steps); the reset step reports no success.
-                "infos": {"success": np.concatenate([[False], rows["success"][idx]])},
+                # Minari infos hold T+1 entries (reset + steps); the reset step reports no success, no intervention.
+                "infos": {"success": np.concatenate([[False], rows["success"][idx]]),
+                          "intervention": np.concatenate([[False], rows["intervention"][idx] == 1])},  # fmt: skip
             }
         )
     return episodes

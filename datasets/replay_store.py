@@ -96,10 +96,12 @@ from .store_format import (  # noqa: F401  (re-exported: the store's public name
     FORMAT,
     FORMAT_VERSION,
     LATER_ATTRS,
+    LATER_COLUMNS,
     LEARNER_COLUMNS,
     LOCK_FILE,
     TARGET_CHUNK_BYTES,
     PendingCommit,
+    add_later_columns,
     check_chunk,
     lock_store,
     make_store_folder,
@@ -142,9 +144,11 @@ class ReplayStore:
         self.duplicates = 0
         self.last_commit: CommitEvent | None = None
         record = self._read_record()
+        if mode == "a":  # a store made before a column existed (interventions) gets it, reading 0 in older rows
+            add_later_columns(self._group, config, fsync)
         self._rows = AppendTable(
             self._group["data"], row_columns(config.obs_dim, config.action_dim, config.obs_spec), config.chunk_rows,
-            record["rows"], writable=mode == "a", mutable=("mc_return",),
+            record["rows"], writable=mode == "a", mutable=("mc_return",), late=LATER_COLUMNS,
         )  # fmt: skip
         self._episodes = AppendTable(
             self._group["episodes"], EPISODE_COLUMNS, EPISODE_CHUNK_ROWS, record["episodes"], writable=mode == "a"
@@ -427,6 +431,7 @@ class ReplayStore:
                 "episode_id": chunk.episode_id + segment,
                 "step": step,
                 "eval": chunk.eval,
+                "intervention": 0 if chunk.intervention is None else chunk.intervention,
                 **(indices or {}),
             },
             n,
@@ -512,6 +517,7 @@ class ReplayStore:
             closed=self._tracker.take_closed(),
             event_episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end) if collect else None,
             start=len(self),
+            interventions=self._rows.staged_sum("intervention"),
         )  # fmt: skip
         self._pending = pending
         self._dirty = False  # an append, skip or close from now on sets it again
@@ -528,7 +534,7 @@ class ReplayStore:
             self._actors[actor_id].committed_seq = seq
         if pending.event_episodes is not None:
             self.last_commit = CommitEvent(pending.start, len(self), pending.event_episodes,
-                                           self._tracker.closed_rows(pending.closed))  # fmt: skip
+                                           self._tracker.closed_rows(pending.closed), pending.interventions)  # fmt: skip
         self._pending = None
 
     def abort_commit(self, pending: PendingCommit) -> None:

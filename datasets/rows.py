@@ -14,6 +14,12 @@ row. A segment of ``k`` rows carries ``k + 1`` frames: its rows' observations, t
 observation of its last row. ``frame_layout`` says which frame is whose (row ``i``'s observation is
 frame ``obs_frame[i]``, its next observation frame ``obs_frame[i] + 1``). The store and the buffer
 keep frames in one column per camera and per-row ``obs_frame`` / ``next_frame`` indices into it.
+
+Human interventions (HIL-SERL): ``intervention`` flags, uint8 ``(n,)``, the rows whose executed action
+was the operator's teleop action, not the policy's. Optional: None (and, on the wire, no array) means
+no intervention in the chunk, so chunks without one keep their bytes and older senders' chunks read as
+zeros. The store keeps them in a column; the learner also samples them on the offline side of its
+batches (learner/online_data.py ``mixed_batch``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ MAX_INT32 = 2**31 - 1  # policy_version and episode step are int32 columns in th
 ARRAY_NAMES = ("obs", "action", "reward", "next_obs", "terminated", "truncated", "success")
 FLOAT_ARRAYS = ("obs", "action", "reward", "next_obs")
 FLAG_ARRAYS = ("terminated", "truncated", "success")
+INTERVENTION = "intervention"  # the optional wire array after ARRAY_NAMES, and the store column
 FRAMES_PREFIX = "frames/"  # a camera's frames: "frames/<camera>" on the wire and in flat row dicts
 
 
@@ -74,7 +81,14 @@ class TransitionChunk:
     eval: bool = False
     frames: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """camera name -> uint8 (n + S, H, W, C) frames in the segment layout (``frame_layout``); {} without cameras."""
+    intervention: np.ndarray | None = None
+    """uint8 (n,): 1 where the operator's teleop action was executed (HIL-SERL); None: no intervention."""
 
     @property
     def n(self) -> int:
         return len(self.reward)
+
+    @property
+    def intervened(self) -> bool:
+        """Whether any row was the operator's (the wire sends ``intervention`` only then)."""
+        return self.intervention is not None and bool(np.any(self.intervention))

@@ -13,6 +13,8 @@
   steps 0..length-1 where contiguous; end flags and returns as its rows say;
 * MC returns: finite exactly on the rows of ended contiguous episodes, and equal to the
   ones recomputed from the raw rewards with the store's settings (``mc_return.py``);
+* interventions (HIL-SERL): every ``intervention`` flag 0 or 1, and how many rows the operator
+  acted; a store made before the column existed has none (its rows read as 0);
 * frames (camera stores): each camera's ``frames/<camera>`` uint8 with the recorded (H, W, C),
   as long as the record's frame count, every committed chunk decoding; every row's observation
   and next frame present (inside the committed frames), every committed frame used by a row;
@@ -44,6 +46,7 @@ from .replay_store import (
     COMMIT_FILE,
     EPISODE_CHUNK_ROWS,
     EPISODE_COLUMNS,
+    LATER_COLUMNS,
     LOCK_FILE,
     ReplayStore,
     StoreError,
@@ -133,6 +136,7 @@ def check_store(path: str | os.PathLike) -> Findings:
     data, episodes = cols
     if cfg.cameras:
         _check_frame_indices(data, record["frames"], found)
+    _check_interventions(data, rows, found)
     open_episodes = _check_actors(data, actors, rows, found)
     _check_episodes(store, data, episodes, open_episodes, len(actors), found, live)
     if live:
@@ -154,14 +158,15 @@ def _check_columns(group, store: ReplayStore, record: dict, found: Findings):
         for name, spec in specs.items():
             where = f"{table}/{name}"
             if name not in group[table]:
-                found.problem("columns", f"{where} is missing")
+                if name not in LATER_COLUMNS:  # a store made before a later column: its rows read the fill
+                    found.problem("columns", f"{where} is missing")
                 continue
             arr = group[table][name]
             if arr.dtype != np.dtype(spec.dtype) or arr.shape[1:] != spec.shape or arr.chunks[0] != chunk_rows:
                 found.problem("columns", f"{where} is {arr.dtype} rows {arr.shape[1:]} in chunks of {arr.chunks[0]}; "
                               f"expected {spec.dtype} rows {spec.shape} in chunks of {chunk_rows}")  # fmt: skip
                 continue
-            if arr.shape[0] < count:
+            if arr.shape[0] < count and name not in LATER_COLUMNS:  # later ones: rows of older writers
                 found.problem("columns", f"{where} holds {arr.shape[0]:,} rows on disk, the commit record says {count:,}")
                 continue
             blocks = []
@@ -173,6 +178,9 @@ def _check_columns(group, store: ReplayStore, record: dict, found: Findings):
                     found.problem("columns", f"{where}: rows {start:,}..{stop - 1:,} cannot be read "
                                   f"({type(err).__name__}: {err})")  # fmt: skip
                     break
+                if len(block) < stop - start:  # a later column shorter than the rows: the rest reads the fill
+                    block = np.concatenate([block, np.full((stop - start - len(block), *spec.shape), spec.fill,
+                                                           spec.dtype)])  # fmt: skip
                 if name in FINITE_COLUMNS and not np.isfinite(block).all():
                     bad = start + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0])
                     found.problem("values", f"{where}: row {bad:,} holds NaN or inf")
@@ -204,6 +212,22 @@ def _check_frame_indices(data: dict, n_frames: int, found: Findings) -> None:
                       f"(first: {unused[:5].tolist()})")  # fmt: skip
     found.checked.append(f"frames: {n_frames:,} per camera; every row's obs_frame and next_frame inside them, "
                          "every frame used by a row")  # fmt: skip
+
+
+def _check_interventions(data: dict, rows: int, found: Findings) -> None:
+    """The operator's rows (HIL-SERL): flags 0 or 1, counted."""
+    flags = data.get("intervention")
+    if flags is None:
+        found.checked.append("interventions: no intervention column (a store made before they were recorded): "
+                             "every row reads 0")  # fmt: skip
+        return
+    bad = np.flatnonzero(flags > 1)
+    if len(bad):
+        found.problem("values", f"data/intervention: {len(bad):,} rows hold a flag other than 0 or 1 (first rows: "
+                      f"{bad[:5].tolist()}, values {flags[bad[:5]].tolist()})")  # fmt: skip
+    n = int((flags == 1).sum())
+    found.checked.append(f"interventions: {n:,} of {rows:,} rows acted by the operator ({n / max(rows, 1):.1%}); "
+                         "every flag 0 or 1")  # fmt: skip
 
 
 def _check_actors(data: dict, actors: list, rows: int, found: Findings) -> list[dict]:
@@ -356,6 +380,8 @@ def _find_leftovers(path: Path, group, store, record, found: Findings) -> None:
         first_free = -(-count // chunk_rows)
         files, columns, last = 0, 0, count
         for name, spec in specs.items():
+            if name not in group[table]:  # a later column of an older store
+                continue
             arr = group[table][name]
             files += sum(1 for i, _ in _chunk_entries(path / table / name) if i >= first_free)
             stop = min(first_free * chunk_rows, arr.shape[0])
@@ -396,6 +422,8 @@ def repair_store(path: str | os.PathLike) -> list[str]:
         for table, specs, chunk_rows, count in _tables(store, record):
             first_free = -(-count // chunk_rows)
             for name, spec in specs.items():
+                if name not in group[table]:  # a later column of an older store
+                    continue
                 arr = group[table][name]
                 for i, entry in _chunk_entries(path / table / name):
                     if i >= first_free:  # wholly past the commit

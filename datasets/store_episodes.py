@@ -119,6 +119,8 @@ class EpisodeTracker:
                 "next_obs": np.array(chunk.next_obs[a:b], np.float32),
                 "terminated": np.array(chunk.terminated[a:b], bool),
                 "eval": np.full(b - a, bool(chunk.eval)),
+                "intervention": np.zeros(b - a, np.uint8) if chunk.intervention is None
+                else np.array(chunk.intervention[a:b], np.uint8),  # fmt: skip
                 **(frames.part(a, b) if frames is not None else {}),
             }
             self._track(

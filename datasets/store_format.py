@@ -22,7 +22,7 @@ from o2o.envs.obs_spec import CameraSpec, ObsSpec
 from .atomic_file import fsync_path, write_atomic
 from .data_settings import OLD_STORE_NAMES, DataSettings
 from .file_lock import try_lock
-from .rows import ARRAY_NAMES, MAX_INT32, TransitionChunk
+from .rows import ARRAY_NAMES, INTERVENTION, MAX_INT32, TransitionChunk
 from .store_frames import FRAMES_GROUP, FrameColumns, frame_columns, frame_problems, index_columns
 from .zarr_table import (
     ZARR_ATOMIC_WRITES,
@@ -50,7 +50,12 @@ DEFAULT_ABANDON_IDLE_S = 600.0  # the one default: IngestConfig.abandon_idle_s r
 MAX_INT64 = 2**63 - 1
 # Columns an open episode keeps in memory and a commit event hands the learner in ``closed``
 # (with ``mc_return``): what a trainable row needs, nothing the learner must join back later.
-LEARNER_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "eval")
+LEARNER_COLUMNS = ("obs", "action", "reward", "next_obs", "terminated", "eval", INTERVENTION)
+# Row columns added after FORMAT_VERSION was fixed: a store made before lacks them. Such a column reads as its
+# fill value where it is missing or shorter than the rows (rows appended by older code), and a writer opening
+# the store adds it (``add_later_columns``): no format version of its own, since older code that reads such a
+# store reads every transition right (without the flag) and, writing, leaves the column short (read as 0).
+LATER_COLUMNS = (INTERVENTION,)
 
 
 def row_columns(obs_dim: int, action_dim: int, spec: ObsSpec | None = None) -> dict[str, ColumnSpec]:
@@ -69,6 +74,7 @@ def row_columns(obs_dim: int, action_dim: int, spec: ObsSpec | None = None) -> d
         "episode_id": ColumnSpec("int64", (), -1),
         "step": ColumnSpec("int32", (), -1),  # step of the row within its episode
         "eval": ColumnSpec("bool", (), False),
+        INTERVENTION: ColumnSpec("uint8", (), 0),  # 1: the operator's teleop action was executed (HIL-SERL)
         **index_columns(spec or ObsSpec(obs_dim)),
     }
 
@@ -187,6 +193,8 @@ class CommitEvent:
     the order they closed: ``LEARNER_COLUMNS`` (raw rewards) and ``mc_return``, and in a camera
     store ``obs_frame`` / ``next_frame`` relative to the ``frames/<camera>`` arrays of the same dict
     (store_frames.py). Everything the learner needs to train on them, without looking back."""
+    interventions: int = 0
+    """Rows among the new ones [start, stop) whose action was the operator's (``intervention`` 1)."""
 
 
 @dataclasses.dataclass
@@ -205,6 +213,7 @@ class PendingCommit:
     closed: list[Closed] = dataclasses.field(repr=False)
     event_episodes: dict[str, np.ndarray] | None = dataclasses.field(repr=False)  # set when the event is collected
     start: int = 0
+    interventions: int = 0  # intervention rows among the rows it commits
 
     def run(self) -> None:
         """Data first, then (fsynced, if asked) the record that makes it trusted."""
@@ -246,6 +255,24 @@ def make_store_folder(path: Path, config: StoreConfig, compressor, frame_compres
         record["frames"] = 0
     write_atomic(path / COMMIT_FILE, json.dumps(record, separators=(",", ":")), fsync=fsync)
     return lock_fd
+
+
+def add_later_columns(group: zarr.Group, config: StoreConfig, fsync: bool) -> None:
+    """A writer opening a store made before a ``LATER_COLUMNS`` column existed: add it, empty (every row
+    reads its fill value), as long as the other columns and chunked like them. Only a ``zarr.json`` is
+    written, renamed into place: a crash leaves the column there or not, and the next writer adds it."""
+    data = group["data"]
+    specs = row_columns(config.obs_dim, config.action_dim, config.obs_spec)
+    like = data["reward"]
+    for name in LATER_COLUMNS:
+        if name in data:
+            continue
+        spec = specs[name]
+        data.create_array(name, shape=(like.shape[0], *spec.shape), chunks=(config.chunk_rows, *spec.shape),
+                          dtype=spec.dtype, fill_value=spec.fill, compressors=like.compressors)  # fmt: skip
+        if fsync:
+            root = Path(group.store.root)
+            fsync_files([root / "data" / name / "zarr.json"], root)
 
 
 def open_frames(group: zarr.Group, config: StoreConfig, record: dict, writable: bool) -> FrameColumns | None:
@@ -298,6 +325,9 @@ def check_chunk(chunk: TransitionChunk, config: StoreConfig) -> None:
             for name, shape in shapes.items()
             if shape != (n, *trailing.get(name, ()))
         ]
+    flags = chunk.intervention
+    if flags is not None and (np.shape(flags) != (n,) or not np.isin(flags, (0, 1)).all()):
+        wrong.append(f"intervention must hold {n} flags of 0 or 1, got shape {np.shape(flags)}")
     if n < 1:
         wrong.append("the chunk has no rows")
     if not _int_in(chunk.policy_version, -1, MAX_INT32):

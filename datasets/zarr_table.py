@@ -68,18 +68,23 @@ class ColumnSpec:
 class AppendTable:
     """Columns of one Zarr group sharing a row count; one writer appends at the end.
 
-    ``length`` is the number of flushed rows; ``end`` counts staged rows too.
+    ``length`` is the number of flushed rows; ``end`` counts staged rows too. ``late``: columns added
+    after rows were written (a store's ``LATER_COLUMNS``): missing (read-only) or shorter than the
+    rows, they read as their fill value there; a writable table needs them present (and grows them).
     """
 
     def __init__(self, group: zarr.Group, specs: dict[str, ColumnSpec], chunk_rows: int, length: int, writable: bool,
-                 mutable: tuple[str, ...] = ()):  # fmt: skip
+                 mutable: tuple[str, ...] = (), late: tuple[str, ...] = ()):  # fmt: skip
         self.group = group
         self.specs = specs
         self.chunk_rows = chunk_rows
         self.length = length
         self.end = length
         self.writable = writable
-        self.arrays: dict[str, zarr.Array] = {name: group[name] for name in specs}
+        self.late = late
+        self.arrays: dict[str, zarr.Array] = {
+            name: group[name] for name in specs if writable or name not in late or name in group
+        }
         # In-memory rows [base, end): the flushed rows of the last partial chunk, then staged rows.
         self.base = (length // chunk_rows) * chunk_rows
         self._buf: dict[str, np.ndarray] = {}
@@ -91,8 +96,8 @@ class AppendTable:
         if writable:
             self._buf = {name: self._alloc(name, 2 * chunk_rows) for name in specs}
             if length > self.base:
-                for name, arr in self.arrays.items():
-                    self._buf[name][: length - self.base] = arr[self.base : length]
+                for name in self.arrays:
+                    self._buf[name][: length - self.base] = self._column(name, self.base, length)
 
     @classmethod
     def create(
@@ -165,6 +170,10 @@ class AppendTable:
                 self._late.append((name, rows[split:], values[split:]))
         if split > 0:
             self._patches.setdefault(name, []).append((rows[:split], values[:split]))
+
+    def staged_sum(self, name: str) -> int:
+        """The sum of a one-value column over the staged rows [length, end) (held in memory)."""
+        return int(self._buf[name][self.length - self.base : self.end - self.base].sum(dtype=np.int64))
 
     def rows_in_memory(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Copies of rows [start, stop) from memory (start >= base)."""
@@ -269,19 +278,33 @@ class AppendTable:
             raise KeyError(f"unknown columns {sorted(unknown)}; known: {list(self.specs)}")
         if stop <= start:
             return {name: self._alloc(name, 0) for name in names}
-        return {name: self._array(name, stop)[start:stop] for name in names}
+        return {name: self._column(name, start, stop) for name in names}
+
+    def _column(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self.late:
+            return self._array(name, stop)[start:stop]
+        if name not in self.arrays and name in self.group:  # a writer added it since we opened
+            self.arrays[name] = self.group[name]
+        values = self._alloc(name, stop - start)  # the fill value where the column is missing or short
+        if name in self.arrays:
+            held = max(0, min(stop, self._array(name, stop).shape[0]) - start)
+            values[:held] = self.arrays[name][start : start + held]
+        return values
 
     def take(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows at sorted indices ``rows`` of one column from disk (each chunk read once)."""
         if len(rows) == 0:
             return self._alloc(name, 0)
+        if name in self.late:
+            return self._column(name, int(rows[0]), int(rows[-1]) + 1)[np.asarray(rows, np.int64) - int(rows[0])]
         return self._array(name, int(rows[-1]) + 1).oindex[np.asarray(rows, np.int64)]
 
     def _array(self, name: str, stop: int) -> zarr.Array:
         arr = self.arrays[name]
         if arr.shape[0] < stop:
             # Another process grew the array since we opened it: re-read its metadata.
-            arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode="r")
+            mode = "r+" if self.writable else "r"  # a writer's own late column (store_format.LATER_COLUMNS) grows
+            arr = self.arrays[name] = zarr.open_array(self.group.store, path=arr.path, mode=mode)
         return arr
 
 

@@ -154,6 +154,21 @@ TASKS: dict[str, TaskSpec] = {
             description="Fetch arm picks a block and places it at a goal (maybe in the air), sparse -1/0 reward.",
         ),
         TaskSpec(
+            name="arm-reach",
+            # robot/sim_arm.py registers the id when gym.make imports it ("module:id"): envs/ never imports robot/.
+            env_id="o2o.robot.sim_arm:o2o/ArmReach-v0",
+            max_episode_steps=60,
+            reward="sparse",
+            reward_pos=1.0,
+            reward_neg=0.0,
+            score="success",
+            datasets=_datasets("arm-reach", "expert", "medium", "mixed"),
+            description="3-joint MuJoCo arm (robot/sim_arm.py SimArm, the stand-in for an SO-101 through "
+            "LeRobot's Robot interface, driven by robot/robot_env.py RobotEnv): joint goals in degrees, "
+            "fingertip to a fixed target within 2 cm from a random start; sparse reward 1 on success, which ends "
+            "the episode.",
+        ),
+        TaskSpec(
             name="adroit-door-binary",
             env_id="AdroitHandDoor-v1",
             max_episode_steps=200,

@@ -3,6 +3,10 @@
 Camera tasks add uint8 frames: each frame is held once, in a ring per camera (``frame_ring``), and a
 row points at its obs and next frame; a batch carries them as uint8 images, not augmented (the agent
 applies DrQ's random shift to obs and next images separately).
+
+Human interventions (HIL-SERL): a buffer remembers which of its rows the operator acted (``add``'s
+``intervention`` flags) and samples those alone with ``sample_interventions`` (``mixed_batch`` draws
+them on the offline side of a batch too).
 """
 
 from __future__ import annotations
@@ -143,6 +147,11 @@ class TransitionBuffer:
             self.ring = FrameRing(cameras, frame_capacity, capacity, where, share_frames)
         self._added = 0  # rows added so far (absolute row numbers)
         self._first = 0  # the absolute row number where the sampling window starts (cameras only)
+        # Slots holding an operator's row (host flags, 1 byte a row); those in the sampling window as indices on
+        # the sampling device, refreshed by each add (none: no work at all).
+        self._intervention = np.zeros(capacity, bool)
+        self._flagged = False
+        self.intervention_slots = torch.zeros(0, dtype=torch.int64, device=self.ring.device if self.ring else self.device)
 
     @classmethod
     def from_transitions(cls, data: Transitions, low: np.ndarray, high: np.ndarray, device: torch.device,
@@ -181,25 +190,36 @@ class TransitionBuffer:
         return camera_columns(self.cameras) if self.cameras else ()
 
     def add(self, frames: Mapping[str, np.ndarray] | None = None, obs_frame: np.ndarray | None = None,
-            next_frame: np.ndarray | None = None, **rows: np.ndarray) -> None:  # fmt: skip
+            next_frame: np.ndarray | None = None, intervention: np.ndarray | None = None,
+            **rows: np.ndarray) -> None:  # fmt: skip
         """Append rows given as arrays by field name (actions already in [-1, 1]); with cameras, the
         ``frames`` ({camera: uint8 (F, H, W, C)}) they use and each row's ``obs_frame`` / ``next_frame``
-        index into them. Bad frames raise ValueError before anything is written."""
+        index into them; ``intervention``: 1 for the rows the operator acted (None: none). Bad frames
+        raise ValueError before anything is written."""
         n = len(rows["reward"])
+        if intervention is not None:  # travels with the rows through the cuts and reorders below
+            rows["intervention"] = np.asarray(intervention) != 0
         if (frames is None) != (self.ring is None):
             held = f"with cameras {list(self.ring.camera_names)}" if self.ring else "without cameras"
             raise ValueError(f"rows {'without' if frames is None else 'with'} frames for a buffer {held}")
         if self.ring is not None:
-            return self._add_with_frames(frames, obs_frame, next_frame, rows)
-        if n > self.capacity:
-            rows = {k: v[-self.capacity :] for k, v in rows.items()}
-            n = self.capacity
-        idx = (self._next + torch.arange(n)) % self.capacity
-        self._write(idx.to(self.device), rows, n)
+            self._add_with_frames(frames, obs_frame, next_frame, rows)
+        else:
+            if n > self.capacity:
+                rows = {k: v[-self.capacity :] for k, v in rows.items()}
+                n = self.capacity
+            idx = (self._next + torch.arange(n)) % self.capacity
+            self._write(idx.to(self.device), rows, n)
+        if self._flagged:
+            self._refresh_interventions()
 
     def _write(self, idx: torch.Tensor, rows: Mapping[str, np.ndarray], n: int) -> None:
         for name in FIELDS:
             self.columns[name][idx] = torch.as_tensor(rows[name], dtype=torch.float32).to(self.device, non_blocking=True)
+        flags = rows.get("intervention")
+        if self._flagged or (flags is not None and flags.any()):  # a run without interventions skips this
+            self._flagged = True
+            self._intervention[(self._next + np.arange(n)) % self.capacity] |= False if flags is None else flags
         self._next = (self._next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self._added += n
@@ -224,6 +244,22 @@ class TransitionBuffer:
         # The window: rows still in the row ring whose frames are all still in the frame ring.
         held = max(self._first, self._added - self.size)
         self._first = self.ring.first_valid_row(held, self._added, self.capacity)
+
+    def _refresh_interventions(self) -> None:
+        """The intervention rows' slots inside the sampling window (absolute rows [added - len, added))."""
+        slots = np.flatnonzero(self._intervention)
+        slots = slots[(slots - (self._added - len(self))) % self.capacity < len(self)]
+        self.intervention_slots = torch.from_numpy(slots).to(self.intervention_slots.device)
+
+    @property
+    def interventions(self) -> int:
+        """Rows the operator acted that can be sampled (known on the host: no device sync)."""
+        return len(self.intervention_slots)
+
+    def sample_interventions(self, batch_size: int) -> Batch:
+        """A batch drawn uniformly from the intervention rows (``interventions`` > 0), marked as offline rows
+        (``online_rows`` 0): ``mixed_batch`` puts them on the offline side, as HIL-SERL's demo buffer."""
+        return dataclasses.replace(self.sample_rows(self.intervention_slots, batch_size), online_rows=0)
 
     def sample(self, batch_size: int) -> Batch:
         if self.ring is None:

@@ -41,12 +41,16 @@ NORMALIZED_SCORE = "normalized_score"
 EPISODES = "episodes"
 STARTED_AT_UPDATES = "started_at_updates"
 ACCEPTED = "accepted"
+INTERVENTION_RATE = "intervention_rate"
+"""Share of the rows committed since the last ``train/`` record that the operator acted (HIL-SERL
+interventions; ``OnlineData.pop_intervention_rate``)."""
 
 # Full keys, as they appear in a metrics.jsonl record.
 STEP = "step"
 """Every record's step: updates (online) or gradient steps (pretraining)."""
 TRAIN_CRITIC_LOSS = key(TRAIN, CRITIC_LOSS)
 TRAIN_COMMITTED_ROWS = key(TRAIN, COMMITTED_ROWS)
+TRAIN_INTERVENTION_RATE = key(TRAIN, INTERVENTION_RATE)
 ONLINE_RETURN = key(ONLINE, RETURN)
 ONLINE_SUCCESS = key(ONLINE, SUCCESS)
 ONLINE_POLICY_VERSION_END = key(ONLINE, POLICY_VERSION_END)

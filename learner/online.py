@@ -51,6 +51,7 @@ from .metrics import MetricsLogger, RunningMean
 from .offline import pretrain
 from .online_data import OnlineData, UpdateLimiter, mixed_batch
 from .q_bound import QBound
+from .status_file import StatusFile, write_learner_state
 from .setup import init_torch, load_offline_data, make_agent, resolve_device
 from .subroutine import Retrainer, Subroutine
 
@@ -113,6 +114,7 @@ class FineTuning:
 
     def __post_init__(self):
         self.switches: list[dict] = list(self.extra.get("retrain_switches", []))  # retrains switched in (fine_tune)
+        self.last_checkpoint: dict | None = None  # {"updates", "time"} of this process's last one (o2o-status)
 
     def checkpoint(self, updates: int) -> None:
         """The run's checkpoint at ``updates`` online updates (``resume=<run folder>`` continues from it)."""
@@ -120,6 +122,7 @@ class FineTuning:
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.agent, self.spec, step, extra={
             "online_updates": updates, "policy_version": self.publisher.version, "run_id": self.publisher.run_id,
             "from_scratch": self.scratch, "retrain_switches": self.switches})  # fmt: skip
+        self.last_checkpoint = {"updates": updates, "time": time.time()}
 
 
 def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> FineTuning:
@@ -180,6 +183,8 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
     check_commit_interval(cfg.ingest.commit_interval_s)  # before any pretraining
     keys = LearnerKeys(cfg.keys) if cfg.keys else None  # bad keys fail before any pretraining
     init_torch(cfg.seed, cfg.threads)
+    if not (cfg.resume or cfg.pretrained or cfg.from_scratch):
+        write_learner_state(run_dir, "pretraining")  # o2o-status: the fleet comes after it
     run = prepare(cfg, run_dir, explicit)
     agent, online, store, publisher, task = run.agent, run.online, run.store, run.publisher, get_task(run.spec.task)
     updates, limiter = run.updates, UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)
@@ -191,6 +196,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
     evaluations = Evaluations(agent, task, cfg.eval, *action_bounds(run.spec), logger)
     retrainer = Retrainer(cfg, run.run_dir, Path(store.path), run.spec.net, run.scratch,
                           offline_steps=run.offline_steps)  # fmt: skip
+    status = StatusFile(run.run_dir, server, publisher, run.online_buffer, run, retrainer, updates=updates)
     subroutine = Subroutine(cfg, retrainer, agent, publisher, evaluations, logger, run.checkpoint, run.switches)
     logs, publishes, saves = (Cadence(every, updates) for every in (cfg.log_every, cfg.publish_every, cfg.checkpoint_every))
     total = cfg.online_updates or None
@@ -211,6 +217,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             for episode in online.pop_episodes():
                 logger.log(updates, ACTOR_EVAL if episode["eval"] else ONLINE, episode)
             monitor.maybe_log(logger, updates, publisher.version)
+            status.maybe_write(updates, "retraining" if retrainer.pauses_updates else "online")
             if evals.due(online.committed_rows):
                 evaluations.run(updates, online.committed_rows)
             fleet.check()
@@ -258,6 +265,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
             ("stop a running retrain", lambda: (interrupted or failed) and retrainer.stop()),
             ("log the last updates", lambda: running.count and logger.log(updates, TRAIN, running.pop())),
             ("write the final checkpoint", lambda: run.checkpoint(updates)),
+            ("write the status file", lambda: status.write(updates, "finishing" if ending else "stopped")),
             *([] if ending else fleet_steps),
             ("close the metrics log", lambda: ending or logger.close()),
         ], raise_first=not failed)
@@ -265,7 +273,8 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
         try:
             interrupted = not subroutine.finish(updates, online.committed_rows) or interrupted
         finally:
-            shutdown([*fleet_steps, ("close the metrics log", logger.close)], raise_first=True)
+            shutdown([("write the status file", lambda: status.write(updates, "stopped")), *fleet_steps,
+                      ("close the metrics log", logger.close)], raise_first=True)  # fmt: skip
     return {"updates": updates, "policy_version": publisher.version, "rows": online.committed_rows,
             "evaluations": evaluations.results, "interrupted": interrupted or stopping.requested() is not None,
             "checkpoint": run.run_dir / CHECKPOINT_NAME}

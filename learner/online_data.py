@@ -5,6 +5,10 @@ its rows, with their Cal-QL MC return-to-go, in ``CommitEvent.closed`` (the stor
 the rows of open episodes until then). So the learner holds nothing but its bounded
 sampling buffer: no copy of rows still waiting for their episode's end. Evaluation
 rows are never trained on by default.
+
+Human interventions (HIL-SERL): the rows the operator acted (the store's ``intervention`` column) enter
+the online buffer like every row and are also drawn on the offline side of each batch (``mixed_batch``),
+as HIL-SERL trains on them; ``pop_intervention_rate`` is the share of committed rows they make.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import queue
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.replay_store import LEARNER_COLUMNS, CommitEvent, ReplayStore
@@ -30,6 +35,7 @@ class _Commit(NamedTuple):
     stop: int
     closed: dict[str, np.ndarray]
     episodes: dict[str, np.ndarray]
+    interventions: int  # among the committed rows
 
 
 class OnlineData:
@@ -60,13 +66,15 @@ class OnlineData:
         fleet hold is decided on, like the updates, so rows that never train (eval, abandoned
         or open episodes) can never hold the fleet while the learner waits for data."""
         self.episodes: list[dict] = []  # closed episodes not yet logged
+        self.intervention_rows = 0  # committed rows the operator acted (HIL-SERL interventions)
+        self._rate_from = (0, 0)  # (committed_rows, intervention_rows) at the last pop_intervention_rate
 
     def on_commit(self, event: CommitEvent) -> None:
         """Runs in the ingest thread: count what became trainable, hand the event over."""
         keep = self._trainable(event.closed)
         self.trainable_committed += int(keep.sum())
         # Only the closed rows wait for ``drain``: the event's copy of the new rows is not needed.
-        self.events.put(_Commit(event.stop, event.closed, event.episodes))
+        self.events.put(_Commit(event.stop, event.closed, event.episodes, event.interventions))
 
     def _trainable(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         """Mask of the rows trained on: with an MC return, and not eval rows unless ``train_on_eval``."""
@@ -81,6 +89,7 @@ class OnlineData:
         for _ in range(self.events.qsize()):
             commit = self.events.get_nowait()
             self.committed_rows = max(self.committed_rows, commit.stop)
+            self.intervention_rows += commit.interventions
             added += self._add_trainable(commit.closed)
             self._collect_episodes(commit.episodes)
         return added
@@ -103,14 +112,16 @@ class OnlineData:
             next_obs=rows["next_obs"][keep],
             terminated=rows["terminated"][keep],
             mc_return=rows["mc_return"][keep],
+            intervention=rows["intervention"][keep] if "intervention" in rows else None,
             **images,
         )
         return int(keep.sum())
 
     def add_rows(self, obs, action, raw_reward, next_obs, terminated, mc_return, frames=None, obs_frame=None,
-                 next_frame=None) -> None:  # fmt: skip
+                 next_frame=None, intervention=None) -> None:  # fmt: skip
         """Trainable rows in store units (env actions, raw rewards) into the device buffer; with cameras,
-        the frames they use ({camera: uint8 (F, H, W, C)}) and their ``obs_frame`` / ``next_frame`` in them."""
+        the frames they use ({camera: uint8 (F, H, W, C)}) and their ``obs_frame`` / ``next_frame`` in them;
+        ``intervention``: 1 for the rows the operator acted (None: none)."""
         reward = self.data.scale(raw_reward)  # as offline rows and the store
         images = {} if frames is None else {"frames": frames, "obs_frame": obs_frame, "next_frame": next_frame}
         self.buffer.add(
@@ -120,6 +131,7 @@ class OnlineData:
             next_obs=next_obs,
             terminated=np.asarray(terminated, np.float32),
             mc_return=mc_return,
+            intervention=intervention,
             **images,
         )
         self.trainable_rows += len(reward)
@@ -148,6 +160,9 @@ class OnlineData:
         self.trainable_rows += total - added  # trainable, but older than the buffer holds
         self.committed_rows = rows.stop
         self.trainable_committed = self.trainable_rows
+        self.intervention_rows = sum(int(store.read(start, min(start + chunk, rows.stop), ["intervention"])
+                                         ["intervention"].sum()) for start in range(0, rows.stop, chunk))  # fmt: skip
+        self._rate_from = (self.committed_rows, self.intervention_rows)
         return self.trainable_rows
 
     def _collect_episodes(self, episodes: dict[str, np.ndarray]) -> None:
@@ -161,21 +176,48 @@ class OnlineData:
         done, self.episodes = self.episodes, []
         return done
 
+    def pop_intervention_rate(self) -> float:
+        """The share of the rows committed since the last call that the operator acted (HIL-SERL's
+        intervention rate, ``metric_keys.INTERVENTION_RATE``); 0.0 when no row was committed since."""
+        rows, flagged = self.committed_rows - self._rate_from[0], self.intervention_rows - self._rate_from[1]
+        self._rate_from = (self.committed_rows, self.intervention_rows)
+        return flagged / rows if rows > 0 else 0.0
+
 
 def mixed_batch(offline: TransitionBuffer | None, online: TransitionBuffer, batch_size: int,
                 offline_ratio: float) -> Batch:  # fmt: skip
-    """A batch with ``offline_ratio`` of its rows from the offline data, the rest from online data
-    (all online with no offline data: an online run from scratch)."""
-    if offline is None:
+    """A batch with ``offline_ratio`` of its rows from the offline side, the rest from online data.
+
+    The offline side is drawn uniformly from the offline data and the online buffer's intervention rows
+    together (the operator's rows stay in the online data as well): HIL-SERL inserts every intervention
+    transition into both its RL buffer and its demo buffer, and samples half of each batch from each
+    (rail-berkeley/hil-serl examples/train_rlpd.py at 5d02aed: ``intvn_data_store.insert`` in ``actor``,
+    lines 200-201; the ``actor_env_intvn`` store registered as ``demo_buffer``, line 267; the two
+    ``batch_size // 2`` iterators concatenated, lines 289-300 and 320-334); LeRobot's ``process_transitions``
+    (huggingface/lerobot src/lerobot/rl/learner.py) adds an ``is_intervention`` transition to its
+    ``offline_replay_buffer`` too. With no offline data (a run from scratch) the offline side is the
+    intervention rows alone; with neither, the batch is all online rows."""
+    n_flagged = online.interventions
+    if offline is None and n_flagged == 0:
         return online.sample(batch_size)
     if len(online) == 0:
         return offline.sample(batch_size)
     n_offline = offline_batch_rows(batch_size, offline_ratio)
     if n_offline == 0:
         return online.sample(batch_size)
-    if n_offline == batch_size:
-        return offline.sample(batch_size)
-    return concat_batches(offline.sample(n_offline), online.sample(batch_size - n_offline))
+    # Uniform over the union: the intervention rows' share of the offline side is Binomial(n_offline, p).
+    n_data = 0 if offline is None else len(offline)
+    n_intervention = 0 if n_flagged == 0 else n_offline if n_data == 0 else int(
+        torch.binomial(torch.tensor(float(n_offline)), torch.tensor(n_flagged / (n_data + n_flagged))))  # fmt: skip
+    parts = [offline.sample(n_offline - n_intervention)] if n_offline > n_intervention else []
+    if n_intervention:
+        parts.append(online.sample_interventions(n_intervention))
+    if n_offline < batch_size:
+        parts.append(online.sample(batch_size - n_offline))
+    batch = parts[0]
+    for part in parts[1:]:
+        batch = concat_batches(batch, part)
+    return batch
 
 
 class UpdateLimiter:

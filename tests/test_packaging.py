@@ -55,12 +55,14 @@ ALLOWED = {
     "envs": {"envs"},
     "datasets": {"datasets", "envs"},
     "transport": {"transport", "datasets", "envs"},
-    "actor": {"actor", "transport", "datasets", "envs"},
+    # A real arm's parts (robot/) run on the robot's machine too: no torch, no learner.
+    "robot": {"robot", "datasets", "envs"},
+    "actor": {"actor", "robot", "transport", "datasets", "envs"},
     "learner": {"learner", "transport", "datasets", "envs", "configs"},
     # The results matrix's cells and report read o2o's files: of the learner, only the metric names.
     "experiments": {"experiments", "datasets", "envs", "learner.metric_keys"},
     # The launchers start the learner and the actors as processes; nothing imports them.
-    "launch": {"launch", "learner", "actor", "experiments", "transport", "datasets", "envs", "configs"},
+    "launch": {"launch", "learner", "actor", "robot", "experiments", "transport", "datasets", "envs", "configs"},
 }
 TORCH_FREE = ["o2o.launch.launch", "o2o.launch.experiment", "o2o.experiments.report", "o2o.learner.metric_keys",
               "o2o.learner.commands"]  # fmt: skip

@@ -49,6 +49,9 @@ class LinkConfig:
     """If the learner keeps refusing this actor's hello for this long (another live actor process
     holds the same actor_id, or the learner serves its maximum number of actors), stop with an
     error (exit status 3). The hello is retried every heartbeat_s until then; 0 = retry forever."""
+    status_s: float = 1.0
+    """Send the actor's status (state, steps/s, episodes, ...: what o2o-status shows) to the learner this
+    often while welcomed; 0 = never."""
 
 
 @dataclasses.dataclass

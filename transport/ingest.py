@@ -19,6 +19,9 @@ DEALER that connects to it), in a background thread:
   consumed so later chunks go on) and is counted by reason, exactly.
 * ``publish_policy(version, onnx)`` sends a ``policy`` message to every actor
   the server has heard from, over the same socket.
+* ``status`` (from a welcomed connection) is kept as the actor's latest, with its arrival time, in
+  ``stats()["actors"][id]``; a malformed one is rejected and counted like any message. A refused hello's
+  reason is kept per actor_id in ``stats()["refused_hellos"]`` (``sessions.py``).
 
 Why one ROUTER for the policy too (not PUB/SUB): a late or reconnecting actor gets the
 current policy at ``hello`` instead of missing a PUB message sent before it subscribed, and
@@ -53,26 +56,9 @@ import zmq
 from o2o.datasets.replay_store import CommitEvent, ReplayStore, SeqGapError
 from o2o.transport.wakeup import Waker
 from o2o.transport.wire import (
-    BAD_FRAMES,
-    BAD_TYPE,
-    BAD_VALUE,
-    KEY_REFUSED,
-    NOT_WELCOMED,
-    RATE_LIMITED,
-    Ack,
-    ChunkSpec,
-    Policy,
-    Reject,
-    Resend,
-    Welcome,
-    WireError,
-    decode_chunk,
-    decode_header,
-    decode_hello,
-    encode,
-    is_newer_policy,
-    make_policy,
-)
+    BAD_FRAMES, BAD_TYPE, BAD_VALUE, KEY_REFUSED, NOT_WELCOMED, RATE_LIMITED, Ack, ChunkSpec, Policy, Reject, Resend,
+    Welcome, WireError, decode_chunk, decode_header, decode_hello, decode_status, encode, is_newer_policy, make_policy,
+)  # fmt: skip
 
 from .config import IngestConfig, check_commit_interval
 from .group_commit import GroupCommit
@@ -241,12 +227,8 @@ class IngestServer:
                 "committed_rows": len(self.store),
                 "rejected": dict(self._rejected),
                 **self._counters,
-                "forgotten_actors": self._sessions.forgotten,
                 "refused_keys": dict(self.keys.allow.refused) if self.keys is not None else {},
-                "actors": {
-                    actor_id: {**dataclasses.asdict(s), "rejected": dict(s.rejected)}
-                    for actor_id, s in self._actors.items()
-                },
+                **self._sessions.snapshot(),  # forgotten_actors, refused_hellos, actors
             }
 
     # ------------------------------------------------------------ server thread
@@ -431,9 +413,19 @@ class IngestServer:
             self._on_chunk(sock, identity, body, header)
         elif kind == "hello":
             self._on_hello(sock, identity, body, header, owner)
+        elif kind == "status":
+            self._on_status(sock, identity, body, header)
         else:
-            err = WireError(BAD_TYPE, f"actors send 'chunk' or 'hello' messages, not {kind!r}")
+            err = WireError(BAD_TYPE, f"actors send 'chunk', 'hello' or 'status' messages, not {kind!r}")
             self._reject(sock, identity, self._actor_of.get(identity), -1, err)
+
+    def _on_status(self, sock: zmq.Socket, identity: bytes, body: list, header: dict) -> None:
+        try:
+            status = decode_status(body, header)
+        except WireError as err:
+            return
+        if (stats := self._welcomed(sock, identity, status.actor_id)) is not None:
+            self._sessions.set_status(stats, status)
 
     def _welcomed(self, sock: zmq.Socket, identity: bytes, actor_id: str | None) -> ActorStats | None:
         """The stats of ``actor_id`` if this connection was welcomed as it; else refuse the message."""
@@ -548,6 +540,8 @@ class IngestServer:
             check_hello(hello, owner, self.task, self.spec)
             self._sessions.admit(identity, hello.actor_id, hello.instance, self.store.committed_seq(hello.actor_id))
         except WireError as err:
+            if err.actor_id is not None:  # its hello named it (an unreadable hello names nobody)
+                self._sessions.refuse(err.actor_id, err)
             welcomed_as = self._actor_of.get(identity)
             self._reject(sock, identity, welcomed_as if welcomed_as == err.actor_id else None, -1, err,
                          claimed=err.actor_id)  # fmt: skip

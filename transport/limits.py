@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from o2o.datasets.rows import frame_key
+from o2o.datasets.rows import ARRAY_NAMES, INTERVENTION, frame_key
 from o2o.envs.obs_spec import CameraSpec, ObsSpec
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -74,8 +74,9 @@ class ChunkSpec:
         """{camera: [H, W, C]}, as a hello carries it."""
         return {c.name: list(c.shape) for c in self.cameras}
 
-    def array_specs(self, n: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, shape) of the row arrays of an n-row chunk, in frame order (camera frames follow)."""
+    def array_specs(self, n: int, intervention: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of the row arrays of an n-row chunk, in frame order (camera frames follow);
+        ``intervention``: with the optional 8th array (a chunk with an operator's row, datasets/rows.py)."""
         return [
             ("obs", "<f4", (n, self.obs_dim)),
             ("action", "<f4", (n, self.action_dim)),
@@ -84,6 +85,7 @@ class ChunkSpec:
             ("terminated", "|u1", (n,)),
             ("truncated", "|u1", (n,)),
             ("success", "|u1", (n,)),
+            *([(INTERVENTION, "|u1", (n,))] if intervention else []),
         ]
 
     def frame_specs(self, n_frames: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -95,3 +97,9 @@ class ChunkSpec:
         """Largest frame a valid chunk holds (for ZeroMQ's MAXMSGSIZE guard)."""
         image = max((c.frame_bytes for c in self.cameras), default=0)
         return max(MAX_HEADER_BYTES, self.max_rows * max(self.obs_dim, self.action_dim) * 4, 2 * self.max_rows * image)
+
+
+def lists_intervention(descr) -> bool:
+    """Whether a chunk header's ``arrays`` lists the optional intervention array after the row arrays."""
+    entry = descr[len(ARRAY_NAMES)] if isinstance(descr, list) and len(descr) > len(ARRAY_NAMES) else None
+    return isinstance(entry, list) and entry[:1] == [INTERVENTION]

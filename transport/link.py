@@ -26,6 +26,8 @@ this thread does the rest:
   a socket monitor reports a refused handshake (unknown key, no key, another learner), handled
   as a refused hello: retried, fatal after ``id_in_use_timeout_s``. ``key_refused`` (a key for
   another actor_id, or revoked) is fatal at once.
+* a ``status`` message every ``status_s`` while welcomed: what ``status_source()`` (the actor's
+  ``Actor.status``, set by actor/main.py) reports; a source that raises is logged (rate-limited) and skipped.
 * after ``timeout_s`` of silence the learner counts as lost (``learner_lost``;
   the loop then continues or stops, per config) and the socket is recreated
   until the learner answers again.
@@ -42,12 +44,13 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from o2o.transport.security import ActorKeys
+from o2o.transport.status_msg import Status
 from o2o.transport.wakeup import Waker
 from o2o.transport.wire import (
     ACTOR_ID_IN_USE,
@@ -94,6 +97,8 @@ class LinkStats:
     bad_messages: int = 0
     reconnects: int = 0
     hellos: int = 0
+    statuses: int = 0  # status messages sent
+    status_errors: int = 0  # status_source() calls that raised or returned a bad status (not sent)
 
 
 class Link:
@@ -144,7 +149,9 @@ class Link:
         self.error: BaseException | None = None
         self.fatal: str | None = None  # the learner refused this actor (other task / dimensions)
         self.learner_lost = False
+        self.learner_version = -1  # the newest policy version the learner published (acks, welcome)
         self.hold = False  # the learner's flow control (ack.hold): see status().held
+        self.status_source: Callable[[], dict] | None = None  # the actor's Actor.status, sent every cfg.status_s
         # Link-thread state.
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None  # handshake failures of a CURVE link
@@ -155,6 +162,7 @@ class Link:
         self._last_recv = 0.0
         self._last_hello = 0.0
         self._hello_pending = False
+        self._last_status = 0.0
         self._last_reconnect = 0.0
         self._version_behind_since: float | None = None
         self._refused_since: float | None = None  # first hello refusal (id in use / too many actors) in a row
@@ -276,6 +284,7 @@ class Link:
                 self._take_inbox()
                 self._send_window()
                 self._keepalive()
+                self._send_status()
                 self._notify()
         except BaseException as err:  # surfaced through status().stop
             self.error = err
@@ -354,6 +363,7 @@ class Link:
         if kind == "ack":
             ack = decode_ack(frames, header)
             self._acked(ack.seq)
+            self.learner_version = ack.policy_version  # the newest it published: a robot holds when far behind
             if ack.hold != self.hold:
                 self.hold = ack.hold
                 log.info("learner %s the fleet (its samples-per-insert limiter)", "holds" if ack.hold else "releases")
@@ -400,6 +410,7 @@ class Link:
                        "the learner publishes a newer one", welcome.policy_version, self._received_version,
                        self._received_version)  # fmt: skip
         self.hold = welcome.hold
+        self.learner_version = welcome.policy_version
         if not self._welcomed:
             self._welcomed = True
             self._next_send = welcome.seq + 1  # resend everything the learner has not committed
@@ -548,6 +559,22 @@ class Link:
         except zmq.Again:  # not connected (yet): retried every poll until it goes out
             self._hello_pending = True
 
+    def _send_status(self) -> None:
+        """The actor's status every ``status_s`` while welcomed (skipped when it cannot go out now)."""
+        source, every, now = self.status_source, self.cfg.status_s, time.monotonic()
+        if source is None or every <= 0 or not self._welcomed or now - self._last_status < every:
+            return
+        self._last_status = now
+        try:
+            frames = encode(Status.from_report(self.actor_id, {"spool_depth": len(self.spool), **source()}))
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            self.stats.statuses += 1
+        except zmq.Again:  # not connected or the queue is full: the next one goes in status_s
+            pass
+        except Exception:  # a bug in the source must not stop the link: chunks and acks go on
+            self.stats.status_errors += 1
+            self._limited.log("status", logging.ERROR, "the actor's status could not be sent", exc_info=True)
+
     def _warn(self, key: str, message: str, *args) -> None:
         self._limited.warning(key, message, *args)
 
@@ -563,5 +590,8 @@ class Link:
             "policies_built": self.policies.built,
             "policies_refused": self.policies.refused,
             "learner_lost": self.learner_lost,
+            # A robot's watchdog holds the arm on these (robot/safety.py LinkWatchdog).
+            "learner_silent_s": time.monotonic() - self._last_recv if self._welcomed else None,
+            "learner_policy_version": self.learner_version,
             "held": self.hold,
         }

@@ -4,6 +4,8 @@ A ``hello`` binds the actor_id to that connection: a second live connection of a
 process with the same id is refused (``actor_id_in_use``) until the first has been silent for
 ``actor_live_s``. At most ``max_actors`` actors are served; to make room, the one silent the
 longest is forgotten if it is not live (its store entry stays: only the session and counters go).
+Each actor's latest ``status`` message is kept with its stats; the last refusal of a hello is kept per
+actor_id (the most recent ``MAX_REFUSED_IDS`` ids) until that id is admitted: o2o-status shows both.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import time
 from collections.abc import Callable
 
 from .rate_log import RateLimitedLog
-from .wire import ACTOR_ID_IN_USE, BAD_SPEC, KEY_REFUSED, TOO_MANY_ACTORS, ChunkSpec, Hello, WireError
+from .wire import ACTOR_ID_IN_USE, BAD_SPEC, KEY_REFUSED, TOO_MANY_ACTORS, ChunkSpec, Hello, Status, WireError
 
 MAX_ID_CHARS = 32  # actor ids as logged (the wire allows 128)
+MAX_REFUSED_IDS = 256  # refused hellos remembered (made-up ids cannot grow it)
+MAX_REFUSAL_CHARS = 300  # of a refusal's message, as kept
 
 
 def clip(text: str, limit: int) -> str:
@@ -45,6 +49,8 @@ class ActorStats:
     policy_version: int = -1  # policy version of the last chunk
     committed_seq: int = -1
     instance: str = ""  # the actor process that holds this actor_id (from its hello)
+    status: dict | None = None  # its latest status message (transport/status_msg.py), None before the first
+    status_time: float = 0.0  # time.time() it arrived
 
 
 class Sessions:
@@ -63,6 +69,23 @@ class Sessions:
         self.identity: dict[str, bytes] = {}  # actor_id -> latest ZeroMQ routing id
         self.actor_of: dict[bytes, str] = {}
         self.forgotten = 0
+        self.refused: dict[str, dict] = {}  # actor_id -> its last refused hello: reason, message, time
+
+    def snapshot(self) -> dict:
+        """The sessions' part of the server's ``stats()``, copied."""
+        return {"forgotten_actors": self.forgotten, "refused_hellos": {a: dict(r) for a, r in self.refused.items()},
+                "actors": {actor_id: dataclasses.asdict(s) for actor_id, s in self.actors.items()}}
+
+    def set_status(self, stats: ActorStats, status: Status) -> None:
+        stats.status, stats.status_time = status.report(), time.time()
+
+    def refuse(self, actor_id: str, err: WireError) -> None:
+        """Remember why ``actor_id``'s hello was refused (until it is admitted)."""
+        self.refused.pop(actor_id, None)  # re-inserted: the dict stays in order of the last refusal
+        if len(self.refused) >= MAX_REFUSED_IDS:
+            del self.refused[next(iter(self.refused))]
+        message = err.message[:MAX_REFUSAL_CHARS]
+        self.refused[actor_id] = {"reason": err.reason, "message": message, "time": time.time()}
 
     def welcomed(self, identity: bytes, actor_id: str | None) -> ActorStats | None:
         """The stats of ``actor_id`` if this connection was welcomed as it (its last contact is now)."""
@@ -95,6 +118,7 @@ class Sessions:
             self.actor_of.pop(old, None)
         self.identity[actor_id] = identity
         self.actor_of[identity] = actor_id
+        self.refused.pop(actor_id, None)
         stats.instance = instance
         stats.last_contact = now
         return stats

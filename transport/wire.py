@@ -14,8 +14,10 @@ Messages (-> is the direction):
             the 7 frames that follow, in this order: obs (n, obs_dim) <f4,
             action (n, action_dim) <f4, reward (n,) <f4 (the raw env reward),
             next_obs (n, obs_dim) <f4, terminated (n,) |u1, truncated (n,) |u1,
-            success (n,) |u1. A chunk may span episodes: the rows after a
-            terminated/truncated row belong to episode ``episode_id + 1``, from step 0.
+            success (n,) |u1; then intervention (n,) |u1 only when a row's executed action was
+            the operator's (HIL-SERL; absent = all 0, so older actors' chunks still decode).
+            A chunk may span episodes: the rows after a terminated/truncated row belong to
+            episode ``episode_id + 1``, from step 0.
             A task with cameras adds one frame per camera, in the order of their names:
             ``frames/<camera>`` (F, H, W, C) |u1, its images in the segment layout of
             ``datasets/rows.py`` (F = ``frame_layout(terminated, truncated)``'s count; obs
@@ -47,6 +49,10 @@ Messages (-> is the direction):
             ``accepted_seq``, ``hold`` and ``run_id`` (optional).
 ``policy``  learner -> actors. ``version``, ``sha256`` (hex), ``size`` + one frame
             holding the ONNX bytes; ``run_id`` (optional, default "").
+``status``  actor -> learner, about once a second once welcomed (``link.status_s``): what the actor
+            does now, for ``o2o-status``. ``actor_id``, ``state`` (``status_msg.STATES``),
+            ``waiting_for`` (str of <= 200 chars, or nil), ``steps``, ``steps_per_s``, ``episodes``,
+            ``successes``, ``interventions``, ``policy_version``, ``spool_depth``: see ``status_msg.py``.
 
 Policy versions count up within one learner run (a resumed run continues its count);
 ``run_id`` names the run. An actor takes a policy whose ``run_id`` differs from the one
@@ -73,74 +79,27 @@ import numpy as np
 
 # The row schema (names, order, TransitionChunk) is datasets/rows.py: one for wire, store and buffer.
 from o2o.datasets.rows import (
-    ARRAY_NAMES, FLAG_ARRAYS, FLOAT_ARRAYS, MAX_INT32, TransitionChunk, frame_key, frame_layout,
+    ARRAY_NAMES, FLAG_ARRAYS, FLOAT_ARRAYS, INTERVENTION, MAX_INT32, TransitionChunk, frame_key, frame_layout,
 )  # fmt: skip
 
 # The size limits and ChunkSpec (what a receiver accepts of a task) are transport/limits.py.
 from .limits import (  # noqa: F401 (re-exported: wire.ChunkSpec, wire.MAX_POLICY_BYTES, ...)
     MAX_ACTOR_ID_LEN, MAX_CAMERAS, MAX_CHUNK_FRAME_BYTES, MAX_HEADER_BYTES, MAX_IMAGE_SIDE, MAX_POLICY_BYTES,
-    MAX_ROWS, MAX_RUN_ID_LEN, ChunkSpec,
+    MAX_ROWS, MAX_RUN_ID_LEN, ChunkSpec, lists_intervention,
 )  # fmt: skip
+from .status_msg import Status, check_status
 
 WIRE_VERSION = 1
 
-# Stable rejection reason codes.
-BAD_HEADER = "bad_header"  # frame 0 is not a msgpack map, or a key is missing or mistyped
-BAD_VERSION = "bad_version"
-BAD_TYPE = "bad_type"  # unknown message type, or a type this receiver does not accept
-BAD_FRAMES = "bad_frames"  # wrong number of frames
-BAD_DTYPE = "bad_dtype"
-BAD_SHAPE = "bad_shape"
-BAD_LENGTH = "bad_length"  # frame byte length does not match dtype x shape
-NON_FINITE = "non_finite"
-BAD_VALUE = "bad_value"  # e.g. a flag that is neither 0 nor 1
-TOO_LARGE = "too_large"
-BAD_CHECKSUM = "bad_checksum"
-BAD_SPEC = "bad_spec"  # hello for another task / other dimensions
-ACTOR_ID_IN_USE = "actor_id_in_use"  # hello: another live connection holds this actor_id
-NOT_WELCOMED = "not_welcomed"  # chunk from a connection that has not been welcomed: say hello first
-TOO_MANY_ACTORS = "too_many_actors"  # hello: the learner serves its maximum number of actors
-KEY_REFUSED = "key_refused"  # CURVE: the sender's key is not (or no longer) allowed, or belongs to another actor_id
-RATE_LIMITED = "rate_limited"  # a chunk past its actor's rows/s budget: not stored, the actor resends it later
-REASONS = frozenset(
-    {
-        BAD_HEADER,
-        BAD_VERSION,
-        BAD_TYPE,
-        BAD_FRAMES,
-        BAD_DTYPE,
-        BAD_SHAPE,
-        BAD_LENGTH,
-        NON_FINITE,
-        BAD_VALUE,
-        TOO_LARGE,
-        BAD_CHECKSUM,
-        BAD_SPEC,
-        ACTOR_ID_IN_USE,
-        NOT_WELCOMED,
-        TOO_MANY_ACTORS,
-        KEY_REFUSED,
-        RATE_LIMITED,
-    }
-)
+# The rejection reason codes and WireError are transport/wire_errors.py (re-exported: wire.BAD_HEADER, ...).
+from .wire_errors import (  # noqa: F401
+    ACTOR_ID_IN_USE, BAD_CHECKSUM, BAD_DTYPE, BAD_FRAMES, BAD_HEADER, BAD_LENGTH, BAD_SHAPE, BAD_SPEC, BAD_TYPE,
+    BAD_VALUE, BAD_VERSION, KEY_REFUSED, NON_FINITE, NOT_WELCOMED, RATE_LIMITED, REASONS, TOO_LARGE,
+    TOO_MANY_ACTORS, WireError,
+)  # fmt: skip
 
 # A frame as sent or received: bytes, a memoryview (zero-copy send) or a zmq.Frame.
 Frame = Any
-
-
-class WireError(ValueError):
-    """A message that does not follow the wire format.
-
-    ``reason`` is one of ``REASONS``. For a chunk whose header named its sender
-    before the failure, ``actor_id`` and ``seq`` say which chunk it was.
-    """
-
-    def __init__(self, reason: str, message: str, actor_id: str | None = None, seq: int | None = None):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-        self.actor_id = actor_id
-        self.seq = seq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +178,7 @@ def is_newer_policy(run_id: str, version: int, held_run: str, held_version: int)
     return run_id != held_run or version > held_version
 
 
-Message = Union[TransitionChunk, Ack, Reject, Resend, Hello, Welcome, Policy]
+Message = Union[TransitionChunk, Ack, Reject, Resend, Hello, Welcome, Policy, Status]
 
 
 # ---------------------------------------------------------------- header helpers
@@ -318,7 +277,8 @@ def encode_chunk(chunk: TransitionChunk) -> list[bytes | memoryview]:
     n = chunk.n
     arrays = []
     descr = []
-    for name, dtype in zip(ARRAY_NAMES, ("<f4",) * 4 + ("|u1",) * 3):
+    names = (*ARRAY_NAMES, INTERVENTION) if chunk.intervened else ARRAY_NAMES  # without one: today's bytes
+    for name, dtype in zip(names, ("<f4",) * 4 + ("|u1",) * 4):
         arr = _wire_array(getattr(chunk, name), dtype)
         if len(arr) != n:
             raise ValueError(f"chunk array {name} has {len(arr)} rows, reward has {n}")
@@ -374,31 +334,32 @@ def _decode_chunk_body(frames, spec: ChunkSpec, header: dict, actor_id: str, seq
         raise WireError(TOO_LARGE, f"chunk of {n} rows exceeds the limit of {spec.max_rows} rows")
     if step + n - 1 > MAX_INT32:
         raise WireError(BAD_HEADER, f"episode steps {step}..{step + n - 1} exceed the int32 step column ({MAX_INT32})")
-    n_arrays = len(ARRAY_NAMES) + len(spec.cameras)
+    descr = header.get("arrays")
+    row_specs = spec.array_specs(n, lists_intervention(descr))  # the 7 row arrays, maybe intervention
+    n_arrays = len(row_specs) + len(spec.cameras)
     if len(frames) != 1 + n_arrays:
         cameras = f"one per camera of {list(spec.camera_shapes)}" if spec.cameras else "no camera frames"
-        raise WireError(BAD_FRAMES, f"a chunk of this task has {1 + n_arrays} frames (header, {len(ARRAY_NAMES)} "
+        raise WireError(BAD_FRAMES, f"a chunk of this task has {1 + n_arrays} frames (header, {len(row_specs)} "
                         f"arrays, {cameras}), got {len(frames)}")  # fmt: skip
-    descr = header.get("arrays")
     if not isinstance(descr, list) or len(descr) != n_arrays:
         raise WireError(BAD_HEADER, f"header field 'arrays' must list {n_arrays} [name, dtype, shape] entries")
     arrays: dict[str, np.ndarray] = {}
     why = f"obs_dim={spec.obs_dim}, action_dim={spec.action_dim}, n={n}"
-    for frame, entry, (name, dtype, shape) in zip(frames[1:], descr, spec.array_specs(n)):
+    for frame, entry, (name, dtype, shape) in zip(frames[1:], descr, row_specs):
         arrays[name] = _view(frame, entry, name, dtype, shape, why)
     for name in FLOAT_ARRAYS:
         finite = np.isfinite(arrays[name])
         if not finite.all():
             row = int(np.flatnonzero(~finite.reshape(n, -1).all(axis=1))[0])
             raise WireError(NON_FINITE, f"{name} holds NaN or inf (first at row {row})")
-    for name in FLAG_ARRAYS:
+    for name in (*FLAG_ARRAYS, INTERVENTION) if INTERVENTION in arrays else FLAG_ARRAYS:
         if (arrays[name] > 1).any():
             raise WireError(BAD_VALUE, f"{name} flags must be 0 or 1")
     images = {}
     if spec.cameras:  # after the flags: they say how many frames the chunk holds
         _, n_frames = frame_layout(arrays["terminated"], arrays["truncated"])
         segments = n_frames - n
-        frame_arrays = zip(frames[1 + len(ARRAY_NAMES):], descr[len(ARRAY_NAMES):], spec.frame_specs(n_frames))
+        frame_arrays = zip(frames[1 + len(row_specs):], descr[len(row_specs):], spec.frame_specs(n_frames))
         for camera, (frame, entry, (name, dtype, shape)) in zip(spec.cameras, frame_arrays):
             why = (f"camera {camera.name!r} is {'x'.join(map(str, camera.shape))} in the task's spec; {n} rows in "
                    f"{segments} segments carry {n_frames} frames")  # fmt: skip
@@ -555,6 +516,16 @@ def decode_policy(
     return Policy(version=version, sha256=sha, onnx=onnx, run_id=run_id)
 
 
+def encode_status(msg: Status) -> list[bytes]:
+    return [_pack({"type": "status", **dataclasses.asdict(msg)})]
+
+
+def decode_status(frames: Sequence[Frame], header: dict | None = None) -> Status:
+    header = _header_of(frames, header, "status")
+    _frame_count(frames, 1, "status")
+    return check_status(header)
+
+
 # ---------------------------------------------------------------- generic entry points
 
 _ENCODERS = {
@@ -565,6 +536,7 @@ _ENCODERS = {
     Hello: encode_hello,
     Welcome: encode_welcome,
     Policy: encode_policy,
+    Status: encode_status,
 }
 _DECODERS = {
     "chunk": None,  # needs a ChunkSpec, see decode()
@@ -574,6 +546,7 @@ _DECODERS = {
     "hello": decode_hello,
     "welcome": decode_welcome,
     "policy": decode_policy,
+    "status": decode_status,
 }
 
 

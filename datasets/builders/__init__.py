@@ -35,11 +35,13 @@ BUILDER_MODULES = {
     "fetch-push": "fetch",
     "fetch-pick": "fetch",
     "fetch-push-pixels": "fetch",
+    "arm-reach": "arm_reach",
 }
 QUALITIES = ("expert", "medium", "mixed")
 DEFAULT_EPISODES = {"pointmaze-umaze": 300, "pointmaze-medium": 300, "pointmaze-umaze-pixels": 300,
                     "pointmaze-medium-pixels": 300, "pusher": 300, "fetch-push": 500, "fetch-pick": 500,
-                    "fetch-push-pixels": 100}  # rendering: ~6-26 ms a step, a few minutes for the three qualities
+                    "fetch-push-pixels": 100,  # rendering: ~6-26 ms a step, a few minutes for the three qualities
+                    "arm-reach": 200}  # a few seconds each
 
 BUILDER_VERSION = 1
 """Bump when a builder records other episodes for the same parameters: older datasets are then refused."""

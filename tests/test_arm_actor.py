@@ -1,0 +1,180 @@
+"""A robot actor as a user runs it: ``o2o-actor task=arm-reach robot.type=...`` in its own process, acting on
+the MuJoCo arm that stands in for hardware (tests/arm_journal.py writes every call that reaches the "servos").
+
+Guards issue 21's safety part: a policy that outputs garbage (NaN, out of bounds, oscillating) never reaches
+the arm as such; every exit path (done, SIGTERM, a robot fault, the learner lost) leaves the arm held and
+disconnected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from o2o.datasets.policy_format import FORMAT_VERSION
+from o2o.robot.sim_arm import JOINT_RANGES, JOINTS
+
+TESTS = Path(__file__).parent
+LOW = np.array([JOINT_RANGES[j][0] for j in JOINTS])
+HIGH = np.array([JOINT_RANGES[j][1] for j in JOINTS])
+MAX_STEP = 5.0
+HOME = "{shoulder_pan:10,shoulder_lift:-20,elbow_flex:90}"
+
+
+def garbage_policy(kind: str) -> bytes:
+    """An arm-reach policy (3 joint readings in, 3 joint goals out) that outputs garbage:
+    "nan" NaN goals; "out" goals far outside every joint's range; "oscillate" -1000 x the reading
+    (bang-bang around 0: the goal flips from far above to far below the range as a joint crosses 0)."""
+    inputs = [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", 3]),
+              helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 3])]  # fmt: skip
+    value = {"nan": [float("nan")] * 3, "out": [1000.0, -1000.0, 1000.0], "oscillate": [0.0] * 3}[kind]
+    gain = -1000.0 if kind == "oscillate" else 0.0
+    nodes = [helper.make_node("Mul", ["obs", "gain"], ["scaled"]),
+             helper.make_node("Mul", ["noise", "zero"], ["noise0"]),
+             helper.make_node("Add", ["scaled", "noise0"], ["moved"]),
+             helper.make_node("Add", ["moved", "value"], ["action"])]  # fmt: skip
+    constants = [helper.make_tensor("gain", TensorProto.FLOAT, [], [gain]),
+                 helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                 helper.make_tensor("value", TensorProto.FLOAT, [3], value)]  # fmt: skip
+    graph = helper.make_graph(nodes, f"{kind}_policy", inputs,
+                              [helper.make_tensor_value_info("action", TensorProto.FLOAT, ["batch", 3])],
+                              initializer=constants)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {
+        "o2o_format_version": FORMAT_VERSION, "task": "arm-reach", "obs_dim": "3", "action_dim": "3",
+        "action_low": json.dumps(LOW.tolist()), "action_high": json.dumps(HIGH.tolist()), "policy_version": "0",
+        "training_step": "0", "input_names": json.dumps(["obs", "noise"]), "output_names": json.dumps(["action"]),
+        "noise": "standard_normal", "cameras": "{}"})  # fmt: skip
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def actor_command(tmp_path: Path, policy: str, *args: str, robot_options: str = "") -> list[str]:
+    (tmp_path / "policy.onnx").write_bytes(garbage_policy(policy))
+    return [sys.executable, "-m", "o2o.actor.main", "task=arm-reach", "actor_id=arm-1", "learner=null",
+            f"policy.path={tmp_path / 'policy.onnx'}", "robot.type=arm_journal:JournalArm",
+            f"robot.options={{journal:{tmp_path / 'journal.jsonl'}{robot_options}}}", "arm.reset=home", f"arm.home={HOME}",
+            f"arm.max_step={MAX_STEP}", "arm.teleop=none", f"stats_file={tmp_path / 'stats.json'}", *args]  # fmt: skip
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def run_actor(tmp_path: Path, policy: str, *args: str, robot_options: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(actor_command(tmp_path, policy, *args, robot_options=robot_options), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def journal(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+
+
+def is_hold(entry: dict) -> bool:
+    """A send whose goals are where the arm is: keeping it still."""
+    return entry["op"] == "send" and np.allclose(entry["action"], entry["measured"], atol=1e-3)
+
+
+def assert_left_held_and_disconnected(entries: list[dict]) -> None:
+    assert entries[-1]["op"] == "disconnect", entries[-3:]
+    assert is_hold(entries[-2]), f"the last thing sent before disconnecting must hold the arm: {entries[-3:]}"
+
+
+def assert_every_goal_safe(entries: list[dict]) -> list[np.ndarray]:
+    """Every goal sent lies within the joints' ranges, is finite, and (apart from holds, which go to where the arm
+    already is) moves at most MAX_STEP from the goal before it or from where the arm is. Returns the goals."""
+    goals, previous = [], None
+    for entry in entries:
+        if entry["op"] != "send":
+            previous = None if entry["op"] == "connect" else previous
+            continue
+        goal = np.array(entry["action"])
+        assert np.isfinite(goal).all(), entry
+        assert (goal >= LOW - 1e-4).all() and (goal <= HIGH + 1e-4).all(), entry
+        if previous is not None and not is_hold(entry):
+            # From the last goal, or (the first step after a reset, as LeRobot's max_relative_target) from where
+            # the arm is.
+            from_goal = np.abs(goal - previous).max()
+            from_arm = np.abs(goal - np.array(entry["measured"])).max()
+            assert min(from_goal, from_arm) <= MAX_STEP + 1e-3, (previous, entry)
+        goals.append(goal)
+        previous = goal
+    return goals
+
+
+def test_a_policy_outside_every_bound_is_clipped_and_rate_limited_and_the_arm_left_held(tmp_path):
+    done = run_actor(tmp_path, "out", "max_steps=30")
+    assert done.returncode == 0, done.stderr
+    entries = journal(tmp_path)
+    assert_every_goal_safe(entries)
+    sends = [e for e in entries if e["op"] == "send"]
+    acted = np.array([e["action"] for e in sends[-31:-1]])  # the 30 steps (before: the home move; after: the hold)
+    # From home (10, -20, 90, within 2 degrees) the policy's +1000/-1000/+1000 drive each joint to that end of its
+    # range 5 degrees a step: 20, 16 and 12 steps, so by step 30 the goals sit on the ends, and never beyond.
+    start = np.array(sends[-31]["measured"])
+    assert np.allclose(acted[0], start + [MAX_STEP, -MAX_STEP, MAX_STEP], atol=1e-3)
+    assert np.allclose(acted[-1], [HIGH[0], LOW[1], HIGH[2]])
+    assert np.allclose(np.diff(acted[:20, 0]), MAX_STEP, atol=0.5)  # climbing at the rate limit, not jumping
+    assert_left_held_and_disconnected(entries)
+    stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
+    assert stats["steps"] == 30
+
+
+def test_an_oscillating_policy_moves_the_arm_at_most_max_step_a_step(tmp_path):
+    done = run_actor(tmp_path, "oscillate", "max_steps=40")
+    assert done.returncode == 0, done.stderr
+    entries = journal(tmp_path)
+    goals = np.array(assert_every_goal_safe(entries))
+    steps = np.diff(goals, axis=0)
+    assert (np.sign(steps[:, 0]) > 0).any() and (np.sign(steps[:, 0]) < 0).any(), "the policy did not oscillate"
+    assert_left_held_and_disconnected(entries)
+
+
+def test_a_nan_policy_stops_the_actor_safely_without_sending_it(tmp_path):
+    done = run_actor(tmp_path, "nan", "max_steps=30")
+    assert done.returncode == 3, done.stderr
+    assert "non-finite action" in done.stdout + done.stderr
+    entries = journal(tmp_path)
+    assert_every_goal_safe(entries)
+    assert_left_held_and_disconnected(entries)
+
+
+def test_sigterm_while_acting_leaves_the_arm_held_and_disconnected(tmp_path):
+    process = subprocess.Popen(actor_command(tmp_path, "oscillate", "control_hz=20"), cwd=tmp_path, env=child_env(),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            path = tmp_path / "journal.jsonl"
+            if path.exists() and path.read_text().count('"send"') > 40:  # past the home move, acting
+                break
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    entries = journal(tmp_path)
+    assert_every_goal_safe(entries)
+    assert_left_held_and_disconnected(entries)
+
+
+def test_a_robot_that_stops_answering_mid_episode_stops_the_actor_with_a_clear_message(tmp_path):
+    done = run_actor(tmp_path, "oscillate", robot_options=",disconnect_after_steps:60")
+    assert done.returncode == 3, done.stderr
+    said = done.stdout + done.stderr
+    assert "robot disconnected mid-episode" in said and "check its cable" in said
+    stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
+    assert stats["abandoned_episodes"] == 1
+    assert journal(tmp_path)[-1]["op"] == "disconnect"  # released although it no longer answers
