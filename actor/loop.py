@@ -34,7 +34,7 @@ import numpy as np
 
 from o2o.envs import hold_env
 from o2o.envs.obs_spec import STATE_KEY, CameraSpec, ObservationError, ObsSpec
-from o2o.robot.seams import EStopped, RobotDisconnected
+from o2o.robot.seams import EStopped, ResetInterrupted, RobotDisconnected
 from o2o.transport.seams import PolicySource, SinkStatus, TransitionSink
 from o2o.transport.wire import TransitionChunk
 
@@ -202,6 +202,8 @@ class Actor:
             except NonFinite as err:
                 reason = str(err)
                 break
+            except ResetInterrupted:  # a stop request ended the wait for the operator: the next check stops
+                continue
             except EStopped as err:  # the arm holds; the next episode starts once the operator releases it
                 self._abandon_episode(f"e-stop: {err}")
                 self.stats.estops += 1
@@ -222,7 +224,7 @@ class Actor:
     def _abandon_episode(self, why: str) -> None:
         """Send the episode's whole transitions and start a new episode next: the store closes this one as
         abandoned (no MC return) when the next one's rows arrive."""
-        log.warning("episode %s cut at step %d: %s", self.episode_id, self.ep_step, why)
+        log.warning("episode cut at step %d: %s", self.ep_step, why)
         self._flush()
         self.obs = None
         self.stats.abandoned_episodes += 1

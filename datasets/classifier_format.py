@@ -89,7 +89,7 @@ class HeldOutScore:
                 "heldout_episodes": str(self.episodes)}  # fmt: skip
 
     def describe(self) -> str:
-        return (f"precision {_fmt(self.precision)}, recall {_fmt(self.recall)} at threshold {self.threshold:.3g} "
+        return (f"precision {_fmt(self.precision)}, recall {_fmt(self.recall)} at threshold {self.threshold:.6g} "
                 f"(tp {self.tp}, fp {self.fp}, fn {self.fn}, tn {self.tn}; {self.positives} positives, "
                 f"{self.negatives} negatives in {self.episodes} held-out episodes)")  # fmt: skip
 
@@ -214,6 +214,6 @@ class OnnxClassifier:
 
     def describe(self) -> str:
         """Its held-out score, as recorded when it was trained."""
-        return (f"precision {_fmt(self.precision)}, recall {_fmt(self.recall)} at threshold {self.threshold:.3g} "
+        return (f"precision {_fmt(self.precision)}, recall {_fmt(self.recall)} at threshold {self.threshold:.6g} "
                 f"on {self.heldout['episodes']} held-out episodes ({self.heldout['positives']} positives, "
                 f"{self.heldout['negatives']} negatives) of {self.trained_from}")

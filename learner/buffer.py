@@ -219,7 +219,7 @@ class TransitionBuffer:
         flags = rows.get("intervention")
         if self._flagged or (flags is not None and flags.any()):  # a run without interventions skips this
             self._flagged = True
-            self._intervention[(self._next + np.arange(n)) % self.capacity] |= False if flags is None else flags
+            self._intervention[(self._next + np.arange(n)) % self.capacity] = False if flags is None else flags
         self._next = (self._next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self._added += n

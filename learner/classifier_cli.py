@@ -82,7 +82,7 @@ def cmd_train(words: list[str]) -> int:
     out = values.get("out", CLASSIFIER_FILENAME)
     error = export_classifier(trained, out, values.get("exporter", "dynamo"))
     print(describe(trained))
-    print(f"wrote {out} (threshold {trained.score.threshold:.3g}; max |onnxruntime - torch| = {error:.2g})")
+    print(f"wrote {out} (threshold {trained.score.threshold:.6g}; max |onnxruntime - torch| = {error:.2g})")
     return 0
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from o2o.datasets.minari_io import _episode_success, load_transitions, open_dataset
+from o2o.datasets.minari_io import _episode_success, load_transitions, open_dataset, task_obs_spec
 from o2o.datasets.replay_store import ReplayStore
 from o2o.datasets.trainable_rows import episode_keys, read_chunk_rows
 from o2o.envs import TaskSpec
-from o2o.envs.obs_spec import CameraSpec, ObsSpec
+from o2o.envs.obs_spec import ObsSpec
 
 
 class LabelError(ValueError):
@@ -103,11 +103,10 @@ def from_dataset(dataset: str | os.PathLike, task: TaskSpec) -> LabelledObservat
     label = np.concatenate(labels) if labels else np.zeros(0, bool)
     if len(label) != len(data):  # the same rule on both sides; a guard against the two drifting apart
         raise LabelError(f"dataset {dataset}: {len(label)} success flags for {len(data)} transitions")
-    spec = ObsSpec(data.obs_dim, tuple(_camera_specs(data)))
     return LabelledObservations(
         state=data.next_obs, images={c: frames[data.next_frame] for c, frames in data.frames.items()}, label=label,
         episode=np.repeat(np.arange(len(labels), dtype=np.int64), [len(x) for x in labels]),
-        spec=spec, task=task.name, source=dataset_source(ds),
+        spec=task_obs_spec(task), task=task.name, source=dataset_source(ds),
     )  # fmt: skip
 
 
@@ -124,10 +123,6 @@ def _step_success(ds, task: TaskSpec):
             if task.terminate_on_success:
                 success = success[: int(np.flatnonzero(success)[-1]) + 1]
         yield success
-
-
-def _camera_specs(data) -> list[CameraSpec]:
-    return [CameraSpec(name, *map(int, frames.shape[1:])) for name, frames in sorted(data.frames.items())]
 
 
 def split_by_episode(data: LabelledObservations, heldout: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

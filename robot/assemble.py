@@ -20,12 +20,14 @@ from o2o.envs import check_actor_env, get_task
 from o2o.envs.obs_spec import ObsSpec
 
 from .config import ArmConfig, RobotSettings
+from .classifier_judge import ClassifierJudge
 from .keys_judge import KeysJudge
 from .make_robot import make_robot
 from .operator import KeyboardTeleop, Operator
 from .reset import HomeReset, HomeThenOperator, OperatorReset
 from .robot_env import RobotEnv
 from .safety import SafetyFilter
+from .seams import Verdict
 
 log = logging.getLogger("o2o.robot")
 
@@ -48,8 +50,10 @@ def by_feature(values: Mapping[str, Any], features: list[str], what: str) -> dic
     return keyed
 
 
-def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_steps: int = 0) -> gym.Env:
-    """The checked env of a robot actor for ``task`` (see the module docstring)."""
+def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_steps: int = 0,
+                 operator_fd: int | None = None) -> gym.Env:  # fmt: skip
+    """The checked env of a robot actor for ``task`` (see the module docstring); the operator's keys come from
+    ``operator_fd`` (default: this process's terminal)."""
     spec = get_task(task)
     arm.validate()
     made = make_robot(robot.as_kwargs())
@@ -69,8 +73,9 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
         low = [float(limits[name][0]) for name in features]
         high = [float(limits[name][1]) for name in features]
         safety = SafetyFilter(low, high, arm.max_step or None, names=features)
-        operator = Operator()
-        judge = judge_for(arm, spec, operator, made)
+        operator = Operator(fd=operator_fd)
+        judge = KeysJudge(operator, reward_success=spec.reward_pos, reward_failure=spec.reward_neg,
+                          reward_step=spec.reward_neg)  # fmt: skip
         home = by_feature(arm.home, features, "arm.home") if arm.home else None
         max_step = arm.max_step or float("inf")
         resetter = {"home": lambda: HomeReset(home, max_step, arm.home_tolerance),
@@ -78,6 +83,10 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
                     "home+operator": lambda: HomeThenOperator(home, max_step, arm.home_tolerance, operator)}[arm.reset]()  # fmt: skip
         env = RobotEnv(made, limits, judge=judge, resetter=resetter, safety=safety, operator=operator,
                        max_stale_frames=arm.max_stale_frames)  # fmt: skip
+        if arm.reward == "classifier":  # its inputs are checked against the env's observation (ClassifierMismatch)
+            classifier = ClassifierJudge(arm.classifier, ObsSpec.from_space(env.observation_space), task,
+                                         arm.classifier_threshold)  # fmt: skip
+            env.judge = KeysOverClassifier(judge, classifier)
         if arm.teleop == "keyboard":
             env.teleop = KeyboardTeleop(features, env.joint_positions, step=arm.max_step or 5.0, operator=operator)
         steps = max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_STEPS
@@ -94,11 +103,19 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
     return checked
 
 
-def judge_for(arm: ArmConfig, spec, operator: Operator, made) -> Any:
-    """The reward and episode end: the operator's keys (the task's sparse rewards) or a success classifier."""
-    if arm.reward == "keys":
-        return KeysJudge(operator, reward_success=spec.reward_pos, reward_failure=spec.reward_neg,
-                         reward_step=spec.reward_neg)  # fmt: skip
-    from .classifier_judge import ClassifierJudge  # onnxruntime only when a classifier is named
+class KeysOverClassifier:
+    """A success classifier's reward and episode end, under the operator's keys: a key's verdict (success,
+    failure, end episode) comes first, so the operator can always end an episode the classifier misjudges."""
 
-    raise NotImplementedError("wired once robot/classifier_judge.py lands")
+    def __init__(self, keys: KeysJudge, classifier: ClassifierJudge):
+        self.keys, self.classifier = keys, classifier
+
+    def begin_episode(self) -> None:
+        self.keys.begin_episode()
+        self.classifier.begin_episode()
+
+    def judge(self, state, images) -> Verdict:
+        verdict = self.keys.judge(state, images)
+        if verdict.terminated or verdict.truncated:
+            return verdict
+        return self.classifier.judge(state, images)

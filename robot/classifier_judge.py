@@ -53,7 +53,7 @@ class ClassifierJudge:
         """Steps whose probability (or state) was not finite: judged "no success"."""
         self._state = np.zeros((1, spec.state_dim), np.float32)
         self._images = {c.name: np.zeros((1, *c.shape), np.uint8) for c in spec.cameras}
-        log.info("success classifier %s (task %s): held-out %s; judging at threshold %.3g, %d step(s) in a row",
+        log.info("success classifier %s (task %s): held-out %s; judging at threshold %.6g, %d step(s) in a row",
                  path, task, self.classifier.describe(), self.threshold, self.consecutive)  # fmt: skip
 
     def begin_episode(self) -> None:

@@ -22,6 +22,7 @@ import inspect
 import logging
 import pkgutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .seams import Robot
@@ -45,10 +46,17 @@ def make_robot(settings: Mapping[str, Any]) -> Robot:
     if kind == SIM_ARM:
         from .sim_arm import SimArm  # lazily: MuJoCo is only loaded for the sim arm
 
-        return SimArm(**rest)
+        return _build(kind, SimArm, rest)
     if ":" in kind:
         return _from_import_path(kind, rest)
     return _lerobot_robot(kind, rest)
+
+
+def _build(kind: str, cls: type, rest: dict[str, Any]) -> Any:
+    try:
+        return cls(**rest)
+    except TypeError as e:  # an unknown or missing keyword: say which robot.* setting
+        raise TypeError(f"robot.type={kind}: {e}") from e
 
 
 def missing_members(robot: Any) -> list[str]:
@@ -68,7 +76,7 @@ def _from_import_path(path: str, rest: dict[str, Any]) -> Robot:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"robot.type={path}: cannot import {class_name} from {module_name}: {e}") from e
-    robot = cls(**rest)
+    robot = _build(path, cls, rest)
     missing = missing_members(robot)
     if missing:
         raise TypeError(f"robot.type={path}: {class_name} lacks LeRobot's Robot interface: "
@@ -94,6 +102,7 @@ def lerobot_config(kind: str, settings: Mapping[str, Any]) -> Any:
         raise ImportError(
             f"robot.type={kind} is a LeRobot robot: install lerobot on the robot's machine "
             f"(pip install {LEROBOT_PIN}: it pins torch<2.11, keep it out of the learner's environment)")
+    _check_datasets_not_shadowed()
     import draccus  # LeRobot's config library (its dependency)
     from lerobot.robots import RobotConfig
 
@@ -104,8 +113,8 @@ def lerobot_config(kind: str, settings: Mapping[str, Any]) -> Any:
     except KeyError:
         known = ", ".join(sorted(RobotConfig.get_known_choices()))
         note = f" (these failed to import: {', '.join(failed)})" if failed else ""
-        raise ValueError(f"robot.type={kind}: no LeRobot robot of that type; known types: {known}{note}. "
-                         f"A robot of your own: a lerobot_robot_* package, or robot.type=package.module:ClassName") from None
+        raise ValueError(f"robot.type={kind}: no LeRobot robot of that type; known types: {known}{note}. A robot "
+                         f"of your own: a lerobot_robot_* package, or robot.type=package.module:ClassName") from None
     try:
         # draccus builds the nested camera configs ({"type": "opencv", ...}) and converts
         # values to the fields' types (a path, an enum), as LeRobot's own command line does.
@@ -113,6 +122,17 @@ def lerobot_config(kind: str, settings: Mapping[str, Any]) -> Any:
     except Exception as e:  # draccus's DecodingError, or its ParsingError over the config's own ValueError
         fields = ", ".join(f.name for f in dataclasses.fields(config_cls))
         raise ValueError(f"robot.type={kind}: {_reason(e)}; {config_cls.__name__} takes: {fields}") from e
+
+
+def _check_datasets_not_shadowed() -> None:
+    """LeRobot imports Hugging Face's ``datasets``; run from o2o's source folder (``python -m``/``-c`` put the
+    current folder first on sys.path), o2o's own top-level ``datasets/`` folder would be found instead."""
+    spec = importlib.util.find_spec("datasets")
+    ours = Path(__file__).resolve().parents[1] / "datasets"
+    if spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == ours:
+        raise ImportError(f"LeRobot needs Hugging Face's datasets, but o2o's own folder {ours} is found first "
+                          f"(this process runs from o2o's source folder): start the actor with o2o-actor, "
+                          f"or from another folder")
 
 
 def _register_lerobot_choices() -> list[str]:

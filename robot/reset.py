@@ -8,7 +8,7 @@ it is released: a reset never moves an e-stopped arm. ``waiting_for`` says what 
 now (the actor's log and o2o-status show it); each wait is logged once.
 
 A stop request (``request_stop()``, from the actor's SIGTERM through the env) ends a wait with
-``ResetInterrupted``: an ``EStopped``, so a loop that handles the e-stop holds the arm and sees its stop.
+``ResetInterrupted`` (robot/seams.py): a stop request ended a wait; the actor's loop then sees its stop.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .operator import RESET_KEY, Operator
-from .seams import RESUME, EStopped
+from .seams import RESUME, ResetInterrupted
 
 log = logging.getLogger("o2o.robot")
 
@@ -33,10 +33,6 @@ RELEASE_WAIT = f"the operator to release the e-stop ({RESET_KEY})"
 
 class ResetFailed(RuntimeError):
     """The arm did not reach its home pose within the tolerance."""
-
-
-class ResetInterrupted(EStopped):
-    """A stop request ended a reset's wait: the arm is held, and not ready for an episode."""
 
 
 class _Waits:

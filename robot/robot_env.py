@@ -23,7 +23,8 @@ One ``step(action)``:
 
     arm = SimArm()                                       # or a LeRobot robot (robot/make_robot.py)
     limits = {"shoulder_pan.pos": (-90, 90), "shoulder_lift.pos": (-90, 30), "elbow_flex.pos": (0, 140)}
-    env = RobotEnv(arm, limits, judge=ReachJudge(arm), safety=SafetyFilter(low, high, max_step=10))
+    safety = SafetyFilter([-90, -90, 0], [90, 30, 140], max_step=10)   # degrees, degrees per step
+    env = RobotEnv(arm, limits, judge=ReachJudge(arm, tolerance=0.03), safety=safety)
     obs, _ = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     env.close()                                          # holds, then disconnects; safe to call twice
@@ -153,6 +154,12 @@ class RobotEnv(gym.Env):
         if self.operator is not None and self.operator.estopped:
             return ESTOP_WAIT
         return getattr(self.resetter, "waiting_for", None)
+
+    def request_stop(self) -> None:
+        """End a wait of the resetter (for the operator's key, the e-stop's release) at once: the actor is stopping."""
+        stop = getattr(self.resetter, "request_stop", None)
+        if callable(stop):
+            stop()
 
     def joint_positions(self) -> np.ndarray:
         """The measured joint positions, float32 in action order."""

@@ -53,6 +53,11 @@ class EStopped(RuntimeError):
     """The operator's e-stop: the arm is held and nothing more is sent until it is released."""
 
 
+class ResetInterrupted(RuntimeError):
+    """A stop request ended a reset's wait (for the operator's key, the e-stop's release): the arm is held, and
+    no episode starts."""
+
+
 # The operator's events (robot/operator.py maps keys to them).
 SUCCESS, FAILURE, END_EPISODE, ESTOP, RESUME, TAKEOVER = "success", "failure", "end_episode", "estop", "resume", "takeover"
 EVENTS = (SUCCESS, FAILURE, END_EPISODE, ESTOP, RESUME, TAKEOVER)
@@ -84,7 +89,7 @@ class Resetter(Protocol):
     """Brings the arm to where an episode may start (robot/reset.py); says what it waits for meanwhile."""
 
     waiting_for: str | None
-    """What the reset waits for right now ("the operator's reset key (r)"), None when not waiting."""
+    """What the reset waits for right now ("the operator's reset key (g)"), None when not waiting."""
 
     def reset(self, env: Any) -> None:
         """Return once the arm is ready (``env`` is the ``RobotEnv``: its ``hold()``, ``move_to(pose)``)."""

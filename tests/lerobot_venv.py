@@ -41,8 +41,8 @@ def lerobot_python() -> Path | None:
     return None
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+def size_mb(path: Path) -> int:
+    return int(subprocess.run(["du", "-sm", str(path)], check=True, capture_output=True, text=True).stdout.split()[0])
 
 
 def ensure_venv() -> Path:
@@ -65,7 +65,7 @@ def ensure_venv() -> Path:
                               cwd=VENV).stdout.split()
     took = time.monotonic() - t0
     info = {"lerobot": versions[0], "torch": versions[1], "build_s": round(took, 1),
-            "size_mb": round(dir_size(VENV) / 2**20)}
+            "size_mb": size_mb(VENV)}
     READY.write_text(json.dumps(info, indent=1) + "\n")
     return python
 

@@ -178,3 +178,44 @@ def test_a_robot_that_stops_answering_mid_episode_stops_the_actor_with_a_clear_m
     stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
     assert stats["abandoned_episodes"] == 1
     assert journal(tmp_path)[-1]["op"] == "disconnect"  # released although it no longer answers
+
+
+def test_the_rows_carry_what_the_arm_did_and_the_operators_takeover_is_flagged(tmp_path):
+    """In process (a real RobotEnv on the sim arm, the operator's keys through a real pipe): the stored action is
+    the one sent after the safety filter, never the policy's; the steps the operator acted are interventions."""
+    from o2o.actor.config import ActorConfig
+    from o2o.actor.loop import Actor
+    from o2o.actor.onnx_policy import OnnxPolicy, PolicyExpectation
+    from o2o.actor.seams import FixedPolicySource, MemorySink
+    from o2o.robot.config import ArmConfig, RobotSettings
+    from o2o.robot.assemble import make_arm_env
+
+    read, write = os.pipe()  # the operator's "terminal"
+    arm = ArmConfig(reset="home", home={"shoulder_pan": 10, "shoulder_lift": -20, "elbow_flex": 90}, max_step=MAX_STEP,
+                    teleop="keyboard")  # fmt: skip
+    env = make_arm_env("arm-reach", RobotSettings(type="arm_journal:JournalArm",
+                                                  options={"journal": str(tmp_path / "journal.jsonl")}), arm,
+                       max_episode_steps=1000, operator_fd=read)  # fmt: skip
+    policy = OnnxPolicy(garbage_policy("out"), PolicyExpectation("arm-reach", 3, 3))
+    sink = MemorySink(keep=True)
+    cfg = ActorConfig(task="arm-reach", actor_id="arm-1", chunk_rows=1000)
+    actor = Actor(env, sink, FixedPolicySource(policy), cfg)
+    try:
+        actor.run(max_steps=5)
+        os.write(write, b"h")  # takeover: the keyboard's joint keys now act
+        time.sleep(0.3)
+        os.write(write, b"1")  # shoulder_pan's goal +MAX_STEP (the keyboard teleop's step)
+        time.sleep(0.3)
+        actor.run(max_steps=5)
+    finally:
+        env.close()
+        os.close(write)
+    chunk_actions = np.concatenate([c.action for c in sink.chunks])
+    sent = [e for e in journal(tmp_path) if e["op"] == "send"]
+    policy_steps = chunk_actions[:5]
+    assert (np.abs(policy_steps) < 1000).all()  # never the policy's +-1000
+    assert np.allclose(policy_steps, [e["action"] for e in sent[-11:-6]], atol=1e-4)  # exactly what reached the arm
+    flags = np.concatenate([c.intervention if c.intervention is not None else np.zeros(c.n, np.uint8)
+                            for c in sink.chunks])  # fmt: skip
+    assert flags.tolist() == [0] * 5 + [1] * 5
+    assert actor.stats.interventions == 5

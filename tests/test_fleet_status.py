@@ -360,13 +360,14 @@ def test_o2o_status_shows_a_two_actor_launch_run_in_tmux(tmp_path, private_minar
            "learner.eval.episodes=1", "learner.threads=1", "learner.build_episodes=6", "actor.link.drain_s=0",
            "actor.max_episode_steps=50", f"hydra.run.dir={run_dir}"]  # fmt: skip
     env = {**os.environ, "MINARI_DATASETS_PATH": str(private_minari)}
+    started = time.monotonic()
     launch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     screen = ""
     try:
         # The run folder as o2o-launch names it (the learner writes its status.json there); 110 x 30 terminal.
         watch = f"{sys.executable} -m o2o.launch.status {run_dir} --every 0.3"
         tmux("new-session", "-d", "-s", "fleet", "-x", "110", "-y", "30", watch)
-        deadline = time.monotonic() + 120  # a hang guard: startup takes ~10-30 s on a loaded machine
+        deadline = time.monotonic() + 90  # a hang guard: the screen is right after ~20 s on a loaded machine
         rows: dict[str, tuple] = {}
         while time.monotonic() < deadline and launch.poll() is None:
             screen = tmux("capture-pane", "-p", "-t", "fleet").stdout
@@ -375,6 +376,7 @@ def test_o2o_status_shows_a_two_actor_launch_run_in_tmux(tmp_path, private_minar
                 break
             time.sleep(0.3)
         assert set(rows) == {"actor-0", "actor-1"}, f"screen:\n{screen}\nlaunch:\n{launch_output(launch)}"
+        print(f"o2o-status after {time.monotonic() - started:.1f} s:\n{screen}")
         for actor_id, state, steps_per_s, version, lag in rows.values():
             assert state == "acting" and float(steps_per_s) > 0 and int(version) >= 1 and int(lag) >= 0, screen
         lines = screen.splitlines()
@@ -386,6 +388,7 @@ def test_o2o_status_shows_a_two_actor_launch_run_in_tmux(tmp_path, private_minar
         assert max(len(line.rstrip()) for line in lines) <= 100
         launch.send_signal(signal.SIGINT)  # the learner checkpoints and writes its last status
         assert launch.wait(timeout=180) == 0, launch_output(launch)
+        print(f"o2o-launch stopped after {time.monotonic() - started:.1f} s")
         final = json.loads((run_dir / STATUS_FILE).read_text())
         assert final["learner"]["state"] == "stopped" and set(final["actors"]) == {"actor-0", "actor-1"}
     finally:

@@ -331,3 +331,25 @@ def test_the_learner_gets_the_flags_from_commits_and_restarts_and_logs_the_rate(
     restarted.drain()
     assert restarted.pop_intervention_rate() == pytest.approx(4 / 40)
     store.close()
+
+
+def test_a_camera_buffer_samples_intervention_rows_with_their_own_images():
+    from test_image_buffer import ACT as CAM_ACT, SPEC as CAM_SPEC, assert_own_images, segment_rows
+
+    buffer = TransitionBuffer(CAM_SPEC, CAM_ACT, capacity=40, device="cpu", online=True, frame_capacity=24)
+    rows = segment_rows([(1, 0, 5), (2, 0, 5)])  # episodes 1 and 2, five steps each
+    frames = {k[len("frames/"):]: v for k, v in rows.items() if k.startswith("frames/")}
+    keys = ("obs", "action", "reward", "next_obs", "terminated", "mc_return", "obs_frame", "next_frame")
+    buffer.add(**{k: rows[k] for k in keys}, frames=frames, intervention=flags_at(10, 1, 2, 7))
+    torch.manual_seed(0)
+    batch = buffer.sample_interventions(200)
+    assert batch.online_rows == 0
+    assert sorted(set(map(tuple, batch.obs.numpy().astype(int).tolist()))) == [(1, 1), (1, 2), (2, 2)]
+    assert_own_images(batch)
+    # Two more 8-step episodes: 18 more frames wrap the 24-frame ring, so episode 1's frames are gone (its rows
+    # are still in the 40-row ring, but no longer sampleable).
+    more = segment_rows([(3, 0, 8), (4, 0, 8)])
+    buffer.add(**{k: more[k] for k in keys}, frames={k[len("frames/"):]: v for k, v in more.items()
+                                                     if k.startswith("frames/")})  # fmt: skip
+    assert buffer.interventions == 1
+    assert set(map(tuple, buffer.sample_interventions(50).obs.numpy().astype(int).tolist())) == {(2, 2)}

@@ -190,6 +190,17 @@ def result(tmp_path_factory):
     return json.loads(line[len("RESULT "):]) | {"root": str(root)}
 
 
+def test_run_from_the_source_folder_is_a_clear_error(result):
+    # From the repo's root, o2o's datasets/ folder shadows Hugging Face's, which LeRobot imports.
+    code = "from o2o.robot.make_robot import make_robot; make_robot({'type': 'so101_follower', 'port': '/dev/null'})"
+    done = subprocess.run([str(lerobot_python()), "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "ImportError: LeRobot needs Hugging Face's datasets, but o2o's own folder")
+    assert "start the actor with o2o-actor, or from another folder" in done.stderr
+
+
 def test_make_robot_builds_a_lerobot_robot_subclass_through_make_robot_from_config(result):
     assert result["class"] == "O2oTestArm"
     assert result["lerobot_robot"] is True

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from o2o.robot.make_robot import make_robot, missing_members
+from o2o.robot import seams
+from o2o.robot.make_robot import ROBOT_MEMBERS, make_robot, missing_members
 
 from lerobot_venv import HOW_TO_BUILD, lerobot_python
 
@@ -72,6 +73,18 @@ def test_missing_members_looks_at_instance_attributes_without_calling_properties
                                          "get_observation", "send_action", "disconnect"]
 
 
+def test_the_members_checked_are_the_robot_protocols():
+    assert set(ROBOT_MEMBERS) == {name for name in vars(seams.Robot) if not name.startswith("_")}
+
+
+def test_unknown_settings_name_the_robot_type(arm_module):
+    with pytest.raises(TypeError, match=r"robot.type=o2o_test_arms:FullArm: .*unexpected keyword argument 'baud'"):
+        make_robot({"type": f"{arm_module}:FullArm", "port": "p", "baud": 9600})
+    pytest.importorskip("o2o.robot.sim_arm")
+    with pytest.raises(TypeError, match=r"robot.type=o2o_sim_arm: .*unexpected keyword argument 'port'"):
+        make_robot({"type": "o2o_sim_arm", "port": "/dev/ttyACM0"})
+
+
 def test_bad_import_path_and_missing_type_are_clear_errors(arm_module):
     with pytest.raises(ValueError, match=r"robot.type=o2o_test_arms:NoSuchArm: cannot import NoSuchArm"):
         make_robot({"type": f"{arm_module}:NoSuchArm"})
@@ -81,7 +94,7 @@ def test_bad_import_path_and_missing_type_are_clear_errors(arm_module):
         make_robot({"port": "/dev/ttyACM0"})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lerobot") is not None, reason="lerobot is installed in this environment")
+@pytest.mark.skipif(importlib.util.find_spec("lerobot") is not None, reason="lerobot is installed here")
 def test_lerobot_type_without_lerobot_says_how_to_install_it():
     with pytest.raises(ImportError) as e:
         make_robot({"type": "so101_follower", "port": "/dev/ttyACM0"})

@@ -423,7 +423,7 @@ class IngestServer:
         try:
             status = decode_status(body, header)
         except WireError as err:
-            return
+            return self._reject(sock, identity, self._actor_of.get(identity), -1, err)
         if (stats := self._welcomed(sock, identity, status.actor_id)) is not None:
             self._sessions.set_status(stats, status)
 
