@@ -15,7 +15,6 @@ from o2o.robot.operator import KeyboardTeleop
 from o2o.robot.reset import (HOME_WAIT, RELEASE_WAIT, RESET_WAIT, HomeReset, HomeThenOperator, OperatorReset,
                              ResetFailed, ResetInterrupted)  # fmt: skip
 from o2o.robot.robot_env import RobotEnv
-from o2o.robot.seams import EStopped
 from o2o.robot.sim_arm import SimArm, arm_limits
 
 HOME = {"shoulder_pan.pos": 20.0, "shoulder_lift.pos": -30.0, "elbow_flex.pos": 60.0}
@@ -161,7 +160,7 @@ def test_stop_request_ends_the_wait_with_reset_interrupted(keys):
     assert waits and set(waits) == {HOME_WAIT}
     reset.request_stop()  # the actor's SIGTERM, through the env
     thread.join(5)
-    assert isinstance(outcome[0], ResetInterrupted) and isinstance(outcome[0], EStopped)
+    assert isinstance(outcome[0], ResetInterrupted)  # the actor loop then sees its stop (not an e-stop)
     assert "stop requested while waiting for the operator's reset key (g)" in str(outcome[0])
     assert reset.waiting_for is None
     env.close()
