@@ -1,22 +1,46 @@
-"""Task registry: which gymnasium env a task is, and how o2o reads it.
+"""Task registry: which gymnasium env (or which robot and dataset) a task is, and how o2o reads it.
 
 A task fixes everything the learner and the actors must agree on: the env id
 and its kwargs, the flat observation (dict observations flattened in
 alphabetical key order, see ``envs.observation``), the success signal (always
 ``info["success"]`` after ``make_env``), the reward convention and the score
 normalisation.
+
+A real-world task (``env_id=None``) has no simulator: its actors drive a robot (``o2o-actor
+robot.type=...``), its observation (state size, cameras) and action bounds are those of its
+offline dataset (``datasets[0]``, a Minari dataset: ``task_spaces``), and the learner runs no
+evaluation episodes of its own (the actors' episodes are the evaluation).
+
+Your own tasks, without editing o2o: a Python module (or a ``.py`` file) that calls
+``register_task``, named by the environment variable ``O2O_TASKS`` (comma-separated); it is
+imported the first time a task is looked up, and Hydra's ``task=NAME`` finds its tasks too
+(configs/__init__.py), for o2o-pretrain, o2o-learner, o2o-actor and o2o-launch alike:
+
+    # my_tasks.py
+    from o2o.envs.tasks import TaskSpec, register_task
+
+    register_task(TaskSpec(
+        name="so101-pick-cube", env_id=None, reward="sparse", reward_pos=1.0, reward_neg=0.0,
+        score="success", max_episode_steps=300, datasets=("so101/pick-cube-v0",),
+        description="SO-101 picks the red cube; operator keys give the reward."))
+
+    O2O_TASKS=$PWD/my_tasks.py o2o-pretrain task=so101-pick-cube
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 
+from .obs_spec import ObsSpec
 from .observation import FlattenDictObservation
+from .user_tasks import dataset_spaces, import_task_modules
 
 _robotics_registered = False
 
@@ -25,8 +49,9 @@ _robotics_registered = False
 class TaskSpec:
     name: str
     """Short o2o name, e.g. ``pointmaze-umaze``."""
-    env_id: str
-    """gymnasium id passed to ``gym.make``."""
+    env_id: str | None = None
+    """gymnasium id passed to ``gym.make``; None: a real-world task (no simulator: its actors drive a
+    robot, its spaces are those of its dataset ``datasets[0]``)."""
     env_kwargs: dict = dataclasses.field(default_factory=dict)
     max_episode_steps: int | None = None
     """Time limit; ``None`` keeps the env's registered one."""
@@ -47,12 +72,19 @@ class TaskSpec:
     ref_min_return: float = 0.0
     ref_max_return: float = 1.0
     datasets: tuple[str, ...] = ()
-    """Minari ids that o2o's builders make for this task (``o2o-dataset build``)."""
+    """Minari ids that o2o's builders make for this task (``o2o-dataset build``); a real-world task's
+    offline datasets (ids under MINARI_DATASETS_PATH or folder paths), the first of which defines its
+    observation and action spaces."""
     description: str = ""
     camera: str | None = None
     """Camera observations: "maze_top" (envs/maze_camera.py, numpy-drawn) gives the Dict
     {"state": float32, "top": uint8 image} (envs/obs_spec.py); "fetch_front" (envs/mujoco_camera.py,
     MuJoCo offscreen rendering) {"state": gripper state, "front": uint8 image}; None: a flat state vector."""
+
+    @property
+    def real_world(self) -> bool:
+        """No simulator: actors drive a robot, the learner cannot run evaluation episodes."""
+        return self.env_id is None
 
     def normalized_score(self, mean_return: float, success_rate: float) -> float:
         if self.score == "success":
@@ -165,7 +197,7 @@ TASKS: dict[str, TaskSpec] = {
             datasets=_datasets("arm-reach", "expert", "medium", "mixed"),
             description="3-joint MuJoCo arm (robot/sim_arm.py SimArm, the stand-in for an SO-101 through "
             "LeRobot's Robot interface, driven by robot/robot_env.py RobotEnv): joint goals in degrees, "
-            "fingertip to a fixed target within 2 cm from a random start; sparse reward 1 on success, which ends "
+            "fingertip to a fixed target within 3 cm from a random start; sparse reward 1 on success, which ends "
             "the episode.",
         ),
         TaskSpec(
@@ -187,17 +219,89 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+BUILTIN_TASKS = frozenset(TASKS)
+USER_TASKS_VAR = "O2O_TASKS"
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_loaded_user_tasks: str | None = None  # the O2O_TASKS value whose modules are imported
+
+
+class UserTasksError(ValueError):
+    """A module named by O2O_TASKS that cannot be imported, or a task it registers that is refused."""
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a user's task (from a module named by ``O2O_TASKS``): a new name, or the same spec again
+    (a module imported twice); a real-world task (``env_id=None``) names its dataset."""
+    if not _TASK_NAME.fullmatch(spec.name):
+        raise UserTasksError(f"task name {spec.name!r}: use letters, digits, '-', '_' and '.' (it is also "
+                             "the config name in task=NAME)")  # fmt: skip
+    if spec.name in BUILTIN_TASKS:
+        raise UserTasksError(f"task {spec.name!r} is one of o2o's own tasks: give yours another name")
+    if spec.name in TASKS and TASKS[spec.name] != spec:
+        raise UserTasksError(f"task {spec.name!r} is registered twice with different settings")
+    if spec.real_world:
+        if not spec.datasets:
+            raise UserTasksError(f"task {spec.name!r} is a real-world task (env_id=None): name its offline dataset, "
+                                 "datasets=('my/dataset-v0',) (a Minari id or folder): its observation and action "
+                                 "spaces are the task's")  # fmt: skip
+        if spec.camera is not None or spec.env_kwargs:
+            raise UserTasksError(f"task {spec.name!r} is a real-world task (env_id=None): camera= and env_kwargs= "
+                                 "belong to simulated tasks (a robot's cameras come from its config)")  # fmt: skip
+    TASKS[spec.name] = spec
+    return spec
+
+
+def load_user_tasks() -> None:
+    """Import the modules (or ``.py`` files) named in ``$O2O_TASKS``, comma-separated, once per value of it."""
+    global _loaded_user_tasks
+    value = os.environ.get(USER_TASKS_VAR, "")
+    if value != _loaded_user_tasks:
+        import_task_modules(value, USER_TASKS_VAR, UserTasksError)
+        _loaded_user_tasks = value
+
+
 def task_names() -> list[str]:
+    load_user_tasks()
     return sorted(TASKS)
 
 
 def get_task(name: str) -> TaskSpec:
-    """The task called ``name``; a clear error with suggestions otherwise."""
+    """The task called ``name`` (o2o's own, or a user's from ``$O2O_TASKS``); a clear error with suggestions otherwise."""
+    load_user_tasks()
     if name in TASKS:
         return TASKS[name]
     close = difflib.get_close_matches(name, TASKS, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise KeyError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(task_names())}.")
+    yours = "" if os.environ.get(USER_TASKS_VAR) else f" Your own tasks: a module that calls register_task, named by {USER_TASKS_VAR}."
+    raise KeyError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(task_names())}.{yours}")
+
+
+def task_spaces(task: str | TaskSpec) -> tuple[gym.Space, gym.spaces.Box]:
+    """The observation and action spaces an agent of ``task`` sees: its env's (``make_env``), or for a
+    real-world task its dataset's (``datasets[0]``: a flat float state Box, or a Dict of "state" and uint8
+    camera images, envs/obs_spec.py; a 1-D Box of actions with finite bounds)."""
+    spec = get_task(task) if isinstance(task, str) else task
+    if not spec.real_world:
+        env = make_env(spec)
+        try:
+            return env.observation_space, env.action_space
+        finally:
+            env.close()
+    obs_space, action_space = dataset_spaces(spec.datasets[0])
+    where = f"task {spec.name}'s dataset {spec.datasets[0]}"
+    try:
+        obs_space = ObsSpec.from_space(obs_space).space()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
+            and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):  # fmt: skip
+        raise ValueError(f"{where}: its action space is {action_space}; a robot task needs a 1-D Box with finite "
+                         "bounds (the joints' limits: the policy's actions are scaled to them)")  # fmt: skip
+    return obs_space, gym.spaces.Box(action_space.low.astype(np.float32), action_space.high.astype(np.float32))
+
+
+class NoSimulator(ValueError):
+    """``make_env`` of a real-world task: there is no env to make."""
 
 
 class TaskWrapper(gym.Wrapper):
@@ -259,6 +363,10 @@ def make_env(task: str | TaskSpec, flatten: bool = True, **make_kwargs) -> gym.E
     (``spec.camera``) gives its ``{"state", <camera>...}`` Dict either way (envs/obs_spec.py).
     """
     spec = get_task(task) if isinstance(task, str) else task
+    if spec.real_world:
+        raise NoSimulator(f"task {spec.name} is a real-world task: it has no simulator; its actors run a robot "
+                          f"(o2o-actor task={spec.name} robot.type=... arm.limits=...) and its spaces are its "
+                          f"dataset's ({spec.datasets[0] if spec.datasets else 'none named'})")  # fmt: skip
     register_robotics_envs()
     kwargs = {**spec.env_kwargs, **make_kwargs}
     if spec.max_episode_steps is not None:

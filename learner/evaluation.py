@@ -1,4 +1,4 @@
-"""Deterministic evaluation episodes of the current policy in the task's env."""
+"""Deterministic evaluation episodes of the current policy in the task's env (a real-world task has none)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,22 @@ import torch
 from o2o.envs import TaskSpec, make_env
 
 from .calql import CalQLAgent
+from .metric_keys import ACTOR_EVAL, ONLINE
+
+
+def not_evaluated(task: TaskSpec) -> str | None:
+    """Why the learner runs no evaluation episodes of ``task`` (None: it runs them): a real-world task has no
+    simulator, and its success rate is what the actors' episodes log."""
+    if not task.real_world:
+        return None
+    return (f"task {task.name} is a real-world task: the learner runs no evaluation episodes (no simulator); its "
+            f"success rate is the actors' episodes' ({ONLINE}/ and {ACTOR_EVAL}/ records in metrics.jsonl)")
 
 
 @torch.no_grad()
 def evaluate(agent: CalQLAgent, task: TaskSpec, episodes: int, seed: int, low: np.ndarray, high: np.ndarray) -> dict:
-    """Mean return, success rate, episode length and normalised score over ``episodes`` runs."""
+    """Mean return, success rate, episode length and normalised score over ``episodes`` runs (a real-world task:
+    ``make_env`` says there is no simulator; ask ``not_evaluated`` first)."""
     env = make_env(task)
     returns, successes, lengths = [], [], []
     for i in range(episodes):

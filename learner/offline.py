@@ -22,6 +22,7 @@ from .cadence import Cadence, Evaluations, log_train
 from .calql import CalQLAgent
 from .checkpoint import CHECKPOINT_NAME, AgentSpec, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
+from .evaluation import not_evaluated
 from .export_onnx import export_policy
 from .metric_keys import TRAIN
 from .metrics import MetricsLogger, RunningMean
@@ -33,7 +34,7 @@ log = logging.getLogger("o2o.pretrain")
 
 
 def pretrain(cfg: PretrainConfig, run_dir: Path) -> dict:
-    """The whole offline phase; returns the last evaluation."""
+    """The whole offline phase; returns the last evaluation ({} for a real-world task)."""
     init_torch(cfg.seed, cfg.threads)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task)
@@ -59,13 +60,16 @@ def train(cfg: PretrainConfig, run_dir: Path, agent: CalQLAgent, spec: AgentSpec
           sample: Callable[[], Batch], start: int = 0, desc: str = "pretrain") -> dict:  # fmt: skip
     """Offline updates from ``start`` to ``cfg.steps`` on batches from ``sample``, with logging,
     evaluation, checkpoints and the ONNX export (pretraining and OOO retraining); returns the
-    last evaluation."""
+    last evaluation ({} when there is none: a real-world task has no simulator to evaluate in)."""
     low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
     logger = MetricsLogger(run_dir)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     evaluations = Evaluations(agent, task, cfg.eval, low, high, logger)
-    logs, evals, saves = (Cadence(every, start, last=cfg.steps) for every in (cfg.log_every, cfg.eval.every,
-                                                                               cfg.checkpoint_every))  # fmt: skip
+    logs, saves = (Cadence(every, start, last=cfg.steps) for every in (cfg.log_every, cfg.checkpoint_every))
+    skipped = not_evaluated(task)
+    if skipped:
+        log.info("%s", skipped)
+    evals = Cadence(0) if skipped else Cadence(cfg.eval.every, start, last=cfg.steps)  # Cadence(0): never due
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, agent, spec, step)

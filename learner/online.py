@@ -46,7 +46,7 @@ from .config import OnlineConfig, PretrainConfig
 from .divergence import DivergedError
 from .fine_tuning import explicit_keys, fine_tuning_algo, moved_key_error
 from .fleet import FleetHold, FleetMonitor, PolicyPublisher, open_store
-from .metric_keys import ACTOR_EVAL, COMMITTED_ROWS, ONLINE, TRAIN, evaluation_line
+from .metric_keys import ACTOR_EVAL, COMMITTED_ROWS, INTERVENTION_RATE, ONLINE, TRAIN, evaluation_line
 from .metrics import MetricsLogger, RunningMean
 from .offline import pretrain
 from .online_data import OnlineData, UpdateLimiter, mixed_batch
@@ -245,7 +245,7 @@ def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -
                 shown = log_train(logger, running, updates, {
                     "online_rows": online.trainable_rows, COMMITTED_ROWS: online.committed_rows,
                     "updates_behind": limiter.behind(updates, online.trainable_rows),
-                    "fleet_held": float(server.holding)})  # fmt: skip
+                    "fleet_held": float(server.holding), INTERVENTION_RATE: online.pop_intervention_rate()})  # fmt: skip
                 bar.set_postfix(rows=online.committed_rows, version=publisher.version,
                                 q=f"{shown['train/q_data']:.2f}", bound=f"{shown['train/bound_rate']:.2f}")  # fmt: skip
         evaluations.run(updates, online.committed_rows)  # the fine-tuned policy, on the same episodes as the first

@@ -10,7 +10,8 @@ import torch
 from o2o.datasets.builders import ensure_dataset, parse_dataset_id
 from o2o.datasets.data_settings import DataSettings
 from o2o.datasets.minari_io import DatasetError, Transitions, load_transitions
-from o2o.envs import TaskSpec, make_env
+from o2o.envs import TaskSpec
+from o2o.envs.tasks import task_spaces
 from o2o.envs.obs_spec import ObsSpec
 
 from .calql import CalQLAgent
@@ -48,21 +49,23 @@ def load_offline_data(cfg: PretrainConfig, task: TaskSpec, algo: CalQLConfig | N
 
 
 def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, device) -> tuple[CalQLAgent, AgentSpec]:
-    """A fresh agent for ``task`` (with its cameras' encoders when its env declares images); ``data`` (None:
-    an online run from scratch) sets the state's statistics with ``net.normalize_observations``."""
-    env = make_env(task)
-    obs_spec = ObsSpec.from_space(env.observation_space)  # a camera task: its state and images
-    low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
-    obs_dim, action_dim = obs_spec.state_dim, env.action_space.shape[0]
-    env.close()
+    """A fresh agent for ``task`` (with its cameras' encoders when it declares images); ``data`` (None:
+    an online run from scratch) sets the state's statistics with ``net.normalize_observations``.
+
+    The spaces are the task's env's, or a real-world task's dataset's (``task_spaces``)."""
+    obs_space, action_space = task_spaces(task)
+    obs_spec = ObsSpec.from_space(obs_space)  # a camera task: its state and images
+    low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
+    obs_dim, action_dim = obs_spec.state_dim, action_space.shape[0]
+    source = f"dataset {task.datasets[0]}" if task.real_world else "env"
     if data is not None and (data.obs_dim, data.action_dim) != (obs_dim, action_dim):
-        raise DatasetError(f"the data has obs {data.obs_dim} / action {data.action_dim} dims, task {task.name}'s env "
-                           f"{obs_dim} / {action_dim}")  # fmt: skip
+        raise DatasetError(f"the data has obs {data.obs_dim} / action {data.action_dim} dims, task {task.name}'s "
+                           f"{source} {obs_dim} / {action_dim}")  # fmt: skip
     cameras = obs_spec.to_dict()["cameras"]
     if data is not None:
         frames = {name: list(f.shape[1:]) for name, f in data.frames.items()}
         if frames != cameras:
-            raise DatasetError(f"the data's camera frames are {frames or 'none'}, task {task.name}'s env has "
+            raise DatasetError(f"the data's camera frames are {frames or 'none'}, task {task.name}'s {source} has "
                                f"{cameras or 'no camera'}")  # fmt: skip
     spec = AgentSpec(
         task=task.name,

@@ -64,8 +64,8 @@ ALLOWED = {
     # The launchers start the learner and the actors as processes; nothing imports them.
     "launch": {"launch", "learner", "actor", "robot", "experiments", "transport", "datasets", "envs", "configs"},
 }
-TORCH_FREE = ["o2o.launch.launch", "o2o.launch.experiment", "o2o.experiments.report", "o2o.learner.metric_keys",
-              "o2o.learner.commands"]  # fmt: skip
+TORCH_FREE = ["o2o.launch.launch", "o2o.launch.experiment", "o2o.launch.status", "o2o.experiments.report",
+              "o2o.learner.metric_keys", "o2o.learner.commands"]  # fmt: skip
 """Modules outside the torch folder's reach that live in or next to it: a launcher prints without torch."""
 
 
