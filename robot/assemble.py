@@ -82,7 +82,7 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
                     "operator": lambda: OperatorReset(operator),
                     "home+operator": lambda: HomeThenOperator(home, max_step, arm.home_tolerance, operator)}[arm.reset]()  # fmt: skip
         env = RobotEnv(made, limits, judge=judge, resetter=resetter, safety=safety, operator=operator,
-                       max_stale_frames=arm.max_stale_frames)  # fmt: skip
+                       max_stale_frames=arm.max_stale_frames, image_size=arm.image_size)  # fmt: skip
         if arm.reward == "classifier":  # its inputs are checked against the env's observation (ClassifierMismatch)
             classifier = ClassifierJudge(arm.classifier, ObsSpec.from_space(env.observation_space), task,
                                          arm.classifier_threshold)  # fmt: skip

@@ -80,6 +80,9 @@ class ArmConfig:
     """Hold the arm while the learner has been silent this long (0 = never)."""
     max_policy_lag: int = 0
     """Hold the arm while its policy is more than this many versions behind the learner's newest (0 = never)."""
+    image_size: Any = None  # [height, width]
+    """Resize every camera's frames to [height, width] before the policy sees them (e.g. [84,84] for a 640x480
+    webcam; None = as the camera gives them). Nearest pixel: set the camera's resolution near it if you can."""
     max_stale_frames: int = 30
     """A camera that returns the same image this many steps in a row stops the actor (a frozen camera)."""
 
@@ -97,5 +100,7 @@ class ArmConfig:
                            ("arm.max_policy_lag", self.max_policy_lag)):  # fmt: skip
             if value < 0:
                 raise ValueError(f"{key}={value}: must be >= 0 (0 = off)")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"arm.image_size={self.image_size}: expected [height, width], e.g. [84,84]")
         if self.home_tolerance <= 0 or self.max_stale_frames < 1:
             raise ValueError("arm.home_tolerance must be > 0 and arm.max_stale_frames >= 1")

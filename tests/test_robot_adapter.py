@@ -287,3 +287,15 @@ def test_stale_frames_are_counted_and_too_many_in_a_row_raise(gl):
     with pytest.raises(ObservationError, match="camera 'front' returned the same frame for 3 steps"):
         env.step(np.array([0.0, 0.0, 90.0], np.float32))
     env.close()
+
+
+def test_a_camera_resized_to_image_size_takes_the_source_pixel_at_each_output_pixels_centre():
+    from o2o.robot.robot_env import Resizer
+
+    source = np.arange(6 * 8 * 3, dtype=np.int64).reshape(6, 8, 3).astype(np.uint8)
+    out = Resizer((6, 8), (3, 2))(source)
+    # Output row i covers source rows [2i, 2i+2): its centre 2i+1; column j covers [4j, 4j+4): centre 4j+2.
+    expected = source[[1, 3, 5]][:, [2, 6]]
+    assert out.shape == (3, 2, 3) and np.array_equal(out, expected)
+    with pytest.raises(ValueError, match="image_size"):
+        Resizer((6, 8), (0, 2))
