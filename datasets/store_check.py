@@ -508,6 +508,25 @@ def cmd_check(args) -> int:
     return 0 if found.ok else 1
 
 
+def cmd_export(args) -> int:
+    from .replay_export import export_minari  # minari's writer, only for this command
+
+    try:
+        store = ReplayStore.open(args.path, "r")
+    except (StoreError, FileNotFoundError) as err:
+        print(f"o2o-store: {args.path}: {err}", file=sys.stderr)
+        return 2
+    try:
+        dataset = export_minari(store, args.dataset_id, args.task, include_eval=args.include_eval)
+    except ValueError as err:  # no complete episode, an id that exists, ...
+        print(f"o2o-store: {err}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"wrote {args.dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="o2o-store", description="Inspect o2o replay stores.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -517,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--repair", action="store_true",
                        help="first remove leftovers past the last commit and temp files (never committed data)")  # fmt: skip
     check.set_defaults(func=cmd_check)
+    export = sub.add_parser("export", help="write a store's complete episodes as a Minari dataset (e.g. a robot's "
+                            "demonstrations, to pretrain on)")  # fmt: skip
+    export.add_argument("path", help="the store folder")
+    export.add_argument("dataset_id", help="the Minari id to write, e.g. o2o/my-task/demos-v0 (under MINARI_DATASETS_PATH)")
+    export.add_argument("--task", help="the o2o task (default: the store's)")
+    export.add_argument("--include-eval", action="store_true", help="also the actors' deterministic eval episodes")
+    export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -60,9 +60,9 @@ def garbage_policy(kind: str) -> bytes:
     return model.SerializeToString()
 
 
-def actor_command(tmp_path: Path, policy: str, *args: str, robot_options: str = "") -> list[str]:
+def actor_command(tmp_path: Path, policy: str, *args: str, robot_options: str = "", learner: str = "null") -> list[str]:
     (tmp_path / "policy.onnx").write_bytes(garbage_policy(policy))
-    return [sys.executable, "-m", "o2o.actor.main", "task=arm-reach", "actor_id=arm-1", "learner=null",
+    return [sys.executable, "-m", "o2o.actor.main", "task=arm-reach", "actor_id=arm-1", f"learner={learner}",
             f"policy.path={tmp_path / 'policy.onnx'}", "robot.type=arm_journal:JournalArm",
             f"robot.options={{journal:{tmp_path / 'journal.jsonl'}{robot_options}}}", "arm.reset=home", f"arm.home={HOME}",
             f"arm.max_step={MAX_STEP}", "arm.teleop=none", f"stats_file={tmp_path / 'stats.json'}", *args]  # fmt: skip
@@ -219,3 +219,49 @@ def test_the_rows_carry_what_the_arm_did_and_the_operators_takeover_is_flagged(t
                             for c in sink.chunks])  # fmt: skip
     assert flags.tolist() == [0] * 5 + [1] * 5
     assert actor.stats.interventions == 5
+
+
+def count_sends(tmp_path: Path) -> int:
+    path = tmp_path / "journal.jsonl"
+    return path.read_text().count('"send"') if path.exists() else 0
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_arm_holds_while_the_learner_is_silent_and_acts_again_when_it_comes_back(tmp_path):
+    """A real ingest server on loopback, the actor in its own process with arm.learner_silent_s=1: the learner
+    stops, the arm holds (nothing more is sent after the hold) mid-episode; a learner on the same endpoint
+    answers again, the arm acts again; SIGTERM leaves it held and disconnected."""
+    from o2o.datasets.replay_store import ReplayStore
+    from o2o.transport.ingest import IngestServer
+
+    server = IngestServer(ReplayStore.create_for_task(tmp_path / "store-a", "arm-reach")).start()
+    command = actor_command(tmp_path, "oscillate", "control_hz=20", "chunk_rows=5", "arm.learner_silent_s=1",
+                            "link.on_learner_lost=continue", "max_episode_steps=100000", learner=server.endpoint)  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    back = None
+    try:
+        wait_until(lambda: count_sends(tmp_path) > 60, "the arm to act")
+        server.stop()
+        time.sleep(2.5)  # 1 s of silence, then the hold
+        held_at = count_sends(tmp_path)
+        time.sleep(1.5)
+        assert count_sends(tmp_path) == held_at, "the arm kept moving with the learner gone"
+        assert is_hold(journal(tmp_path)[-1]), journal(tmp_path)[-3:]
+        back = IngestServer(ReplayStore.create_for_task(tmp_path / "store-b", "arm-reach"), server.endpoint).start()
+        wait_until(lambda: count_sends(tmp_path) > held_at + 20, "the arm to act again")
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        if back is not None:
+            back.stop()
+    assert process.returncode == 0, out
+    assert "holding the arm: the learner has been silent" in out and "acting again" in out
+    assert_left_held_and_disconnected(journal(tmp_path))
