@@ -29,6 +29,8 @@ LOW = np.array([JOINT_RANGES[j][0] for j in JOINTS])
 HIGH = np.array([JOINT_RANGES[j][1] for j in JOINTS])
 MAX_STEP = 5.0
 HOME = "{shoulder_pan:10,shoulder_lift:-20,elbow_flex:90}"
+HOME_POSE = [10.0, -20.0, 90.0]
+TARGET_POSE = [30.0, -30.0, 90.0]  # SimArm().target_pose(): the fingertip on arm-reach's target
 
 
 def garbage_policy(kind: str) -> bytes:
@@ -37,7 +39,8 @@ def garbage_policy(kind: str) -> bytes:
     (bang-bang around 0: the goal flips from far above to far below the range as a joint crosses 0)."""
     inputs = [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", 3]),
               helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 3])]  # fmt: skip
-    value = {"nan": [float("nan")] * 3, "out": [1000.0, -1000.0, 1000.0], "oscillate": [0.0] * 3}[kind]
+    value = {"nan": [float("nan")] * 3, "out": [1000.0, -1000.0, 1000.0], "oscillate": [0.0] * 3,
+             "reach": TARGET_POSE, "stay": HOME_POSE}[kind]  # the last two are good policies: to the target, at home
     gain = -1000.0 if kind == "oscillate" else 0.0
     nodes = [helper.make_node("Mul", ["obs", "gain"], ["scaled"]),
              helper.make_node("Mul", ["noise", "zero"], ["noise0"]),
@@ -265,3 +268,47 @@ def test_the_arm_holds_while_the_learner_is_silent_and_acts_again_when_it_comes_
     assert process.returncode == 0, out
     assert "holding the arm: the learner has been silent" in out and "acting again" in out
     assert_left_held_and_disconnected(journal(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def reach_classifier(tmp_path_factory) -> Path:
+    """A success classifier trained by `o2o-classifier train` on arm-reach's scripted dataset (real Minari data,
+    real torch training, ONNX export)."""
+    from o2o.datasets.builders import build_dataset
+
+    build_dataset("arm-reach", "mixed", progress=False)
+    out = tmp_path_factory.mktemp("classifier") / "classifier.onnx"
+    done = subprocess.run([sys.executable, "-m", "o2o.learner.classifier_cli", "train", "task=arm-reach",
+                           "dataset=o2o/arm-reach/mixed-v0", "steps=3000", "target_precision=0.95", "threads=1",
+                           f"out={out}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "precision" in done.stdout and "recall" in done.stdout
+    return out
+
+
+def test_a_success_classifier_ends_the_episodes_its_policy_reaches_and_no_other(tmp_path, reach_classifier):
+    reach = run_actor(tmp_path, "reach", "arm.reward=classifier", f"arm.classifier={reach_classifier}",
+                      "max_episodes=3", "max_episode_steps=80")  # fmt: skip
+    assert reach.returncode == 0, reach.stdout + reach.stderr
+    assert "held-out" in reach.stdout + reach.stderr  # its precision and recall, said before it is used
+    stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
+    assert stats["episodes"] == 3 and stats["successes_total"] == 3, stats
+    assert stats["steps"] < 3 * 80  # ended by the classifier, not by the time limit
+    stay = run_actor(tmp_path, "stay", "arm.reward=classifier", f"arm.classifier={reach_classifier}",
+                     "max_episodes=2", "max_episode_steps=40")  # fmt: skip
+    assert stay.returncode == 0, stay.stdout + stay.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
+    assert stats["episodes"] == 2 and stats["successes_total"] == 0 and stats["steps"] == 80, stats
+
+
+def test_a_classifier_made_for_another_task_is_refused_at_start_naming_both(tmp_path, reach_classifier):
+    model = onnx.load(str(reach_classifier))
+    for prop in model.metadata_props:
+        if prop.key == "task":
+            prop.value = "pointmaze-umaze"
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    done = run_actor(tmp_path, "reach", "arm.reward=classifier", f"arm.classifier={tmp_path / 'other.onnx'}",
+                     "max_episodes=1")  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "pointmaze-umaze" in done.stderr and "arm-reach" in done.stderr
+    assert journal(tmp_path) == []  # refused before the robot was ever connected
