@@ -18,7 +18,7 @@ from .minari_io import DatasetError, datasets_root, load_transitions, open_datas
 def cmd_tasks(_args) -> None:
     for name, spec in sorted(TASKS.items()):
         builder = "builder" if name in BUILDER_MODULES else "no builder"
-        print(f"{name:20s} {spec.env_id:24s} {spec.reward:6s} {builder:10s} {spec.description}")
+        print(f"{name:20s} {spec.env_id or '(a robot)':24s} {spec.reward:6s} {builder:10s} {spec.description}")
 
 
 def cmd_build(args) -> None:

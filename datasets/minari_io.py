@@ -240,27 +240,21 @@ def _frame_index(episodes: list[dict], spec: ObsSpec) -> dict:
 
 
 def task_obs_spec(task: TaskSpec) -> ObsSpec:
-    """The observation spec of a task's env (what its datasets must hold)."""
-    from o2o.envs import make_env
+    """The observation spec of a task (its env's, a real-world task's dataset's): what its datasets must hold."""
+    from o2o.envs.tasks import task_spaces
 
-    env = make_env(task)
-    try:
-        return ObsSpec.from_space(env.observation_space)
-    finally:
-        env.close()
+    return ObsSpec.from_space(task_spaces(task)[0])
 
 
 def _check_matches_task(ds: minari.MinariDataset, cols: dict, task: TaskSpec, spec: ObsSpec) -> None:
-    from o2o.envs import make_env
+    from o2o.envs.tasks import task_spaces
 
-    env = make_env(task)
-    obs_dim, act_dim = spec.state_dim, env.action_space.shape[0]
-    env.close()
+    obs_dim, act_dim = spec.state_dim, task_spaces(task)[1].shape[0]
     name = ds.spec.dataset_id
     if cols["obs"].shape[1] != obs_dim or cols["action"].shape[1] != act_dim:
         raise DatasetError(
             f"dataset {name} has observations of dim {cols['obs'].shape[1]} and actions of dim "
-            f"{cols['action'].shape[1]}, but task {task.name} ({task.env_id}) expects {obs_dim} and "
+            f"{cols['action'].shape[1]}, but task {task.name} ({task.env_id or task.datasets[0]}) expects {obs_dim} and "
             f"{act_dim}: is this the dataset of another task?"
         )
     for key in ("obs", "next_obs", "action", "reward"):

@@ -212,12 +212,11 @@ class ReplayStore:
     def create_for_task(cls, path: str | os.PathLike, task: str, **kwargs) -> "ReplayStore":
         """A store with the observation spec (state size, cameras), action size and failure reward of
         an o2o task (makes the env once); ``kwargs`` go to ``create`` (``data``, ``fsync``, ...)."""
-        from o2o.envs import get_task, make_env
+        from o2o.envs.tasks import get_task, task_spaces
 
         spec = get_task(task)
-        env = make_env(spec)
-        obs_spec, action_dim = ObsSpec.from_space(env.observation_space), env.action_space.shape[0]
-        env.close()
+        obs_space, action_space = task_spaces(spec)  # its env's, or a real-world task's dataset's
+        obs_spec, action_dim = ObsSpec.from_space(obs_space), action_space.shape[0]
         failure = spec.reward_neg if spec.reward == "sparse" else None
         return cls.create(path, obs_spec, action_dim, failure_reward=failure, task=spec.name, **kwargs)
 

@@ -7,15 +7,19 @@ policy on the task's fixed evaluation episodes.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from o2o.envs import TaskSpec
 
 from .config import EvalConfig
 from .divergence import check_losses
-from .evaluation import evaluate
+from .evaluation import evaluate, not_evaluated
 from .metric_keys import EPISODES, EVAL, ONLINE_STEPS, TRAIN
 from .metrics import MetricsLogger, RunningMean
+
+log = logging.getLogger("o2o.learner")
 
 
 class Cadence:
@@ -61,10 +65,17 @@ class Evaluations:
         self.agent, self.task, self.cfg, self.low, self.high, self.logger = agent, task, cfg, low, high, logger
         self.results: list[dict] = []
         self.at: int | None = None  # the step of the last evaluation (None: the agent changed since)
+        self.skipped = not_evaluated(task)  # a real-world task: no simulator to evaluate in
 
-    def run(self, step: int, online_steps: int | None = None) -> dict:
+    def run(self, step: int, online_steps: int | None = None) -> dict | None:
         """Evaluate the policy as it is now, log it at ``step``, keep it. ``online_steps``: the committed
-        online rows (an online run's evaluation records them and its episode count)."""
+        online rows (an online run's evaluation records them and its episode count). None (said once in
+        the log): a real-world task, whose evaluation is its actors' episodes."""
+        if self.skipped:
+            if self.skipped is not True:
+                log.info("%s", self.skipped)
+                self.skipped = True
+            return None
         result = evaluate(self.agent, self.task, self.cfg.episodes, self.cfg.seed, self.low, self.high)
         if online_steps is not None:
             result = {**result, ONLINE_STEPS: online_steps, EPISODES: self.cfg.episodes}

@@ -218,14 +218,15 @@ def make_skewed_agent(spec, delta: float):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_export_whose_onnx_output_differs_from_torch_is_refused(tmp_path, spec, exporter):
-    """The parity check fails for real: onnxruntime's actions differ from torch's by 2e-4 > 1e-5."""
+    """The parity check fails for real: onnxruntime's actions differ from torch's by 1e-4 of the action's half range
+    (up to 2e-4 env units) > 1e-5."""
     path = tmp_path / "policy.onnx"
     path.write_bytes(b"previous policy")
-    delta = 1e-4  # largest env-unit difference: delta * max(high - low) / 2 = 2e-4
+    delta = 1e-4  # in units of each action's half range (env units: delta * (high - low) / 2, up to 2e-4)
     with pytest.raises(OnnxExportError, match="differs from torch by") as info:
         export_policy(make_skewed_agent(spec, delta), spec, path, exporter=exporter)
     reported = float(str(info.value).split("differs from torch by ")[1].split()[0])
-    assert reported == pytest.approx(delta * np.max(HIGH - LOW) / 2, abs=2e-5)
+    assert reported == pytest.approx(delta, abs=2e-5)
     assert path.read_bytes() == b"previous policy"
     assert [p.name for p in tmp_path.iterdir()] == ["policy.onnx"]  # the checked temporary file is gone
 
@@ -237,7 +238,7 @@ def test_parity_tolerance_is_the_threshold_and_the_reported_error_is_measured(tm
     monkeypatch.setattr(export_onnx, "PARITY_TOLERANCE", 1e-3)
     agent = make_skewed_agent(spec, 1e-4)
     path, error = export_policy_verified(agent, spec, tmp_path / "policy.onnx", exporter="torchscript")
-    assert error == pytest.approx(2e-4, abs=2e-5)
+    assert error == pytest.approx(1e-4, abs=2e-5)  # per half range
     obs = sample_obs(agent, 16, seed=16)
     noise = np.random.default_rng(16).standard_normal((16, ACTION_DIM)).astype(np.float32)
     with torch.no_grad():
