@@ -3,7 +3,7 @@
 ``task=NAME`` picks configs/task/NAME.yaml, and the learner's commands configs/task_dataset/NAME.yaml; a
 user's task has no file there, so each one its modules register is stored in Hydra's ConfigStore under
 those two groups instead (the same ``_global_`` content as the files: ``task: NAME``, and
-``dataset: <its first dataset>``, or ``???``, which Hydra then asks for: ``dataset=...``). Hydra reads
+``dataset: <its first dataset>``, or "" for a task with no data yet: ``dataset=...`` or ``from_scratch=true``). Hydra reads
 the ConfigStore after importing this package (``pkg://o2o.configs``), so every command finds them:
 o2o-pretrain, o2o-learner, o2o-actor, o2o-launch, o2o-retrain.
 """
@@ -29,6 +29,7 @@ def store_user_tasks() -> list[str]:
     for name in names:
         datasets = get_task(name).datasets
         store.store(group="task", name=name, node={"task": name}, package="_global_")
-        store.store(group="task_dataset", name=name, node={"dataset": datasets[0] if datasets else "???"},
+        # No dataset yet (a task declared with its spaces): "" until one is recorded (from_scratch=true needs none).
+        store.store(group="task_dataset", name=name, node={"dataset": datasets[0] if datasets else ""},
                     package="_global_")  # fmt: skip
     return names

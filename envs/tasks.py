@@ -80,6 +80,12 @@ class TaskSpec:
     """Camera observations: "maze_top" (envs/maze_camera.py, numpy-drawn) gives the Dict
     {"state": float32, "top": uint8 image} (envs/obs_spec.py); "fetch_front" (envs/mujoco_camera.py,
     MuJoCo offscreen rendering) {"state": gripper state, "front": uint8 image}; None: a flat state vector."""
+    observation_space: gym.Space | None = None
+    """A real-world task with no dataset yet (HIL-SERL's start: online from scratch, the operator's takeovers as
+    the first demonstrations): its observation space, a float32 Box of the joint readings or a Dict of "state"
+    and uint8 camera images (envs/obs_spec.py). None: its dataset's."""
+    action_space: gym.spaces.Box | None = None
+    """With ``observation_space``: the action space, a 1-D Box whose bounds are the joints' limits."""
 
     @property
     def real_world(self) -> bool:
@@ -240,10 +246,13 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     if spec.name in TASKS and TASKS[spec.name] != spec:
         raise UserTasksError(f"task {spec.name!r} is registered twice with different settings")
     if spec.real_world:
-        if not spec.datasets:
+        if not spec.datasets and (spec.observation_space is None or spec.action_space is None):
             raise UserTasksError(f"task {spec.name!r} is a real-world task (env_id=None): name its offline dataset, "
-                                 "datasets=('my/dataset-v0',) (a Minari id or folder): its observation and action "
-                                 "spaces are the task's")  # fmt: skip
+                                 "datasets=('my/dataset-v0',) (a Minari id or folder), whose observation and action "
+                                 "spaces are the task's; or, with no data yet, give observation_space= and "
+                                 "action_space=")  # fmt: skip
+        if (spec.observation_space is None) != (spec.action_space is None):
+            raise UserTasksError(f"task {spec.name!r}: give observation_space= and action_space= together")
         if spec.camera is not None or spec.env_kwargs:
             raise UserTasksError(f"task {spec.name!r} is a real-world task (env_id=None): camera= and env_kwargs= "
                                  "belong to simulated tasks (a robot's cameras come from its config)")  # fmt: skip
@@ -287,8 +296,11 @@ def task_spaces(task: str | TaskSpec) -> tuple[gym.Space, gym.spaces.Box]:
             return env.observation_space, env.action_space
         finally:
             env.close()
-    obs_space, action_space = dataset_spaces(spec.datasets[0])
-    where = f"task {spec.name}'s dataset {spec.datasets[0]}"
+    if spec.observation_space is not None:
+        obs_space, action_space, where = spec.observation_space, spec.action_space, f"task {spec.name}"
+    else:
+        obs_space, action_space = dataset_spaces(spec.datasets[0])
+        where = f"task {spec.name}'s dataset {spec.datasets[0]}"
     try:
         obs_space = ObsSpec.from_space(obs_space).space()
     except ValueError as err:

@@ -57,7 +57,7 @@ def make_agent(cfg: PretrainConfig, task: TaskSpec, data: Transitions | None, de
     obs_spec = ObsSpec.from_space(obs_space)  # a camera task: its state and images
     low, high = action_space.low.astype(np.float32), action_space.high.astype(np.float32)
     obs_dim, action_dim = obs_spec.state_dim, action_space.shape[0]
-    source = f"dataset {task.datasets[0]}" if task.real_world else "env"
+    source = "env" if not task.real_world else f"dataset {task.datasets[0]}" if task.datasets else "declared spaces"
     if data is not None and (data.obs_dim, data.action_dim) != (obs_dim, action_dim):
         raise DatasetError(f"the data has obs {data.obs_dim} / action {data.action_dim} dims, task {task.name}'s "
                            f"{source} {obs_dim} / {action_dim}")  # fmt: skip

@@ -75,6 +75,8 @@ class Peer:
             identity, *body = self._sock.recv_multipart()
             header = wire.decode_header(body[0])
             actor_id = header["actor_id"]
+            if header["type"] == "status":  # the actor's state for o2o-status: this stand-in has no fleet view
+                continue
             if header["type"] == "hello":
                 hello = wire.decode_hello(body, header)
                 self.hellos.append(hello)

@@ -1,0 +1,74 @@
+"""A robot with a task of the user's own and no data yet (HIL-SERL's start): the task is declared with its spaces in a
+module named by O2O_TASKS, ``o2o-learner from_scratch=true`` learns online from nothing, and the robot actor (the
+MuJoCo arm standing in for hardware) acts at random within its safety limits until the learner's first policy,
+then with it. Real processes, real ZeroMQ on loopback, a real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from test_arm_actor import HOME, MAX_STEP, assert_every_goal_safe, assert_left_held_and_disconnected, journal
+from test_online_learner import free_endpoint
+
+from o2o.datasets.replay_store import ReplayStore
+
+TESTS = Path(__file__).parent
+TASK = "sim-arm-stack"
+
+
+def test_a_user_task_with_no_data_learns_online_from_scratch_on_the_robot(tmp_path):
+    (tmp_path / "my_tasks.py").write_text(textwrap.dedent(f"""
+        import gymnasium as gym
+        import numpy as np
+        from o2o.envs.tasks import TaskSpec, register_task
+
+        # The arm's 3 joint readings; its goals within the joints' limits (degrees).
+        register_task(TaskSpec(
+            name="{TASK}", env_id=None, reward="sparse", score="success", max_episode_steps=50,
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (3,), np.float32),
+            action_space=gym.spaces.Box(np.array([-110, -100, -20], np.float32), np.array([110, 60, 150], np.float32)),
+        ))
+    """))
+    env = {**os.environ, "O2O_TASKS": str(tmp_path / "my_tasks.py"),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    endpoint, run_dir = free_endpoint(), tmp_path / "run"
+    learner = subprocess.Popen([
+        sys.executable, "-m", "o2o.learner.online", f"task={TASK}", "from_scratch=true", f"endpoint={endpoint}",
+        "online_updates=150", "warmup_rows=100", "publish_every=50", "checkpoint_every=50", "log_every=50",
+        "batch_size=32", "max_rows_ahead=0", "progress=false", f"hydra.run.dir={run_dir}", "threads=1",
+        "eval_every_steps=0"], env=env, cwd=tmp_path, stdout=open(tmp_path / "learner.log", "w"),
+        stderr=subprocess.STDOUT)  # fmt: skip
+    actor = subprocess.run([
+        sys.executable, "-m", "o2o.actor.main", f"task={TASK}", f"learner={endpoint}", "actor_id=arm-1",
+        "robot.type=arm_journal:JournalArm", f"robot.options={{journal:{tmp_path / 'journal.jsonl'}}}",
+        "policy.act_before_policy=true", "arm.reset=home", f"arm.home={HOME}", f"arm.max_step={MAX_STEP}",
+        "arm.teleop=none", "max_steps=600", "control_hz=50", "chunk_rows=25", "link.drain_s=60",
+        f"stats_file={tmp_path / 'stats.json'}"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=240, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        learner.wait(timeout=180)
+    finally:
+        learner.kill()
+    log = (tmp_path / "learner.log").read_text()
+    assert actor.returncode == 0, actor.stdout[-3000:] + actor.stderr[-3000:]
+    assert learner.returncode == 0, log[-3000:]
+    assert "a real-world task" in log  # it says why it runs no evaluation episodes of its own
+    stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
+    assert stats["steps"] == 600 and stats["policy_version"] >= 1, stats  # random first, then the learner's policy
+    store = ReplayStore.open(run_dir / "replay")
+    try:
+        rows = store.read()
+    finally:
+        store.close()
+    assert len(rows["reward"]) >= 100 and set(rows["policy_version"].tolist()) >= {-1, 1}
+    entries = journal(tmp_path)
+    assert_every_goal_safe(entries)
+    assert_left_held_and_disconnected(entries)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["learner"]["state"] == "stopped" and "arm-1" in status["actors"]
