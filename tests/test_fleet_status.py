@@ -114,7 +114,7 @@ def wait_for(condition, what: str, timeout: float = 20.0) -> None:
 
 def new_link(endpoint: str, tmp_path: Path, actor_id: str, obs_dim: int = OBS_DIM, **cfg) -> Link:
     spool = Spool(16, str(tmp_path / f"spool-{actor_id}"), 2**24, 2**20)
-    config = LinkConfig(heartbeat_s=0.1, timeout_s=2.0, drain_s=1.0, status_s=0.05, **cfg)
+    config = LinkConfig(**{"heartbeat_s": 0.1, "timeout_s": 2.0, "drain_s": 1.0, "status_s": 0.05, **cfg})
     return Link(endpoint, actor_id, "test-task", obs_dim, ACT_DIM, spool, PolicyBuilder(None), config)
 
 
@@ -164,6 +164,21 @@ def test_a_link_sends_its_actors_status_and_a_failing_source_never_stops_it(serv
     finally:
         link.close(0.0)
     assert server.stats()["rejected"] == {}  # the link never sent what the learner refuses
+
+
+def test_a_closing_link_sends_the_actors_last_status_at_once(server, tmp_path):
+    """The actor stopped: the learner hears it as it closes, not only once it has been silent long enough to
+    count as gone."""
+    report = dict(REPORT)
+    link = new_link(server.endpoint, tmp_path, "arm", status_s=60.0)  # the periodic one would come in a minute
+    link.status_source = lambda: report
+    link.start()
+    assert link.wait_welcome(20)
+    seen = lambda: server.stats()["actors"]["arm"].get("status")  # noqa: E731
+    wait_for(lambda: seen() is not None, "the first status")
+    report["state"] = "stopped"
+    link.close(0.0)
+    wait_for(lambda: seen()["state"] == "stopped", "the last status, sent on close")
 
 
 def test_a_bad_status_is_rejected_and_counted_and_the_server_serves_on(server, tmp_path):

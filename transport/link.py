@@ -294,7 +294,11 @@ class Link:
             self._take_inbox()
             self._close_monitor()
             if self._sock is not None:
-                self._sock.close(linger=0)
+                linger = 0
+                if self.error is None and self._welcomed and self.status_source is not None:
+                    self._last_status, linger = 0.0, 200  # a last status ("stopped") gets 200 ms to leave
+                    self._send_status()
+                self._sock.close(linger=linger)
             self._notify()
 
     def _close_monitor(self) -> None:
@@ -590,7 +594,6 @@ class Link:
             "policies_built": self.policies.built,
             "policies_refused": self.policies.refused,
             "learner_lost": self.learner_lost,
-            # A robot's watchdog holds the arm on these (robot/safety.py LinkWatchdog).
             "learner_silent_s": time.monotonic() - self._last_recv if self._welcomed else None,
             "learner_policy_version": self.learner_version,
             "held": self.hold,
