@@ -22,7 +22,7 @@ from o2o.envs.obs_spec import ObsSpec
 from .config import ArmConfig, RobotSettings
 from .classifier_judge import ClassifierJudge
 from .keys_judge import KeysJudge
-from .make_robot import make_robot
+from .make_robot import make_robot, make_teleoperator
 from .operator import KeyboardTeleop, Operator
 from .reset import HomeReset, HomeThenOperator, OperatorReset
 from .robot_env import RobotEnv
@@ -89,6 +89,9 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
             env.judge = KeysOverClassifier(judge, classifier)
         if arm.teleop == "keyboard":
             env.teleop = KeyboardTeleop(features, env.joint_positions, step=arm.max_step or 5.0, operator=operator)
+        elif arm.teleop != "none":  # a leader arm, a gamepad...: connected now, disconnected by env.close()
+            env.teleop = make_teleoperator({"type": arm.teleop, **dict(arm.teleop_options or {})})
+            env.teleop.connect()
         steps = max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_STEPS
         checked = check_actor_env(gym.wrappers.TimeLimit(env, steps))
     except BaseException:

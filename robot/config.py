@@ -20,7 +20,6 @@ from typing import Any
 
 REWARDS = ("keys", "classifier")
 RESETS = ("home", "operator", "home+operator")
-TELEOPS = ("none", "keyboard")
 
 
 @dataclasses.dataclass
@@ -74,8 +73,11 @@ class ArmConfig:
     home_tolerance: float = 2.0
     """How close (action units) every joint must get to arm.home for the reset to be done."""
     teleop: str = "keyboard"
-    """Who takes over when the operator presses the takeover key: "keyboard" (keys move the joints) or
-    "none" (no takeover). Steps acted by the operator are stored as interventions (HIL-SERL)."""
+    """Who acts while the operator has taken over (key h): "keyboard" (keys 1..0 / q..p move joint 1..10 up /
+    down), a LeRobot teleoperator type (so101_leader, koch_leader, gamepad...: a leader arm's goals become the
+    follower's; needs lerobot), or "none" (no takeover). Those steps are stored as interventions (HIL-SERL)."""
+    teleop_options: Any = None  # a mapping
+    """The LeRobot teleoperator's config keys, e.g. ``arm.teleop_options={port:/dev/ttyACM1,id:my_leader}``."""
     learner_silent_s: float = 10.0
     """Hold the arm while the learner has been silent this long (0 = never)."""
     max_policy_lag: int = 0
@@ -88,8 +90,7 @@ class ArmConfig:
 
     def validate(self) -> None:
         """ValueError saying what to change (types are Hydra's; these are the values)."""
-        for key, value, allowed in (("arm.reward", self.reward, REWARDS), ("arm.reset", self.reset, RESETS),
-                                    ("arm.teleop", self.teleop, TELEOPS)):  # fmt: skip
+        for key, value, allowed in (("arm.reward", self.reward, REWARDS), ("arm.reset", self.reset, RESETS)):
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
         if self.reward == "classifier" and not self.classifier:

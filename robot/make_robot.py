@@ -96,32 +96,50 @@ def _lerobot_robot(kind: str, rest: dict[str, Any]) -> Robot:
                           f"'lerobot[feetech]=={LEROBOT_PIN.split('==')[1]}')") from e
 
 
-def lerobot_config(kind: str, settings: Mapping[str, Any]) -> Any:
-    """The LeRobot ``RobotConfig`` registered under ``kind``, built from ``settings`` (no hardware is touched)."""
+def make_teleoperator(settings: Mapping[str, Any]) -> Any:
+    """A LeRobot teleoperator for the operator's takeover (``arm.teleop=so101_leader``, ``koch_leader``,
+    ``gamepad``...; its keys from ``arm.teleop_options``), built as LeRobot robots are (``lerobot`` imported here)."""
+    rest = _plain(settings)
+    kind = rest.pop("type")
+    config = lerobot_config(kind, rest, family="teleoperator")
+    from lerobot.teleoperators import make_teleoperator_from_config
+
+    return make_teleoperator_from_config(config)
+
+
+def lerobot_config(kind: str, settings: Mapping[str, Any], family: str = "robot") -> Any:
+    """The LeRobot config registered under ``kind`` (a ``RobotConfig``, or with ``family="teleoperator"`` a
+    ``TeleoperatorConfig``), built from ``settings`` (no hardware is touched)."""
+    key = "robot.type" if family == "robot" else "arm.teleop"
     if importlib.util.find_spec("lerobot") is None:
         raise ImportError(
-            f"robot.type={kind} is a LeRobot robot: install lerobot on the robot's machine "
+            f"{key}={kind} is a LeRobot {family}: install lerobot on the robot's machine "
             f"(pip install {LEROBOT_PIN}: it pins torch<2.11, keep it out of the learner's environment)")
     _check_datasets_not_shadowed()
     import draccus  # LeRobot's config library (its dependency)
-    from lerobot.robots import RobotConfig
+
+    if family == "robot":
+        from lerobot.robots import RobotConfig as base
+    else:
+        from lerobot.teleoperators import TeleoperatorConfig as base
 
     settings = _plain(settings)
     failed = _register_lerobot_choices()
     try:
-        config_cls = RobotConfig.get_choice_class(kind)
+        config_cls = base.get_choice_class(kind)
     except KeyError:
-        known = ", ".join(sorted(RobotConfig.get_known_choices()))
+        known = ", ".join(sorted(base.get_known_choices()))
         note = f" (these failed to import: {', '.join(failed)})" if failed else ""
-        raise ValueError(f"robot.type={kind}: no LeRobot robot of that type; known types: {known}{note}. A robot "
-                         f"of your own: a lerobot_robot_* package, or robot.type=package.module:ClassName") from None
+        own = "robot.type=package.module:ClassName" if family == "robot" else "a lerobot_teleoperator_* package"
+        raise ValueError(f"{key}={kind}: no LeRobot {family} of that type; known types: {known}{note}. One "
+                         f"of your own: a lerobot_{family}_* package, or {own}") from None
     try:
         # draccus builds the nested camera configs ({"type": "opencv", ...}) and converts
         # values to the fields' types (a path, an enum), as LeRobot's own command line does.
         return draccus.decode(config_cls, settings)
     except Exception as e:  # draccus's DecodingError, or its ParsingError over the config's own ValueError
         fields = ", ".join(f.name for f in dataclasses.fields(config_cls))
-        raise ValueError(f"robot.type={kind}: {_reason(e)}; {config_cls.__name__} takes: {fields}") from e
+        raise ValueError(f"{key}={kind}: {_reason(e)}; {config_cls.__name__} takes: {fields}") from e
 
 
 def _check_datasets_not_shadowed() -> None:
@@ -141,10 +159,11 @@ def _register_lerobot_choices() -> list[str]:
     them all, e.g. lerobot/scripts/lerobot_record.py). Returns the modules that failed to import."""
     import lerobot.cameras
     import lerobot.robots
+    import lerobot.teleoperators
     from lerobot.utils.import_utils import register_third_party_plugins
 
     failed = []
-    for package in (lerobot.robots, lerobot.cameras):
+    for package in (lerobot.robots, lerobot.cameras, lerobot.teleoperators):
         for module in pkgutil.iter_modules(package.__path__):
             if module.ispkg:
                 name = f"{package.__name__}.{module.name}"

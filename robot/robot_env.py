@@ -152,6 +152,11 @@ class RobotEnv(gym.Env):
                 self.robot.disconnect()
         except Exception as err:
             log.warning("disconnecting the robot failed: %s", err)
+        try:
+            if getattr(self.teleop, "is_connected", False):  # a LeRobot leader arm (the keyboard has no device)
+                self.teleop.disconnect()
+        except Exception as err:
+            log.warning("disconnecting the teleoperator failed: %s", err)
 
     # ------------------------------------------------------------------ for resetters and the actor
 

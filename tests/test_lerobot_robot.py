@@ -89,7 +89,7 @@ CHILD = textwrap.dedent('''
     import lerobot.robots
     import numpy as np
 
-    from o2o.robot.make_robot import lerobot_config, make_robot
+    from o2o.robot.make_robot import lerobot_config, make_robot, make_teleoperator
     from o2o.robot.robot_env import RobotEnv
     from o2o.robot.seams import Verdict
 
@@ -149,6 +149,15 @@ CHILD = textwrap.dedent('''
         so101_env.reset()
     except ConnectionError as e:
         out["so101_reset"] = str(e)
+
+    # LeRobot's SO-101 leader arm as the operator's teleoperator (arm.teleop=so101_leader), built, not connected.
+    leader = make_teleoperator({"type": "so101_leader", "port": "/dev/ttyO2O405", "id": "leader1",
+                                "calibration_dir": str(calibration)})
+    out["leader"] = [type(leader).__name__, sorted(leader.action_features), leader.is_connected]
+    try:
+        make_teleoperator({"type": "no_such_leader"})
+    except ValueError as e:
+        out["unknown_teleop"] = str(e)
 
     def error(settings):
         try:
@@ -239,6 +248,13 @@ def test_lerobot_so101_maps_its_joints_and_camera_to_the_spaces(result):
                                {"state": [[6], "float32"], "front": [[480, 640, 3], "uint8"]}, [6]]
     # No arm on that port: reset's connect fails with LeRobot's own message, nothing is sent.
     assert result["so101_reset"].strip().startswith("Could not connect on port '/dev/ttyO2O404'")
+
+
+def test_a_lerobot_leader_arm_is_built_as_the_operators_teleoperator_with_the_followers_joints(result):
+    joints = ["elbow_flex.pos", "gripper.pos", "shoulder_lift.pos", "shoulder_pan.pos", "wrist_flex.pos",
+              "wrist_roll.pos"]
+    assert result["leader"] == ["SOLeader", joints, False]  # the follower's action features: its goals map 1:1
+    assert result["unknown_teleop"].startswith("arm.teleop=no_such_leader: no LeRobot teleoperator of that type")
 
 
 def test_bad_lerobot_settings_are_clear_errors(result):
