@@ -312,3 +312,35 @@ def test_a_classifier_made_for_another_task_is_refused_at_start_naming_both(tmp_
     assert done.returncode == 2, done.stdout + done.stderr
     assert "pointmaze-umaze" in done.stderr and "arm-reach" in done.stderr
     assert journal(tmp_path) == []  # refused before the robot was ever connected
+
+
+@pytest.mark.parametrize("fault", ["learner lost", "spool full"])
+def test_the_learner_lost_or_a_full_spool_stop_the_actor_with_the_arm_held_and_disconnected(tmp_path, fault):
+    """With link.on_learner_lost=stop the actor stops once the learner has been silent link.timeout_s; with
+    spool.on_full=stop once its spool cannot take another chunk (a learner that never acks): exit 3 either way,
+    and the last thing the arm got was a hold, then the disconnect."""
+    from test_actor_faults import Peer
+    from test_online_learner import free_endpoint
+
+    peer = Peer(free_endpoint(), ack=fault == "learner lost")
+    args = ["control_hz=50", "chunk_rows=5", "max_episode_steps=100000", "arm.learner_silent_s=0"]
+    if fault == "learner lost":
+        args += ["link.on_learner_lost=stop", "link.timeout_s=1", "link.heartbeat_s=0.2"]
+    else:
+        args += ["spool.on_full=stop", "spool.dir=null", "spool.memory_chunks=4"]
+    process = subprocess.Popen(actor_command(tmp_path, "oscillate", *args, learner=peer.endpoint), cwd=tmp_path,
+                               env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        if fault == "learner lost":
+            wait_until(lambda: count_sends(tmp_path) > 60, "the arm to act")
+            peer.close()  # the learner is gone
+        out, _ = process.communicate(timeout=90)
+    finally:
+        process.kill()
+        peer.close()
+    assert process.returncode == 3, out
+    assert ("learner" in out and "lost" in out) if fault == "learner lost" else "spool full" in out, out[-2000:]
+    entries = journal(tmp_path)
+    assert_every_goal_safe(entries)
+    assert_left_held_and_disconnected(entries)
