@@ -69,6 +69,7 @@ def starting_checkpoint(cfg: OnlineConfig, run_dir: Path) -> Path:
     if cfg.pretrained:
         return resolve_checkpoint(cfg.pretrained)
     log.info("no pretrained checkpoint given: pretraining for %d updates first", cfg.steps)
+    write_learner_state(run_dir, "pretraining")  # o2o-status: the fleet comes after it
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     offline_cfg = PretrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields and k != "resume"})
     offline_cfg.algo, offline_cfg.net, offline_cfg.eval = cfg.algo, cfg.net, cfg.eval
@@ -175,16 +176,20 @@ def prepare(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> F
     return FineTuning(run_dir, agent, spec, payload, offline, online, online_buffer, store, publisher)
 
 
-def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
-    """Fine-tune online: sample (offline and online rows mixed) -> update -> log -> evaluate -> publish ->
-    checkpoint, while the ingest server fills the store; ``explicit``: the dotted config keys the user
-    set (see ``fine_tuning``)."""
+def preflight(cfg: OnlineConfig) -> LearnerKeys | None:
+    """What must fail before any pretraining (keys off loopback, the commit interval, the keys themselves), then
+    torch's seed and threads; the learner's keys, if any."""
     require_keys_off_loopback(cfg.endpoint, cfg.keys, cfg.insecure, "the learner")
-    check_commit_interval(cfg.ingest.commit_interval_s)  # before any pretraining
-    keys = LearnerKeys(cfg.keys) if cfg.keys else None  # bad keys fail before any pretraining
+    check_commit_interval(cfg.ingest.commit_interval_s)
+    keys = LearnerKeys(cfg.keys) if cfg.keys else None
     init_torch(cfg.seed, cfg.threads)
-    if not (cfg.resume or cfg.pretrained or cfg.from_scratch):
-        write_learner_state(run_dir, "pretraining")  # o2o-status: the fleet comes after it
+    return keys
+
+
+def run_online(cfg: OnlineConfig, run_dir: Path, explicit: Iterable[str] = ()) -> dict:
+    """Fine-tune online: sample (offline and online rows mixed) -> update -> log -> evaluate -> publish -> checkpoint,
+    while the ingest server fills the store; ``explicit``: the dotted config keys the user set (``fine_tuning``)."""
+    keys = preflight(cfg)
     run = prepare(cfg, run_dir, explicit)
     agent, online, store, publisher, task = run.agent, run.online, run.store, run.publisher, get_task(run.spec.task)
     updates, limiter = run.updates, UpdateLimiter(cfg.utd, cfg.warmup_rows, cfg.max_updates_ahead, cfg.max_rows_ahead)

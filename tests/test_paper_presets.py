@@ -36,6 +36,7 @@ PAPER = {
     "fetch-push": ("adroit", 0.5, False, 0.5, 0, 20_000),
     "fetch-push-pixels": ("adroit", 0.5, False, 0.5, 0, 20_000),  # fetch-push seen by a camera
     "fetch-pick": ("adroit", 0.5, False, 0.5, 0, 20_000),
+    "arm-reach": ("maze2d", 10.0, True, None, 32, 1_000_000),  # a sparse reach, as the mazes (o2o's own task)
 }
 
 
