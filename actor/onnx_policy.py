@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from o2o.datasets.policy_format import FORMAT_VERSION, OUTPUT_NAMES, input_names
+from o2o.datasets.policy_format import FORMAT_VERSION, OUTPUT_NAMES, input_names, session_options
 
 
 class PolicyMismatch(ValueError):
@@ -35,20 +35,6 @@ class PolicyExpectation:
     obs_dim: int
     action_dim: int
     cameras: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    # One thread, no spinning: a 256x2 MLP on one observation is ~10 us of math, and
-    # thread hand-offs or spinning workers would cost more than they save (and steal
-    # the core that steps the env).
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
 
 
 def providers_for(device: str) -> list[str]:

@@ -29,6 +29,8 @@ import numpy as np
 
 from o2o.envs.obs_spec import ObsSpec
 
+from .policy_format import session_options
+
 KIND = "success_classifier"
 FORMAT_VERSION = "1"
 OUTPUT_NAMES = ("success_prob",)
@@ -96,19 +98,6 @@ class HeldOutScore:
 
 def _fmt(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
-
-
-def session_options(threads: int):
-    """actor/onnx_policy.py's options (one thread, no spinning), which robot/ may not import."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return options
 
 
 def _float(meta: dict[str, str], key: str, source: str) -> float:

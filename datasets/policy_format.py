@@ -29,3 +29,20 @@ NOISE = "standard_normal"
 METADATA_KEYS = ("o2o_format_version", "task", "obs_dim", "action_dim", "action_low", "action_high",
                  "policy_version", "training_step", "input_names", "output_names", "noise", "cameras")  # fmt: skip
 POLICY_FILENAME = "policy.onnx"
+
+
+def session_options(threads: int):
+    """onnxruntime's options for one observation at a time (a policy in the actor, a success classifier)."""
+    import onnxruntime as ort  # lazily: the learner's side of this module needs no onnxruntime
+
+    options = ort.SessionOptions()
+    # One thread, no spinning: a 256x2 MLP on one observation is ~10 us of math, and
+    # thread hand-offs or spinning workers would cost more than they save (and steal
+    # the core that steps the env).
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options

@@ -99,12 +99,12 @@ def test_same_seed_same_data_and_qualities_differ():
     for ea, eb in zip(a, b):
         np.testing.assert_array_equal(np.asarray(ea["actions"]), np.asarray(eb["actions"]))
         np.testing.assert_array_equal(ea["observations"][-1], eb["observations"][-1])
-    seeds = {q: [s for _, s in episode_plan(q, 3, seed=3)] for q in QUALITIES}
+    seeds = {q: [s for _, s in episode_plan(q, 3, 3, QUALITIES)] for q in QUALITIES}
     assert seeds["expert"] != seeds["medium"] != seeds["mixed"]
 
 
 def test_mixed_is_half_expert_and_half_noisy_or_random():
-    kinds = [kind for kind, _ in episode_plan("mixed", 400, seed=0)]
+    kinds = [kind for kind, _ in episode_plan("mixed", 400, 0, QUALITIES)]
     assert set(kinds) == {"expert", "medium", "random"}
     assert 0.4 < kinds.count("expert") / len(kinds) < 0.6
 

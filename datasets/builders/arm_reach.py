@@ -12,7 +12,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from .common import Controller, check_choice, record_plan
+from .common import Controller, check_choice, episode_plan, noisy, random_controller, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("arm-reach",)
@@ -27,29 +27,11 @@ def expert_controller(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -
     return joints + np.clip(goal - joints, -STEP, STEP)
 
 
-def random_controller(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -> np.ndarray:
-    space = env.action_space
-    return rng.uniform(space.low, space.high).astype(np.float32)
-
-
-def noisy(controller: Controller, noise_std: float, random_prob: float) -> Controller:
-    """The controller with Gaussian noise (degrees) and, with ``random_prob``, a uniform random action."""
-
-    def act(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -> np.ndarray:
-        if random_prob > 0 and rng.random() < random_prob:
-            return random_controller(obs, env, rng)
-        action = controller(obs, env, rng)
-        return action + rng.normal(0.0, noise_std, action.shape).astype(np.float32)
-
-    return act
 
 
 # (Gaussian action noise std in degrees, per-step probability of a uniform random action).
 EXPERT_NOISE = (1.0, 0.0)
 MEDIUM_NOISE = (6.0, 0.4)
-# mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities (as pusher's).
-MIXED_KINDS = ("expert", "medium", "random")
-MIXED_PROBS = (0.5, 0.25, 0.25)
 
 
 def episode_controller(kind: str) -> Controller:
@@ -59,18 +41,7 @@ def episode_controller(kind: str) -> Controller:
     return noisy(expert_controller, noise_std, random_prob)
 
 
-def episode_plan(quality: str, n_episodes: int, seed: int) -> list[tuple[str, int]]:
-    """(kind, reset seed) of every episode, reproducible from ``seed`` (the quality mixed in, as pusher's)."""
-    rng = np.random.default_rng([seed, QUALITIES.index(quality)])
-    seeds = rng.integers(0, 2**31 - 1, size=n_episodes)
-    if quality == "mixed":
-        kinds = rng.choice(MIXED_KINDS, size=n_episodes, p=MIXED_PROBS)
-    else:
-        kinds = np.full(n_episodes, quality)
-    return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]
-
-
 def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
     """``n_episodes`` scripted episodes of ``task`` at ``quality``, in ``write_dataset``'s format."""
     check_choice("arm_reach", task, quality, TASKS, QUALITIES)
-    return record_plan(task, quality, episode_plan(quality, n_episodes, seed), episode_controller, progress)
+    return record_plan(task, quality, episode_plan(quality, n_episodes, seed, QUALITIES), episode_controller, progress)

@@ -83,3 +83,38 @@ def from_state(controller: Controller) -> Controller:
     the camera wrappers keep (``last_raw_obs``: envs/maze_camera.py, envs/mujoco_camera.py); the dataset
     records the pixels. With the same seeds a pixel dataset holds the same trajectories as the state one."""
     return lambda obs, env, rng: controller(env.last_raw_obs, env, rng)
+
+
+def random_controller(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -> np.ndarray:
+    """A uniform random action in the env's action space."""
+    space = env.action_space
+    return rng.uniform(space.low, space.high).astype(np.float32)
+
+
+def noisy(controller: Controller, noise_std: float, random_prob: float) -> Controller:
+    """The controller with Gaussian action noise and, with ``random_prob``, a uniform random action."""
+
+    def act(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -> np.ndarray:
+        if random_prob > 0 and rng.random() < random_prob:
+            return random_controller(obs, env, rng)
+        action = controller(obs, env, rng)
+        return action + rng.normal(0.0, noise_std, action.shape).astype(np.float32)
+
+    return act
+
+
+# mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities (pusher, arm-reach).
+MIXED_KINDS = ("expert", "medium", "random")
+MIXED_PROBS = (0.5, 0.25, 0.25)
+
+
+def episode_plan(quality: str, n_episodes: int, seed: int, qualities: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(kind, reset seed) of every episode, reproducible from ``seed``; the quality is mixed into the seed so
+    that the datasets of one seed do not all start alike; ``mixed`` draws each episode's kind by MIXED_PROBS."""
+    rng = np.random.default_rng([seed, qualities.index(quality)])
+    seeds = rng.integers(0, 2**31 - 1, size=n_episodes)
+    if quality == "mixed":
+        kinds = rng.choice(MIXED_KINDS, size=n_episodes, p=MIXED_PROBS)
+    else:
+        kinds = np.full(n_episodes, quality)
+    return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]

@@ -37,7 +37,7 @@ import mujoco
 import numpy as np
 
 
-from .common import Controller, check_choice, record_plan
+from .common import Controller, check_choice, episode_plan, noisy, random_controller, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("pusher",)
@@ -210,29 +210,11 @@ def expert_controller(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -
     return task_space_torque(env, within_reach(target), target_vel, push).astype(np.float32)
 
 
-def noisy(controller: Controller, noise_std: float, random_prob: float) -> Controller:
-    """The controller with Gaussian action noise and, with ``random_prob``, a uniform random action."""
-
-    def act(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -> np.ndarray:
-        if random_prob > 0 and rng.random() < random_prob:
-            return random_controller(obs, env, rng)
-        action = controller(obs, env, rng)
-        return action + rng.normal(0.0, noise_std, action.shape).astype(np.float32)
-
-    return act
-
-
-def random_controller(obs: np.ndarray, env: gym.Env, rng: np.random.Generator) -> np.ndarray:
-    space = env.action_space
-    return rng.uniform(space.low, space.high).astype(np.float32)
 
 
 # (Gaussian action noise std in torque units, per-step probability of a uniform random action).
 EXPERT_NOISE = (0.1, 0.0)
 MEDIUM_NOISE = (0.4, 0.15)
-# mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities.
-MIXED_KINDS = ("expert", "medium", "random")
-MIXED_PROBS = (0.5, 0.25, 0.25)
 
 
 def episode_controller(kind: str) -> Controller:
@@ -243,22 +225,7 @@ def episode_controller(kind: str) -> Controller:
     return noisy(expert_controller, noise_std, random_prob)
 
 
-def episode_plan(quality: str, n_episodes: int, seed: int) -> list[tuple[str, int]]:
-    """(kind, reset seed) of every episode, reproducible from ``seed``.
-
-    The quality is mixed into the seed so that the datasets of one seed do not
-    all start from the same puck positions.
-    """
-    rng = np.random.default_rng([seed, QUALITIES.index(quality)])
-    seeds = rng.integers(0, 2**31 - 1, size=n_episodes)
-    if quality == "mixed":
-        kinds = rng.choice(MIXED_KINDS, size=n_episodes, p=MIXED_PROBS)
-    else:
-        kinds = np.full(n_episodes, quality)
-    return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]
-
-
 def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
     """``n_episodes`` scripted episodes of ``task`` at ``quality``, in ``write_dataset``'s format."""
     check_choice("pusher", task, quality, TASKS, QUALITIES)
-    return record_plan(task, quality, episode_plan(quality, n_episodes, seed), episode_controller, progress)
+    return record_plan(task, quality, episode_plan(quality, n_episodes, seed, QUALITIES), episode_controller, progress)
