@@ -402,8 +402,8 @@ class Actor:
     def _link_reason(self) -> str | None:
         """Why a robot must hold now (the learner silent too long, the policy too far behind), else None."""
         link = self.sink.summary()
-        newest = link.get("learner_policy_version", -1)
-        lag = newest - self.version if self.policy is not None and newest >= 0 else None
+        newest, built = link.get("learner_policy_version", -1), self.policies.latest()  # built: acted with next
+        lag = newest - built.version if built is not None and newest >= 0 else None
         return self.watchdog.reason(link.get("learner_silent_s"), lag)
 
     def _guard(self) -> str | None:

@@ -33,7 +33,7 @@ HOME_POSE = [10.0, -20.0, 90.0]
 TARGET_POSE = [30.0, -30.0, 90.0]  # SimArm().target_pose(): the fingertip on arm-reach's target
 
 
-def garbage_policy(kind: str) -> bytes:
+def garbage_policy(kind: str, task: str = "arm-reach") -> bytes:
     """An arm-reach policy (3 joint readings in, 3 joint goals out) that outputs garbage:
     "nan" NaN goals; "out" goals far outside every joint's range; "oscillate" -1000 x the reading
     (bang-bang around 0: the goal flips from far above to far below the range as a joint crosses 0)."""
@@ -55,7 +55,7 @@ def garbage_policy(kind: str) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     helper.set_model_props(model, {
-        "o2o_format_version": FORMAT_VERSION, "task": "arm-reach", "obs_dim": "3", "action_dim": "3",
+        "o2o_format_version": FORMAT_VERSION, "task": task, "obs_dim": "3", "action_dim": "3",
         "action_low": json.dumps(LOW.tolist()), "action_high": json.dumps(HIGH.tolist()), "policy_version": "0",
         "training_step": "0", "input_names": json.dumps(["obs", "noise"]), "output_names": json.dumps(["action"]),
         "noise": "standard_normal", "cameras": "{}"})  # fmt: skip
@@ -344,3 +344,39 @@ def test_the_learner_lost_or_a_full_spool_stop_the_actor_with_the_arm_held_and_d
     entries = journal(tmp_path)
     assert_every_goal_safe(entries)
     assert_left_held_and_disconnected(entries)
+
+
+def test_the_arm_holds_while_its_policy_is_too_many_versions_behind_the_learners(tmp_path):
+    """The learner publishes versions this actor refuses (made for another task): once the newest is more than
+    arm.max_policy_lag=2 versions ahead of the one it acts with, the arm holds; a version it can take ends it."""
+    from o2o.datasets.replay_store import ReplayStore
+    from o2o.transport.ingest import IngestServer
+
+    server = IngestServer(ReplayStore.create_for_task(tmp_path / "store", "arm-reach")).start()
+    try:
+        server.publish_policy(1, garbage_policy("oscillate"))
+        command = actor_command(tmp_path, "oscillate", "control_hz=20", "chunk_rows=5", "arm.max_policy_lag=2",
+                                "arm.learner_silent_s=0", "max_episode_steps=100000", learner=server.endpoint)  # fmt: skip
+        command.remove(next(arg for arg in command if arg.startswith("policy.path=")))  # the learner's policies only
+        process = subprocess.Popen(command, cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            wait_until(lambda: count_sends(tmp_path) > 60, "the arm to act with version 1")
+            for version in (2, 3, 4):  # refused: policies of another task
+                server.publish_policy(version, garbage_policy("oscillate", task="pointmaze-umaze"))
+            time.sleep(3.0)  # acks carry version 4: 3 versions behind
+            held_at = count_sends(tmp_path)
+            time.sleep(1.5)
+            assert count_sends(tmp_path) == held_at, "the arm kept moving with its policy 3 versions behind"
+            server.publish_policy(5, garbage_policy("oscillate"))
+            wait_until(lambda: count_sends(tmp_path) > held_at + 20, "the arm to act with version 5")
+            process.send_signal(signal.SIGTERM)
+            out, _ = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    finally:
+        server.stop()
+    assert process.returncode == 0, out
+    assert "the policy is 3 versions behind the learner (> 2)" in out, out[-3000:]
+    assert "refused policy version 4" in out
+    assert_left_held_and_disconnected(journal(tmp_path))
