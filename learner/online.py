@@ -181,6 +181,9 @@ def preflight(cfg: OnlineConfig) -> LearnerKeys | None:
     torch's seed and threads; the learner's keys, if any."""
     require_keys_off_loopback(cfg.endpoint, cfg.keys, cfg.insecure, "the learner")
     check_commit_interval(cfg.ingest.commit_interval_s)
+    if (cfg.retrain_every or cfg.retrain_at_end) and get_task(cfg.task).real_world:
+        raise ValueError(f"task {cfg.task} has no simulator: OOO retraining (retrain_every / retrain_at_end) judges "
+                         "the retrained policy by the learner's evaluation episodes, which it cannot run")  # fmt: skip
     keys = LearnerKeys(cfg.keys) if cfg.keys else None
     init_torch(cfg.seed, cfg.threads)
     return keys

@@ -175,3 +175,12 @@ def test_o2o_pretrain_trains_a_user_task_from_its_dataset_and_the_actor_accepts_
     assert action.shape == (6,) and np.all(action >= LOW) and np.all(action <= HIGH)
     with pytest.raises(PolicyMismatch, match="task"):  # another task's actor refuses it
         OnnxPolicy(run_dir / "policy.onnx", PolicyExpectation("arm-reach", 6, 6), version=1)
+
+
+def test_ooo_retraining_of_a_task_without_a_simulator_is_refused_before_anything_starts(registry):
+    from o2o.learner.config import OnlineConfig
+    from o2o.learner.online import preflight
+
+    register_task(TaskSpec(name="my-arm", env_id=None, datasets=(DATASET,)))
+    with pytest.raises(ValueError, match="has no simulator: OOO retraining"):
+        preflight(OnlineConfig(task="my-arm", retrain_every=100))
