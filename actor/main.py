@@ -32,6 +32,8 @@ from omegaconf.errors import MissingMandatoryValue
 from o2o.envs import make_actor_env
 from o2o.envs.obs_spec import ObsSpec
 from o2o.robot.assemble import make_arm_env
+from o2o.robot.operator import OperatorUnavailable
+from o2o.robot.reset import ResetFailed
 from o2o.robot.safety import LinkWatchdog
 from o2o.transport.limits import ChunkSpec
 from o2o.transport.link import Link
@@ -152,8 +154,8 @@ def run_actor(cfg: ActorConfig) -> int:
             stopped_safely = reason not in ("done", "stop requested")
             (log.error if stopped_safely else log.info)("actor %s stopped: %s", cfg.actor_id, reason)
             status = EXIT_STOPPED if stopped_safely else 0
-    except ConnectionError as err:
-        log.error("%s", err)
+    except (ConnectionError, ResetFailed, OperatorUnavailable) as err:  # the learner, or a robot that cannot start
+        log.error("%s", err)  # an episode (home out of reach, no operator to press the reset key)
         status = EXIT_STOPPED
     finally:
         try:

@@ -380,3 +380,11 @@ def test_the_arm_holds_while_its_policy_is_too_many_versions_behind_the_learners
     assert "the policy is 3 versions behind the learner (> 2)" in out, out[-3000:]
     assert "refused policy version 4" in out
     assert_left_held_and_disconnected(journal(tmp_path))
+
+
+def test_an_operator_reset_with_no_terminal_to_press_its_key_stops_the_actor_saying_why(tmp_path):
+    done = run_actor(tmp_path, "stay", "arm.reset=operator", "max_episodes=1")  # stdin is /dev/null: no keys
+    assert done.returncode == 3, done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert "no operator keys" in said and "reset key" in said, said[-2000:]
+    assert_left_held_and_disconnected(journal(tmp_path))
