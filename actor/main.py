@@ -6,9 +6,12 @@
 
 Exit status: 0 done (max_steps/max_episodes or SIGTERM/SIGINT, after waiting up to link.drain_s
 for acks), 2 bad configuration (or an env observation that does not match its declared space, e.g. a camera
-image of another size: nothing of it is sent), 3 stopped safely (learner lost or refused us, spool full or its
-disk failing: see the log line), 128 + signal: a second SIGTERM/SIGINT cut that wait short (the
-unacked chunks stay in the spool for the next run).
+image of another size: nothing of it is sent; a classifier for other inputs), 3 stopped safely (learner lost or
+refused us, spool full or its disk failing; a robot: a NaN action, a pulled cable, a home out of reach, no terminal
+for the operator's reset key: see the log line; the arm is left held and disconnected), 128 + signal: a second
+SIGTERM/SIGINT cut that wait short (the unacked chunks stay in the spool for the next run).
+
+    o2o-actor task=arm-reach robot.type=so101_follower robot.port=/dev/ttyACM0 'arm.limits={...}' actor_id=arm-1
 """
 
 from __future__ import annotations
