@@ -1,6 +1,7 @@
 """The operator at the keyboard of a robot actor, in a real terminal (tmux): ``o2o-actor`` on the MuJoCo arm
 with ``arm.reward=keys arm.reset=operator``; the keys start episodes, end them with success or failure (a key
-pressed twice counts once), and the e-stop cuts an episode and holds the arm until it is released."""
+pressed twice counts once), the e-stop cuts an episode and holds the arm until it is released, and a takeover
+lets the keyboard act (interventions)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def wait_for_sends(tmp_path: Path, more_than: int, timeout: float = 30.0) -> Non
 
 
 def test_the_operator_starts_ends_and_e_stops_episodes_with_keys_in_a_real_terminal(tmp_path):
-    command = actor_command(tmp_path, "oscillate", "arm.reset=operator", "control_hz=20", "max_episode_steps=100000")
+    command = [arg for arg in actor_command(tmp_path, "oscillate", "arm.reset=operator", "control_hz=20",
+                                            "max_episode_steps=100000") if arg != "arm.teleop=none"]  # fmt: skip
+    command.append("arm.teleop=keyboard")
     pane = Pane(command, tmp_path, child_env())
     try:
         waiting = "the operator's reset key (g)"
@@ -87,6 +90,12 @@ def test_the_operator_starts_ends_and_e_stops_episodes_with_keys_in_a_real_termi
         pane.wait_for(waiting, count=3)
         pane.keys("g")  # confirms the reset
         wait_for_sends(tmp_path, sends(tmp_path) + 10)
+        pane.keys("h")  # takeover: the keyboard acts (shoulder_pan up by arm.max_step per key 1)
+        pane.wait_for("takeover ON")
+        pane.keys("1")
+        wait_for_sends(tmp_path, sends(tmp_path) + 5)
+        pane.keys("h")  # back to the policy
+        pane.wait_for("takeover off")
         pane.keys("f")  # failure
         pane.wait_for(waiting, count=4)
         pane.keys("C-c")
@@ -97,4 +106,5 @@ def test_the_operator_starts_ends_and_e_stops_episodes_with_keys_in_a_real_termi
     stats = json.loads((tmp_path / "stats.json").read_text())["actor"]
     assert stats["episodes"] == 2 and stats["successes_total"] == 1, stats  # the success and the failure
     assert stats["abandoned_episodes"] == 1 and stats["estops"] == 1, stats
+    assert stats["interventions"] >= 5, stats  # the steps the keyboard acted, flagged for the store
     assert_left_held_and_disconnected(journal(tmp_path))
