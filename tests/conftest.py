@@ -82,3 +82,14 @@ def private_minari(pointmaze_minari, tmp_path) -> Path:
     """tmp_path/minari: this test's own copy of ``pointmaze_minari``, for its processes'
     MINARI_DATASETS_PATH (a learner finds its offline dataset there instead of building it)."""
     return Path(shutil.copytree(pointmaze_minari, tmp_path / "minari"))
+
+
+@pytest.fixture(scope="module")
+def gl():
+    """The offscreen OpenGL backend MuJoCo cameras render with; the test skips, saying what to install, without one."""
+    from o2o.envs.mujoco_camera import GLUnavailable, gl_backend
+
+    try:
+        return gl_backend()
+    except GLUnavailable as err:
+        pytest.skip(f"needs offscreen OpenGL for MuJoCo: {err}")

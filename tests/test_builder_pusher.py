@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from o2o.datasets.data_settings import DataSettings
-from o2o.datasets.builders.common import episode_succeeded, record_episode
-from o2o.datasets.builders.pusher import QUALITIES, build_episodes, episode_plan, random_controller
+from o2o.datasets.builders.common import episode_plan, episode_succeeded, random_controller, record_episode
+from o2o.datasets.builders.pusher import QUALITIES, build_episodes
 from o2o.datasets.minari_io import load_transitions, write_dataset
 from o2o.envs import get_task, make_env
 

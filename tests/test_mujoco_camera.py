@@ -18,7 +18,7 @@ from o2o.datasets.builders import build_dataset, dataset_id
 from o2o.datasets.builders.fetch import build_episodes, episode_plan
 from o2o.datasets.minari_io import load_transitions
 from o2o.envs import get_task, make_actor_env, make_env
-from o2o.envs.mujoco_camera import FETCH_VIEW, GL_BACKENDS, GLUnavailable, _probe, gl_backend
+from o2o.envs.mujoco_camera import FETCH_VIEW, GL_BACKENDS, GLUnavailable, _probe
 from o2o.envs.obs_spec import CameraSpec, ObsSpec
 from user_files_guard import minari_datasets_at
 
@@ -26,14 +26,6 @@ TASK = "fetch-push-pixels"
 SIZE = 84
 PUCK_MAX = 90  # the puck (block_mat) is dark grey: every channel under this
 TABLE_MIN = 200  # the table is near white: every channel over this
-
-
-@pytest.fixture(scope="module")
-def gl():
-    try:
-        return gl_backend()
-    except GLUnavailable as err:
-        pytest.skip(f"needs offscreen OpenGL for MuJoCo: {err}")
 
 
 @pytest.fixture

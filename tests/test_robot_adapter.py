@@ -12,7 +12,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from o2o.envs.mujoco_camera import GLUnavailable, gl_backend
 from o2o.envs.obs_spec import ObservationError
 from o2o.robot.robot_env import RobotEnv
 from o2o.robot.safety import SafetyFilter
@@ -66,14 +65,6 @@ def joints(arm: SimArm) -> np.ndarray:
 def make(arm=None, limits=LIMITS, start=(0.0, 0.0, 60.0), **kwargs) -> RobotEnv:
     arm = arm or SimArm()
     return RobotEnv(arm, limits, judge=kwargs.pop("judge", NoJudge()), resetter=Start(arm, start), **kwargs)
-
-
-@pytest.fixture(scope="module")
-def gl():
-    try:
-        return gl_backend()
-    except GLUnavailable as err:
-        pytest.skip(f"needs offscreen OpenGL for MuJoCo: {err}")
 
 
 def test_spaces_come_from_the_features_and_the_limits():

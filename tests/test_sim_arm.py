@@ -14,7 +14,6 @@ import pytest
 
 from o2o.datasets.builders import build_dataset
 from o2o.envs import make_env
-from o2o.envs.mujoco_camera import GLUnavailable, gl_backend
 from o2o.robot.seams import Robot
 from o2o.robot.sim_arm import (TARGET, TARGET_POSE, DeviceAlreadyConnectedError, DeviceNotConnectedError,
                                ReachJudge, SimArm, fingertip_position, inverse_kinematics)  # fmt: skip
@@ -30,14 +29,6 @@ def arm():
     yield arm
     if arm.is_connected:
         arm.disconnect()
-
-
-@pytest.fixture(scope="module")
-def gl():
-    try:
-        return gl_backend()
-    except GLUnavailable as err:
-        pytest.skip(f"needs offscreen OpenGL for MuJoCo: {err}")
 
 
 def test_features_are_lerobots_joint_positions_and_cameras():

@@ -103,6 +103,15 @@ def noisy(controller: Controller, noise_std: float, random_prob: float) -> Contr
     return act
 
 
+def controller_of_kind(kind: str, expert: Controller, expert_noise: tuple[float, float],
+                       medium_noise: tuple[float, float]) -> Controller:  # fmt: skip
+    """One episode's controller: ``random``, or the expert with its kind's (noise std, random-action probability)."""
+    if kind == "random":
+        return random_controller
+    noise_std, random_prob = expert_noise if kind == "expert" else medium_noise
+    return noisy(expert, noise_std, random_prob)
+
+
 # mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities (pusher, arm-reach).
 MIXED_KINDS = ("expert", "medium", "random")
 MIXED_PROBS = (0.5, 0.25, 0.25)

@@ -37,7 +37,7 @@ import mujoco
 import numpy as np
 
 
-from .common import Controller, check_choice, episode_plan, noisy, random_controller, record_plan
+from .common import Controller, check_choice, controller_of_kind, episode_plan, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("pusher",)
@@ -219,10 +219,7 @@ MEDIUM_NOISE = (0.4, 0.15)
 
 def episode_controller(kind: str) -> Controller:
     """The controller of one episode of ``kind`` (expert, medium or random)."""
-    if kind == "random":
-        return random_controller
-    noise_std, random_prob = EXPERT_NOISE if kind == "expert" else MEDIUM_NOISE
-    return noisy(expert_controller, noise_std, random_prob)
+    return controller_of_kind(kind, expert_controller, EXPERT_NOISE, MEDIUM_NOISE)
 
 
 def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
