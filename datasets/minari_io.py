@@ -268,19 +268,22 @@ def _check_matches_task(ds: minari.MinariDataset, cols: dict, task: TaskSpec, sp
 
 def write_dataset(
     dataset_id: str,
-    env: gym.Env,
+    env: gym.Env | None,
     episodes: list[dict],
     *,
     algorithm_name: str,
     description: str,
     ref_min_score: float | None = None,
     ref_max_score: float | None = None,
+    spaces: tuple[gym.Space, gym.Space] | None = None,
 ) -> minari.MinariDataset:
     """Write recorded episodes as a real Minari dataset (replacing one of the same id).
 
     Each episode is a dict with ``observations`` (T+1 entries, arrays or dicts of
     arrays, as the env returns them), ``actions``, ``rewards``, ``terminations``,
     ``truncations`` (T entries) and optionally ``infos`` (a dict of T+1 lists).
+    ``env`` None (a real robot's task: no simulator): ``spaces`` = (observation, action) spaces, and the
+    dataset records no env.
     """
     # Minari refuses to overwrite, and a half-written folder from a crash blocks the id too.
     shutil.rmtree(datasets_root() / dataset_id, ignore_errors=True)
@@ -296,8 +299,11 @@ def write_dataset(
         )
         for i, ep in enumerate(episodes)
     ]
-    # The bare env (o2o's wrappers are re-applied by task name) with its time limit.
-    env_spec = dataclasses.replace(env.unwrapped.spec, max_episode_steps=env.spec.max_episode_steps)
+    if env is None:
+        env_spec, (observation_space, action_space) = None, spaces
+    else:  # the bare env (o2o's wrappers are re-applied by task name) with its time limit
+        env_spec = dataclasses.replace(env.unwrapped.spec, max_episode_steps=env.spec.max_episode_steps)
+        observation_space, action_space = env.observation_space, env.action_space
     return minari.create_dataset_from_buffers(
         dataset_id=dataset_id,
         buffer=buffers,
@@ -310,8 +316,8 @@ def write_dataset(
         ref_min_score=ref_min_score,
         ref_max_score=ref_max_score,
         description=description,
-        observation_space=env.observation_space,
-        action_space=env.action_space,
+        observation_space=observation_space,
+        action_space=action_space,
     )
 
 

@@ -85,6 +85,7 @@ def export_minari(
 ) -> "minari.MinariDataset":
     """Write the store's complete episodes (eval episodes only if asked) as Minari ``dataset_id``."""
     from o2o.envs import get_task, make_env
+    from o2o.envs.tasks import task_spaces
 
     from .minari_io import write_dataset
 
@@ -92,8 +93,11 @@ def export_minari(
     if task is None:
         raise ValueError(f"{store.path} records no task: pass the task name to export it")
     spec = get_task(task)
-    env = env if env is not None else make_env(spec)
-    obs_spec, action_dim = ObsSpec.from_space(env.observation_space), env.action_space.shape[0]
+    if env is None and not spec.real_world:
+        env = make_env(spec)
+    # A real robot's task has no simulator: its declared spaces (or its first dataset's).
+    spaces = (env.observation_space, env.action_space) if env is not None else task_spaces(spec)
+    obs_spec, action_dim = ObsSpec.from_space(spaces[0]), spaces[1].shape[0]
     if (obs_spec, action_dim) != (store.obs_spec, store.config.action_dim):
         raise ValueError(
             f"task {task} has observations {obs_spec.to_dict()}, action_dim={action_dim}; the store at "
@@ -112,4 +116,5 @@ def export_minari(
         or f"Online transitions of task {task} collected by o2o actors ({len(episodes)} complete episodes).",
         ref_min_score=spec.ref_min_return if scored_by_return else None,
         ref_max_score=spec.ref_max_return if scored_by_return else None,
+        spaces=spaces,
     )

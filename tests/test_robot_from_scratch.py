@@ -1,7 +1,8 @@
 """A robot with a task of the user's own and no data yet (HIL-SERL's start): the task is declared with its spaces in a
 module named by O2O_TASKS, ``o2o-learner from_scratch=true`` learns online from nothing, and the robot actor (the
 MuJoCo arm standing in for hardware) acts at random within its safety limits until the learner's first policy,
-then with it. Real processes, real ZeroMQ on loopback, a real store."""
+then with it; then what was collected is exported as the task's first Minari dataset and pretrained on. Real
+processes, real ZeroMQ on loopback, a real store."""
 
 from __future__ import annotations
 
@@ -72,3 +73,18 @@ def test_a_user_task_with_no_data_learns_online_from_scratch_on_the_robot(tmp_pa
     assert_left_held_and_disconnected(entries)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["learner"]["state"] == "stopped" and "arm-1" in status["actors"]
+
+    # What was collected becomes the task's first dataset, and o2o-pretrain trains on it (README "Your task").
+    env["MINARI_DATASETS_PATH"] = str(tmp_path / "minari")
+    export = subprocess.run([sys.executable, "-m", "o2o.datasets.store_check", "export", str(run_dir / "replay"),
+                             "me/sim-arm-stack-v0"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert export.returncode == 0, export.stdout + export.stderr
+    episodes = int(export.stdout.split("wrote me/sim-arm-stack-v0: ")[1].split()[0])
+    assert episodes >= 2
+    pretrain = subprocess.run([sys.executable, "-m", "o2o.learner.pretrain", f"task={TASK}",
+                               "dataset=me/sim-arm-stack-v0", "steps=50", "threads=1", "checkpoint_every=50",
+                               f"hydra.run.dir={tmp_path / 'pretrain'}"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert pretrain.returncode == 0, pretrain.stdout[-3000:] + pretrain.stderr[-3000:]
+    assert (tmp_path / "pretrain" / "policy.onnx").exists()
