@@ -57,7 +57,7 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
     spec = get_task(task)
     arm.validate()
     made = make_robot(robot.as_kwargs())
-    operator = None
+    operator = env = None
     try:
         features = list(made.action_features)
         if arm.limits is not None:
@@ -94,11 +94,14 @@ def make_arm_env(task: str, robot: RobotSettings, arm: ArmConfig, max_episode_st
             env.teleop.connect()
         steps = max_episode_steps or spec.max_episode_steps or DEFAULT_EPISODE_STEPS
         checked = check_actor_env(gym.wrappers.TimeLimit(env, steps))
-    except BaseException:
-        if operator is not None:
-            operator.close()
-        if getattr(made, "is_connected", False):
-            made.disconnect()
+    except BaseException:  # a refused configuration leaves nothing connected and the terminal as it was
+        if env is not None:
+            env.close()  # the operator, the robot and a connected teleoperator
+        else:
+            if operator is not None:
+                operator.close()
+            if getattr(made, "is_connected", False):
+                made.disconnect()
         raise
     log.info("robot %s for task %s: %d joints, cameras %s, reward by %s, reset by %s, episodes of at most %d steps",
              robot.type, task, len(features), list(ObsSpec.from_space(checked.observation_space).to_dict()["cameras"]),
