@@ -5,12 +5,12 @@ surviving a reopen. Real msgpack frames, real sockets on loopback, a real store 
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 
 import msgpack
 import numpy as np
 import pytest
+from test_online_learner import free_endpoint
 
 from o2o.actor.seams import PolicyBuilder
 from o2o.datasets.replay_store import ReplayStore
@@ -331,12 +331,6 @@ def camera_link(endpoint: str, tmp_path, actor_id: str, cameras: dict) -> Link:
     cfg = LinkConfig(heartbeat_s=0.1, timeout_s=2.0, drain_s=5.0)
     return Link(endpoint, actor_id, TASK, STATE_DIM, ACT_DIM, spool, PolicyBuilder(None), cfg,
                 cameras=cameras).start()  # fmt: skip
-
-
-def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def wait_for(condition, what: str, timeout: float = 30.0) -> None:
