@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from o2o.datasets.policy_format import FORMAT_VERSION, OUTPUT_NAMES, input_names, session_options
+from o2o.datasets.policy_format import FORMAT_VERSION, OUTPUT_NAMES, input_mismatch, input_names, session_options
 
 
 class PolicyMismatch(ValueError):
@@ -75,18 +75,6 @@ def _meta_cameras(meta: dict[str, str], source: str) -> dict[str, tuple[int, int
     return shapes
 
 
-def _check_inputs(session: ort.InferenceSession, expected: dict[str, tuple[str, tuple]], source: str) -> None:
-    """The graph's inputs have the expected element types and sizes (beyond the batch axis; a symbolic
-    size takes any)."""
-    for node in session.get_inputs():
-        kind, sizes = expected[node.name]
-        shape = node.shape or []
-        fits = len(shape) == 1 + len(sizes) and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], sizes))
-        if node.type != kind or not fits:
-            raise PolicyMismatch(f"{source}: graph input {node.name!r} is {node.type} {shape}, the metadata "
-                                 f"declares {kind} [batch, {', '.join(map(str, sizes))}]")  # fmt: skip
-
-
 class OnnxPolicy:
     """One ONNX policy session; ``act`` runs it on one observation with reused input buffers.
 
@@ -129,7 +117,9 @@ class OnnxPolicy:
         self.action_dim = _meta_int(meta, "action_dim", source)
         expected = {"obs": ("tensor(float)", (self.obs_dim,)), "noise": ("tensor(float)", (self.action_dim,)),
                     **{name: ("tensor(uint8)", shape) for name, shape in self.cameras.items()}}  # fmt: skip
-        _check_inputs(self.session, expected, source)
+        why = input_mismatch(self.session, expected)
+        if why is not None:
+            raise PolicyMismatch(f"{source}: {why}")
         self.version = _meta_int(meta, "policy_version", source) if version is None else int(version)
         self.training_step = int(meta.get("training_step", "0") or 0)
         self.action_low = np.asarray(json.loads(meta.get("action_low", "null")) or [-np.inf] * self.action_dim, np.float32)

@@ -29,7 +29,7 @@ import numpy as np
 
 from o2o.envs.obs_spec import ObsSpec
 
-from .policy_format import session_options
+from .policy_format import input_mismatch, session_options
 
 KIND = "success_classifier"
 FORMAT_VERSION = "1"
@@ -161,13 +161,9 @@ class OnnxClassifier:
         if got != (list(expected), list(OUTPUT_NAMES)):
             raise ClassifierMismatch(f"{source}: graph has inputs {got[0]} / outputs {got[1]}, its metadata declares "
                                      f"{list(expected)} / {list(OUTPUT_NAMES)}")  # fmt: skip
-        for node in self.session.get_inputs():
-            kind, sizes = expected[node.name]
-            shape = node.shape or []
-            fits = len(shape) == 1 + len(sizes) and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], sizes))
-            if node.type != kind or not fits:
-                raise ClassifierMismatch(f"{source}: graph input {node.name!r} is {node.type} {shape}, its metadata "
-                                         f"declares {kind} [batch, {', '.join(map(str, sizes))}]")  # fmt: skip
+        why = input_mismatch(self.session, expected)
+        if why is not None:
+            raise ClassifierMismatch(f"{source}: {why}")
 
     def mismatch(self, spec: ObsSpec, task: str) -> list[str]:
         """What differs between this classifier and a robot's observations and task, each with both sides."""

@@ -46,3 +46,16 @@ def session_options(threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return options
+
+
+def input_mismatch(session, expected: dict[str, tuple[str, tuple]]) -> str | None:
+    """Why an onnxruntime session's inputs differ from ``expected`` ({name: (element type, sizes beyond the batch
+    axis)}; a symbolic size takes any), said for the first that does; None when they all fit."""
+    for node in session.get_inputs():
+        kind, sizes = expected[node.name]
+        shape = node.shape or []
+        fits = len(shape) == 1 + len(sizes) and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], sizes))
+        if node.type != kind or not fits:
+            return (f"graph input {node.name!r} is {node.type} {shape}, the metadata declares {kind} "
+                    f"[batch, {', '.join(map(str, sizes))}]")  # fmt: skip
+    return None

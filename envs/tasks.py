@@ -103,6 +103,19 @@ def _datasets(task: str, *qualities: str) -> tuple[str, ...]:
     return tuple(f"o2o/{task}/{quality}-v0" for quality in qualities)
 
 
+# fetch-push, also seen by a camera (fetch-push-pixels): one spec, the pixel task its variant.
+FETCH_PUSH = TaskSpec(
+    name="fetch-push",
+    env_id="FetchPush-v4",
+    reward="sparse",
+    reward_pos=0.0,
+    reward_neg=-1.0,
+    success_key="is_success",
+    score="success",
+    datasets=_datasets("fetch-push", "expert", "medium", "mixed"),
+    description="Fetch arm pushes a block to a goal, sparse -1/0 reward.",
+)
+
 # Reference returns for "return"-scored tasks: min = uniform-random policy,
 # max = o2o's scripted expert (both measured by `o2o-dataset build`, see README).
 TASKS: dict[str, TaskSpec] = {
@@ -156,25 +169,10 @@ TASKS: dict[str, TaskSpec] = {
             datasets=_datasets("pusher", "expert", "medium", "mixed"),
             description="7-DoF arm pushes a puck to a goal, dense reward; success = puck within 5 cm of goal.",
         ),
-        TaskSpec(
-            name="fetch-push",
-            env_id="FetchPush-v4",
-            reward="sparse",
-            reward_pos=0.0,
-            reward_neg=-1.0,
-            success_key="is_success",
-            score="success",
-            datasets=_datasets("fetch-push", "expert", "medium", "mixed"),
-            description="Fetch arm pushes a block to a goal, sparse -1/0 reward.",
-        ),
-        TaskSpec(
+        FETCH_PUSH,
+        dataclasses.replace(
+            FETCH_PUSH,
             name="fetch-push-pixels",
-            env_id="FetchPush-v4",
-            reward="sparse",
-            reward_pos=0.0,
-            reward_neg=-1.0,
-            success_key="is_success",
-            score="success",
             camera="fetch_front",
             datasets=_datasets("fetch-push-pixels", "expert", "medium", "mixed"),
             description="fetch-push seen by a MuJoCo camera: an 84x84 RGB image (table, puck, goal) plus the "
