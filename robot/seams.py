@@ -60,7 +60,6 @@ class ResetInterrupted(RuntimeError):
 
 # The operator's events (robot/operator.py maps keys to them).
 SUCCESS, FAILURE, END_EPISODE, ESTOP, RESUME, TAKEOVER = "success", "failure", "end_episode", "estop", "resume", "takeover"
-EVENTS = (SUCCESS, FAILURE, END_EPISODE, ESTOP, RESUME, TAKEOVER)
 
 
 @dataclasses.dataclass(frozen=True)
