@@ -23,8 +23,8 @@ It needs zarr >= 3.1.3, the first whose LocalStore renames each file into place:
 writers refuse older ones.
 
 Durability (``fsync``, on by default): before the record is replaced, the commit
-fsyncs every file it wrote (the chunks it rewrote, resized arrays' ``zarr.json``) and
-their folders; it fsyncs the new record before the rename and the store folder after
+fsyncs every file it wrote (the chunks it rewrote, resized arrays' ``zarr.json``), their
+folders, and the folders above that gained a folder (``fsync_files``); it fsyncs the new record before the rename and the store folder after
 it. So an OS crash or power loss also leaves the last commit that returned, complete.
 ``ReplayStore.create/open(..., fsync=False)`` (or setting ``store.fsync``) skips that
 for speed (benchmarks/store_fsync.py measures it): then only a process crash is
@@ -134,6 +134,7 @@ class ReplayStore:
         self.path = path
         self.clock = time.time  # wall clock of row and commit times; tests set their own
         self.fsync = fsync
+        self._durable_folders: set[Path] = set()  # see fsync_files: folders whose entries commits synced
         self.config = config
         self.mode = mode
         self._lock_fd = lock_fd
@@ -517,6 +518,7 @@ class ReplayStore:
             event_episodes=self._episodes.rows_in_memory(old_episodes, self._episodes.end) if collect else None,
             start=len(self),
             interventions=self._rows.staged_sum("intervention"),
+            durable_folders=self._durable_folders,
         )  # fmt: skip
         self._pending = pending
         self._dirty = False  # an append, skip or close from now on sets it again

@@ -214,6 +214,8 @@ class PendingCommit:
     event_episodes: dict[str, np.ndarray] | None = dataclasses.field(repr=False)  # set when the event is collected
     start: int = 0
     interventions: int = 0  # intervention rows among the rows it commits
+    # The writer's folders whose entries are synced (fsync_files' ``durable``): only ``run`` touches it.
+    durable_folders: set[Path] = dataclasses.field(default_factory=set, repr=False)
 
     def run(self) -> None:
         """Data first, then (fsynced, if asked) the record that makes it trusted."""
@@ -223,7 +225,8 @@ class PendingCommit:
             table.reserve()
         run_concurrently([op for table in tables for op in table.ops()])
         if self.fsync:  # the data must be on disk before a record that trusts it can be
-            fsync_files([file for table in tables for file in table.written_files()], self.path)
+            fsync_files([file for table in tables for file in table.written_files()], self.path,
+                        self.durable_folders)  # fmt: skip
         write_atomic(self.path / COMMIT_FILE, json.dumps(self.record, separators=(",", ":")), fsync=self.fsync)
 
 

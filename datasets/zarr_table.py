@@ -387,19 +387,42 @@ def run_concurrently(ops: list) -> None:
         sync(gather())
 
 
-def fsync_files(files: list[Path], root: Path) -> None:
-    """fsync each of ``files`` that exists and every folder from its parent up to ``root``:
-    a rename, a deletion or a new folder survives a power loss only once its folder is synced.
+def fsync_files(files: list[Path], root: Path, durable: set[Path] | None = None) -> None:
+    """fsync each of ``files`` that exists, its folder, and the folders above it up to ``root``:
+    a rename (zarr writes every chunk to a temporary file and renames it), a deletion or a new
+    folder survives a power loss only once its folder is synced.
+
+    ``durable``: folders whose own entry in their parent is already synced (a writer's set, kept
+    across its commits). The climb stops at one of them, so a commit that only rewrites chunks in
+    existing folders syncs the files and their folders, not every folder up to ``root`` again; the
+    folders synced here are added to it once every fsync succeeded.
 
     Runs the fsyncs in threads: the file system batches concurrent ones into fewer journal
     commits. Raises the first ``OSError`` (after every fsync finished)."""
+    durable = set() if durable is None else durable
     folders: set[Path] = set()
+    newly_durable: set[Path] = set()
     for file in files:
+        folders.add(file.parent)  # the file's rename or deletion
         for folder in file.parents:
-            folders.add(folder)
-            if folder == root:
+            if folder == root or folder in durable:
                 break
+            if not folder.is_dir():  # zarr made no folder (only fill values were written): no entry
+                continue
+            folders.add(folder.parent)  # the folder's own entry (it may be new)
+            newly_durable.add(folder)
     targets = [*dict.fromkeys(files), *sorted(folders)]
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(targets)))) as pool:
-        for _ in pool.map(fsync_path, targets):
-            pass
+    for _ in _fsync_pool().map(fsync_path, targets):
+        pass
+    durable |= newly_durable
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    """One pool for every fsync_files call: starting threads per commit costs as much as the fsyncs."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="o2o-fsync")
+    return _POOL

@@ -20,6 +20,10 @@ def snapshot(path: Path) -> dict[Path, tuple[int, int, int]]:
     return {p: (s.st_ino, s.st_mtime_ns, s.st_size) for p in path.rglob("*") if p.is_file() for s in [p.stat()]}
 
 
+def folders(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_dir()}
+
+
 class Syscalls:
     """Records the paths given to fsync and os.replace, in order, and calls the real ones."""
 
@@ -47,19 +51,24 @@ def test_a_commit_fsyncs_every_file_it_changed_and_their_folders_before_its_reco
         store.append(make_chunk("a", seq))  # 25-step episodes close in every chunk: MC patches
         if seq % 3 == 2:
             store.append(make_chunk("b", seq // 3))
-        before = snapshot(path)
+        before, folders_before = snapshot(path), folders(path)
         calls.events.clear()
         store.commit()
         after = snapshot(path)
         changed = {p for p, s in after.items() if before.get(p) != s}
         deleted = set(before) - set(after)
+        new_folders = folders(path) - folders_before
         record = calls.events.index(("replace", path / COMMIT_FILE))
         synced_first = {p for kind, p in calls.events[:record] if kind == "fsync"}
         data = changed - {path / COMMIT_FILE}
         assert any(p.parent.name == "c" or p.parent.parent.name == "c" for p in data)
         missing = {p for p in data if p not in synced_first}
-        missing |= {p.parent for p in data | deleted if p.parent not in synced_first}
+        missing |= {p.parent for p in data | deleted | new_folders if p.parent not in synced_first}
         assert not missing, f"commit {seq}: written but not fsynced before the record: {sorted(missing)}"
+        if seq > 0:  # past a writer's first commit, no folder is synced that gained or lost no entry
+            needed = {p.parent for p in data | deleted | new_folders}
+            extra = {p for p in synced_first if p.is_dir()} - needed
+            assert not extra, f"commit {seq}: folders synced that did not change: {sorted(extra)}"
         # The record itself (its temp file, before the rename) and the store folder after it.
         assert calls.events[record - 1][0] == "fsync" and calls.events[record - 1][1].name.endswith(".tmp")
         assert calls.events[record + 1:] == [("fsync", path)]
@@ -110,14 +119,18 @@ def test_a_failing_fsync_fails_the_commit_changes_nothing_and_the_retry_commits(
     path = store.path
     stage_two_commits(store)
     before = state(store)
-    # Fail one fsync at a time: among the data (synced in threads, in any order), the record's
-    # temp file before its rename (n - 2), the folder after the rename (n - 1).
-    for fail_at in sorted({0, 1, n // 4, n // 2, 3 * n // 4, n - 3, n - 2, n - 1}):
-        calls = itertools.count()
+    # Fail one fsync at a time: among the data (synced in threads, in any order), then the record's
+    # temp file before its rename, then the folder after the rename (the fsync after the temp
+    # file's). Once the data's fsyncs succeeded, later tries sync fewer folders (see fsync_files).
+    for fail_at in [*sorted({0, 1, n // 4, n // 2, 3 * n // 4, n - 3}), "record", "folder"]:
+        calls, after_record = itertools.count(), []
 
         def fsync(fd):
-            if next(calls) == fail_at:
+            i, name = next(calls), Path(os.readlink(f"/proc/self/fd/{fd}")).name
+            if fail_at == i or (fail_at == "record" and name.endswith(".tmp")) or (fail_at == "folder" and after_record):
                 raise OSError(errno.EIO, "Input/output error (injected)")
+            if name.endswith(".tmp"):
+                after_record.append(i)
             return real_fsync(fd)
 
         monkeypatch.setattr(os, "fsync", fsync)
@@ -127,7 +140,7 @@ def test_a_failing_fsync_fails_the_commit_changes_nothing_and_the_retry_commits(
         assert err.value.errno == errno.EIO
         assert state(store) == before, f"fsync {fail_at} of {n} failed"
         assert stray_files(path) == []
-        if fail_at < n - 1:  # only the folder's fsync comes after the record's rename
+        if fail_at != "folder":  # only the folder's fsync comes after the record's rename
             assert len(ReplayStore.open(path, "r")) == 120
     assert store.commit() == 440 and not store.uncommitted and store.committed_seq("c") == 2
     store.close()
