@@ -40,8 +40,8 @@ def checkout(rev: str, where: Path) -> Path:
     return shim.parent
 
 
-def run(tree: Path, shim: Path | None, args: list[str]) -> str:
-    env = dict(os.environ)
+def run(tree: Path, shim: Path | None, args: list[str], **env_vars: str) -> str:
+    env = dict(os.environ, **env_vars)
     if shim is not None:
         env["PYTHONPATH"] = str(shim)
     done = subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    results = {"old": {"ingest": [], "actor": []}, "new": {"ingest": [], "actor": []}}
+    results = {side: {"ingest": [], "ingest_no_fsync": [], "actor": []} for side in ("old", "new")}
     with tempfile.TemporaryDirectory(prefix="o2o-versus-") as tmp:
         shim = checkout(args.rev, Path(tmp))
         sides = {"old": (Path(tmp) / "tree", shim), "new": (ROOT, None)}
@@ -79,18 +79,22 @@ def main() -> None:
                 for side in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
                     tree, path = sides[side]
                     results[side]["ingest"].append(parse_ingest(run(tree, path, INGEST_CMD)))
+                    # The same work as a tree from before fsync existed (which ignores the variable).
+                    results[side]["ingest_no_fsync"].append(parse_ingest(run(tree, path, INGEST_CMD, O2O_BENCH_FSYNC="0")))
                     results[side]["actor"].append(parse_actor(run(tree, path, ACTOR_CMD)))
-                    print(f"round {round_ + 1} {side}: ingest {results[side]['ingest'][-1] / 1e3:.0f}k rows/s, "
+                    print(f"round {round_ + 1} {side}: ingest {results[side]['ingest'][-1] / 1e3:.0f}k rows/s "
+                          f"({results[side]['ingest_no_fsync'][-1] / 1e3:.0f}k without fsync), "
                           f"actor {results[side]['actor'][-1]}", flush=True)  # fmt: skip
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "tree")], check=False)
 
     def median(side: str, key: str) -> float:
-        if key == "ingest":
-            return statistics.median(results[side]["ingest"])
+        if key.startswith("ingest"):
+            return statistics.median(results[side][key])
         return statistics.median(r[key] for r in results[side]["actor"])
 
-    rows = [("ingest, committed + acked (rows/s)", "ingest", 1e-3, "k"), ("actor, full (steps/s)", "actor_steps_s", 1, ""),
+    rows = [("ingest, committed + acked (rows/s)", "ingest", 1e-3, "k"),
+            ("ingest, fsync off (O2O_BENCH_FSYNC=0)", "ingest_no_fsync", 1e-3, "k"), ("actor, full (steps/s)", "actor_steps_s", 1, ""),
             ("actor, dry loop (steps/s)", "dry_steps_s", 1, ""), ("onnxruntime inference p50 (us)", "onnx_p50_us", 1, ""),
             ("policy hot-swap p50 (ms)", "swap_p50_ms", 1, "")]  # fmt: skip
     table = "\n".join(
@@ -101,7 +105,9 @@ def main() -> None:
     body = f"""## This tree ({head}) vs {args.rev}, side by side
 
 `python -m benchmarks.versus_commit {args.rev} --rounds {args.rounds}`: `python -m benchmarks.ingest --no-write --repeat 1`
-and `python -m benchmarks.actor --quick` of each tree, {args.rounds} interleaved rounds (old/new, then new/old), medians.
+(with each tree's default fsync, then with `O2O_BENCH_FSYNC=0`: the same work as a tree from before fsync, which
+ignores it) and `python -m benchmarks.actor --quick` of each tree, {args.rounds} interleaved rounds (old/new, then
+new/old), medians.
 Machine: {machine_line()}.
 
 | measure | {args.rev} | {head} | new / old |
