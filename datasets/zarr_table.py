@@ -7,10 +7,11 @@ last, partly filled chunk in memory too, and at ``flush`` writes every touched
 chunk whole (rows past the end hold the fill value), for all columns
 concurrently; arrays grow by large steps, so resizes are rare.
 
-Crash safety relies on two facts: zarr's LocalStore writes each chunk and each
-``zarr.json`` to a temporary file and renames it into place (so a chunk on disk
-is always a complete old or new version; zarr >= 3.1.3, see ``ZARR_ATOMIC_WRITES``),
-and a rewritten chunk holds the same values as before for every row that was
+Crash safety relies on two facts: each chunk and each ``zarr.json`` is written to a
+temporary file and renamed into place (so a chunk on disk is always a complete old or
+new version): by zarr's LocalStore (zarr >= 3.1.3, see ``ZARR_ATOMIC_WRITES``), and by
+``chunk_encoder`` / ``_write_chunk``, which encode whole chunks with the array's own
+codecs and write them the same way, without zarr's per-write indexing; and a rewritten chunk holds the same values as before for every row that was
 already flushed. The table itself keeps no length on disk: its owner records the
 flushed length (see ``ReplayStore``), and rows at or past that length are never
 trusted.
@@ -30,15 +31,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
-from .atomic_file import fsync_path
+from .atomic_file import fsync_path, replacing
 
 # The first zarr whose LocalStore writes every file to a temporary file and renames it
 # into place (zarr-python PR #3412); older ones write chunks in place, so a kill during
@@ -333,7 +337,13 @@ class TableWrite:
         ops = []
         for name, start, image in self.images:
             self.touched.update((name, i) for i in range(start // chunk, (start + len(image)) // chunk))
-            ops.append(table.arrays[name]._async_array.setitem(slice(start, start + len(image)), image))
+            arr = table.arrays[name]
+            encode = chunk_encoder(arr)
+            if encode is None or start % chunk or len(image) % chunk:
+                ops.append(arr._async_array.setitem(slice(start, start + len(image)), image))
+                continue
+            for first in range(0, len(image), chunk):  # whole chunks: encoded and written directly
+                ops.append(_write_chunk(arr, (start + first) // chunk, image[first : first + chunk], encode))
         for name, patches in self.patches.items():
             rows = np.concatenate([r for r, _ in patches])
             values = np.concatenate([v for _, v in patches])
@@ -370,6 +380,52 @@ class TableWrite:
             coords = (chunk,) + (0,) * len(table.specs[name].shape)  # the trailing axes are one chunk
             files.append(root / arr.path / ("zarr.json" if chunk is None else arr.metadata.encode_chunk_key(coords)))
         return files
+
+
+def chunk_encoder(arr: zarr.Array) -> Callable[[np.ndarray], bytes | None] | None:
+    """The bytes zarr stores for one whole chunk of ``arr`` (None: only fill values, which zarr
+    stores as no file), made by the array's own codecs without zarr's per-write indexing and
+    merging (measured: a commit 1.2-1.4x faster). None if the array is not in a local folder
+    or a codec has no synchronous encoder: then zarr's ``setitem`` writes it."""
+    aa = arr._async_array
+    if not isinstance(aa.store_path.store, LocalStore):
+        return None
+    pipeline = aa.codec_pipeline
+    codecs = [*getattr(pipeline, "array_array_codecs", ()), getattr(pipeline, "array_bytes_codec", None),
+              *getattr(pipeline, "bytes_bytes_codecs", ())]  # fmt: skip
+    if not all(hasattr(codec, "_encode_sync") for codec in codecs):
+        return None
+    spec = aa.metadata.get_chunk_spec((0,) * aa.ndim, aa.config, default_buffer_prototype())
+
+    def encode(block: np.ndarray) -> bytes | None:
+        data, chunk_spec = spec.prototype.nd_buffer.from_ndarray_like(np.ascontiguousarray(block)), spec
+        # As zarr's codec pipeline: write_empty_chunks=False stores a chunk of fill values as no file.
+        if not chunk_spec.config.write_empty_chunks and data.all_equal(chunk_spec.fill_value):
+            return None
+        for codec in codecs:
+            data = codec._encode_sync(data, chunk_spec)
+            chunk_spec = codec.resolve_metadata(chunk_spec)
+        return data.to_bytes()
+
+    return encode
+
+
+async def _write_chunk(arr: zarr.Array, index: int, block: np.ndarray, encode) -> None:
+    """Write chunk ``index`` of ``arr`` whole, as zarr's LocalStore does: to a temporary file renamed
+    into place (or delete it if it holds only fill values); encoded and written in the I/O pool."""
+    key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))  # the trailing axes are one chunk
+    path = Path(arr._async_array.store_path.store.root) / arr.path / key
+
+    def write() -> None:
+        data = encode(block)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+
+    await asyncio.get_running_loop().run_in_executor(_io_pool(), write)
 
 
 def run_concurrently(ops: list) -> None:
@@ -412,7 +468,7 @@ def fsync_files(files: list[Path], root: Path, durable: set[Path] | None = None)
             folders.add(folder.parent)  # the folder's own entry (it may be new)
             newly_durable.add(folder)
     targets = [*dict.fromkeys(files), *sorted(folders)]
-    for _ in _fsync_pool().map(fsync_path, targets):
+    for _ in _io_pool().map(fsync_path, targets):
         pass
     durable |= newly_durable
 
@@ -420,9 +476,10 @@ def fsync_files(files: list[Path], root: Path, durable: set[Path] | None = None)
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _fsync_pool() -> ThreadPoolExecutor:
-    """One pool for every fsync_files call: starting threads per commit costs as much as the fsyncs."""
+def _io_pool() -> ThreadPoolExecutor:
+    """One pool for the chunk writes and fsyncs of every commit: starting threads per commit costs as
+    much as the fsyncs."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="o2o-fsync")
+        _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="o2o-io")
     return _POOL

@@ -2,9 +2,9 @@
 kill, bad frames refused untouched, frames handed out with the rows (reads, commit events, trainable
 rows, the newest ``limit`` of them), the store checker, and a Minari export that loads back.
 
-Every frame's pixels encode its id: ``frame_id(actor, episode, step) = 1000 * actor + 100 * episode + step``
-(step T is an episode's final next observation), written into the first bytes of the image, and
-the camera's number in the next one. Rows carry the same id in their state vector (``obs[0]`` the id
+Every frame's pixels encode its id: ``frame_id(actor, episode, step) = 100000 * actor + 10 * episode + step``
+(step T is an episode's final next observation; unique for 10,000 episodes of each actor), written into the
+first three bytes of the image, and the camera's number in the next one. Rows carry the same id in their state vector (``obs[0]`` the id
 of their observation, ``next_obs[0]`` of their next one), so every check reads the pixels back and
 compares them with what the row says, by hand-countable numbers.
 """
@@ -43,20 +43,20 @@ ACTORS = {"a": 1, "b": 2, "eval": 3}
 
 
 def frame_id(actor_id: str, episode: np.ndarray, step: np.ndarray) -> np.ndarray:
-    return 1000 * ACTORS[actor_id] + 100 * episode + step
+    return 100000 * ACTORS[actor_id] + 10 * episode + step
 
 
 def image(ids: np.ndarray, camera: CameraSpec, camera_no: int) -> np.ndarray:
-    """Frames whose first two bytes are the id (little endian) and whose third is the camera's number."""
+    """Frames whose first three bytes are the id (little endian) and whose fourth is the camera's number."""
     images = np.zeros((len(ids), *camera.shape), np.uint8)
     flat = images.reshape(len(ids), -1)
-    flat[:, 0], flat[:, 1], flat[:, 2] = ids % 256, ids // 256, camera_no
+    flat[:, 0], flat[:, 1], flat[:, 2], flat[:, 3] = ids % 256, ids // 256 % 256, ids // 65536, camera_no
     return images
 
 
 def decode(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = images.reshape(len(images), int(np.prod(images.shape[1:]))).astype(np.int64)
-    return flat[:, 0] + 256 * flat[:, 1], flat[:, 2]
+    return flat[:, 0] + 256 * flat[:, 1] + 65536 * flat[:, 2], flat[:, 3]
 
 
 def make_chunk(actor_id: str, seq: int, rows: int = ROWS, spec: ObsSpec = SPEC) -> TransitionChunk:
@@ -143,7 +143,7 @@ def test_a_first_frame_unlike_the_stored_one_is_stored_again(tmp_path):
     store.append(make_chunk("a", 0))
     chunk = make_chunk("a", 1)
     changed = {name: images.copy() for name, images in chunk.frames.items()}
-    changed["front"][0].reshape(-1)[:2] = [7, 0]  # id 7: not the frame the store holds for step 5
+    changed["front"][0].reshape(-1)[:3] = [7, 0, 0]  # id 7: not the frame the store holds for step 5
     store.append(TransitionChunk(**{**chunk.__dict__, "frames": changed}))
     store.commit()
     assert committed_frames(store.path) == 6 + 7  # nothing deduplicated: the bytes differ

@@ -323,3 +323,34 @@ def test_commits_written_while_appends_go_on_leave_the_same_store_as_commits_in_
     np.testing.assert_array_equal(np.sort(np.concatenate(closed_plain), axis=0),
                                   np.sort(np.concatenate(closed_overlapped), axis=0))  # fmt: skip
     check_mc_returns(b)
+
+
+def test_chunk_files_are_byte_for_byte_what_zarr_itself_writes(tmp_path):
+    """The store encodes and writes whole chunks itself (zarr_table.chunk_encoder, without zarr's
+    per-write indexing): the files must be the ones zarr's own ``setitem`` makes from the same
+    rows, chunks of only fill values included (zarr stores those as no file)."""
+    import zarr
+
+    store = ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM, chunk_rows=64)
+    for seq in range(9):  # 360 rows: 5 full chunks and a partial one; "eval" and "intervention" stay fill
+        store.append(make_chunk("a", seq))
+        if seq % 4 == 3:
+            store.commit()
+    store.close()
+    twin = zarr.open_group(str(tmp_path / "twin"), mode="w")
+    for table in ("data", "episodes"):
+        ours = zarr.open_group(str(tmp_path / "replay" / table), mode="r")
+        written = 0
+        for name, arr in ours.arrays():
+            copy = twin.create_array(f"{table}/{name}", shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype,
+                                     fill_value=arr.fill_value, compressors=arr.compressors)  # fmt: skip
+            copy[:] = arr[:]
+            folder, twin_folder = tmp_path / "replay" / table / name / "c", tmp_path / "twin" / table / name / "c"
+            files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+            twin_files = sorted(p.relative_to(twin_folder) for p in twin_folder.rglob("*") if p.is_file()) \
+                if twin_folder.exists() else []  # fmt: skip
+            assert files == twin_files, f"{table}/{name}"
+            for file in files:
+                assert (folder / file).read_bytes() == (twin_folder / file).read_bytes(), f"{table}/{name}/{file}"
+            written += len(files)
+        assert written > 0
