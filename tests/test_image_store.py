@@ -378,3 +378,15 @@ def test_an_image_store_exports_to_minari_and_loads_back(tmp_path):
         want = (state[:, 0].astype(np.int64) * 5) % 250
         got = data.frames["top"][index].astype(np.int64)
         assert np.abs(got - want[:, None, None, None]).max() <= 2  # JPEG's error on flat frames
+
+
+def test_frame_chunk_files_are_byte_for_byte_what_zarr_itself_writes(tmp_path):
+    from test_replay_store import assert_chunks_as_zarr_writes
+
+    store = new_store(tmp_path)  # frames in zstd chunks of 4, rows in chunks of 8
+    for seq in range(5):
+        for actor in ("a", "b"):
+            store.append(make_chunk(actor, seq))
+        store.commit()
+    store.close()
+    assert_chunks_as_zarr_writes(tmp_path / "replay", ("data", "episodes", "frames"))

@@ -329,28 +329,31 @@ def test_chunk_files_are_byte_for_byte_what_zarr_itself_writes(tmp_path):
     """The store encodes and writes whole chunks itself (zarr_table.chunk_encoder, without zarr's
     per-write indexing): the files must be the ones zarr's own ``setitem`` makes from the same
     rows, chunks of only fill values included (zarr stores those as no file)."""
-    import zarr
-
     store = ReplayStore.create(tmp_path / "replay", OBS_DIM, ACT_DIM, chunk_rows=64)
     for seq in range(9):  # 360 rows: 5 full chunks and a partial one; "eval" and "intervention" stay fill
         store.append(make_chunk("a", seq))
         if seq % 4 == 3:
             store.commit()
     store.close()
-    twin = zarr.open_group(str(tmp_path / "twin"), mode="w")
-    for table in ("data", "episodes"):
-        ours = zarr.open_group(str(tmp_path / "replay" / table), mode="r")
+    assert_chunks_as_zarr_writes(tmp_path / "replay", ("data", "episodes"))
+
+
+def assert_chunks_as_zarr_writes(path, tables) -> None:
+    """Each array's chunk files under ``path/<table>`` are the files zarr writes for its values."""
+    import zarr
+
+    twin = zarr.open_group(str(path.parent / "twin"), mode="w")
+    for table in tables:
         written = 0
-        for name, arr in ours.arrays():
+        for name, arr in zarr.open_group(str(path / table), mode="r").arrays():
             copy = twin.create_array(f"{table}/{name}", shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype,
                                      fill_value=arr.fill_value, compressors=arr.compressors)  # fmt: skip
             copy[:] = arr[:]
-            folder, twin_folder = tmp_path / "replay" / table / name / "c", tmp_path / "twin" / table / name / "c"
-            files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-            twin_files = sorted(p.relative_to(twin_folder) for p in twin_folder.rglob("*") if p.is_file()) \
-                if twin_folder.exists() else []  # fmt: skip
-            assert files == twin_files, f"{table}/{name}"
+            ours, theirs = path / table / name / "c", path.parent / "twin" / table / name / "c"
+            files = sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file()) if ours.exists() else []
+            twins = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file()) if theirs.exists() else []
+            assert files == twins, f"{table}/{name}"
             for file in files:
-                assert (folder / file).read_bytes() == (twin_folder / file).read_bytes(), f"{table}/{name}/{file}"
+                assert (ours / file).read_bytes() == (theirs / file).read_bytes(), f"{table}/{name}/{file}"
             written += len(files)
-        assert written > 0
+        assert written > 0, table
