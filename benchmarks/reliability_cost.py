@@ -100,7 +100,7 @@ def main() -> None:
 
     verdict = (f"Goal: each costs under 20% of throughput. CURVE: {met(curve)}; fsync at the default 50 ms "
                f"group commit: {met(fsync)}; fsync with `commit_interval_s=0.2`: {met(slow)}. Commits (and their "
-               "fsyncs, ~20-45 ms on this disk, see store_fsync) run in a commit thread while the server goes on "
+               "fsyncs, see store_fsync) run in a commit thread while the server goes on "
                "receiving and staging the next chunks; acks still wait for the commit to be durable. "
                "Load from other jobs on this 2-core box makes single rounds noisy.")  # fmt: skip
     table = "\n".join(lines) + "\n\n" + verdict
