@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -474,6 +475,14 @@ def fsync_files(files: list[Path], root: Path, durable: set[Path] | None = None)
 
 
 _POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has none of the parent's threads: it starts its own pool
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _io_pool() -> ThreadPoolExecutor:
