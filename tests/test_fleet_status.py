@@ -237,7 +237,10 @@ def test_the_status_file_holds_each_actors_status_and_the_learners_view(server, 
     document = json.loads((tmp_path / STATUS_FILE).read_text())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{STATUS_FILE}")] == []  # no temp file left
     learner = document["learner"]
-    assert learner["state"] == "online" and learner["updates"] == 450 and isinstance(learner["updates_per_s"], float)
+    assert learner["state"] == "online" and learner["updates"] == 450
+    # Every field o2o-status reads is there (its rate, updates_per_s, is measured in benchmarks, not here).
+    assert set(learner) == {"state", "updates", "updates_per_s", "buffer_rows", "store_rows", "policy_version", "holding",
+                            "endpoint", "last_checkpoint", "retraining", "last_retrain", "rejected"}  # fmt: skip
     assert (learner["buffer_rows"], learner["store_rows"], learner["policy_version"]) == (123, 40, 5)
     assert learner["last_checkpoint"]["updates"] == 400 and learner["last_retrain"] is None
     actors = document["actors"]
@@ -394,8 +397,8 @@ def test_o2o_status_shows_a_two_actor_launch_run_in_tmux(tmp_path, private_minar
             time.sleep(0.3)
         assert set(rows) == {"actor-0", "actor-1"}, f"screen:\n{screen}\nlaunch:\n{launch_output(launch)}"
         print(f"o2o-status after {time.monotonic() - started:.1f} s:\n{screen}")
-        for actor_id, state, steps_per_s, version, lag in rows.values():
-            assert state == "acting" and float(steps_per_s) >= 0 and int(version) >= 1 and int(lag) >= 0, screen
+        for actor_id, state, _rate, version, lag in rows.values():  # ROW matches only a rate written as a number
+            assert state == "acting" and int(version) >= 1 and int(lag) >= 0, screen
             assert steps()[actor_id] > 0, screen  # it acted: the steps it reported, which the screen's rate is of
         lines = screen.splitlines()
         assert lines[0].startswith(f"o2o-status  {run_dir / STATUS_FILE}")
