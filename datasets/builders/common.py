@@ -112,7 +112,7 @@ def controller_of_kind(kind: str, expert: Controller, expert_noise: tuple[float,
     return noisy(expert, noise_std, random_prob)
 
 
-# mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities (pusher, arm-reach).
+# mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities (pusher, arm-reach, fetch).
 MIXED_KINDS = ("expert", "medium", "random")
 MIXED_PROBS = (0.5, 0.25, 0.25)
 
@@ -122,8 +122,11 @@ def episode_plan(quality: str, n_episodes: int, seed: int, qualities: tuple[str,
     that the datasets of one seed do not all start alike; ``mixed`` draws each episode's kind by MIXED_PROBS."""
     rng = np.random.default_rng([seed, qualities.index(quality)])
     seeds = rng.integers(0, 2**31 - 1, size=n_episodes)
+    return list(zip(episode_kinds(quality, n_episodes, rng), map(int, seeds)))
+
+
+def episode_kinds(quality: str, n_episodes: int, rng: np.random.Generator) -> list[str]:
+    """The controller kind of each episode: ``quality`` itself, or for ``mixed`` drawn by MIXED_PROBS."""
     if quality == "mixed":
-        kinds = rng.choice(MIXED_KINDS, size=n_episodes, p=MIXED_PROBS)
-    else:
-        kinds = np.full(n_episodes, quality)
-    return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]
+        return [str(kind) for kind in rng.choice(MIXED_KINDS, size=n_episodes, p=MIXED_PROBS)]
+    return [quality] * n_episodes

@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 
 
-from .common import Controller, check_choice, from_state, record_plan
+from .common import Controller, check_choice, episode_kinds, from_state, record_plan
 
 QUALITIES = ("expert", "medium", "mixed")
 TASKS = ("fetch-push", "fetch-pick")
@@ -126,9 +126,6 @@ def random_controller(obs: Obs, env: gym.Env, rng: np.random.Generator) -> np.nd
 # (Gaussian action noise std, per-step probability of a uniform random action).
 EXPERT_NOISE = (0.1, 0.0)
 MEDIUM_NOISE = {"fetch-push": (0.5, 0.15), "fetch-pick": (0.25, 0.15)}
-# mixed: a replay-like mixture of whole episodes of these kinds, with these probabilities.
-MIXED_KINDS = ("expert", "medium", "random")
-MIXED_PROBS = (0.5, 0.25, 0.25)
 
 
 def episode_controller(task: str, kind: str) -> Controller:
@@ -149,11 +146,7 @@ def episode_plan(task: str, quality: str, n_episodes: int, seed: int) -> list[tu
     seed_seq = np.random.SeedSequence([seed, TASKS.index(task), QUALITIES.index(quality)])
     seed_rng, kind_rng = (np.random.default_rng(s) for s in seed_seq.spawn(2))
     seeds = seed_rng.integers(0, 2**31 - 1, size=n_episodes)
-    if quality == "mixed":
-        kinds = kind_rng.choice(MIXED_KINDS, size=n_episodes, p=MIXED_PROBS)
-    else:
-        kinds = np.full(n_episodes, quality)
-    return [(str(kind), int(s)) for kind, s in zip(kinds, seeds)]
+    return list(zip(episode_kinds(quality, n_episodes, kind_rng), map(int, seeds)))
 
 
 def build_episodes(task: str, quality: str, n_episodes: int, seed: int = 0, progress: bool = False) -> list[dict]:
