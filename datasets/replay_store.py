@@ -24,8 +24,9 @@ writers refuse older ones.
 
 Durability (``fsync``, on by default): before the record is replaced, the commit
 fsyncs every file it wrote (the chunks it rewrote, resized arrays' ``zarr.json``), their
-folders, and the folders above that gained a folder (``fsync_files``); it fsyncs the new record before the rename and the store folder after
-it. So an OS crash or power loss also leaves the last commit that returned, complete.
+folders, and the folders above that gained a folder (``fsync_files``); it fsyncs the new
+record before the rename and the store folder after it. So an OS crash or power loss
+also leaves the last commit that returned, complete.
 ``ReplayStore.create/open(..., fsync=False)`` (or setting ``store.fsync``) skips that
 for speed (benchmarks/store_fsync.py measures it): then only a process crash is
 survived, and an OS crash may lose recent commits or tear them.
